@@ -1,0 +1,55 @@
+"""ckptable: make any object tree checkpointable, RLlib-compatible and crash-safe.
+
+Subclass :class:`Checkpointable`, and ``save_to_path``, ``restore_from_path`` and
+``from_checkpoint`` save the whole tree into nested directories, restore all of it or one
+component, and rebuild a fresh object from a checkpoint alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ckptable._checkpointable import Checkpointable
+from ckptable._components import check_component, get_subcomponents
+from ckptable._formats import Codec, get_codec, register_codec, registered_codecs
+from ckptable._info import get_checkpoint_info
+from ckptable.errors import (
+    ActorCheckpointError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    InvalidComponentNameError,
+    TransferError,
+    UnknownComponentError,
+    UnsafeCheckpointError,
+)
+
+__all__ = [
+    "ActorCheckpointError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "Checkpointable",
+    "Codec",
+    "CorruptCheckpointError",
+    "IncompatibleCheckpointError",
+    "InvalidComponentNameError",
+    "TransferError",
+    "UnknownComponentError",
+    "UnsafeCheckpointError",
+    "__version__",
+    "check_component",
+    "get_checkpoint_info",
+    "get_codec",
+    "get_subcomponents",
+    "register_codec",
+    "registered_codecs",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from ckptable._version import package_version
+
+        return package_version()
+    raise AttributeError(f"module 'ckptable' has no attribute {name!r}")

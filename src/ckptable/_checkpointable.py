@@ -1,0 +1,173 @@
+"""``ckptable.Checkpointable``: the RLlib-compatible abstract base class.
+
+The methods here are the public surface of RLlib's
+``ray.rllib.utils.checkpoints.Checkpointable`` (Ray 2.60), with the same names,
+signatures and keyword arguments. The work is done by the two pipelines,
+:mod:`ckptable._save` and :mod:`ckptable._restore`.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Collection
+from typing import Any, TypeVar
+
+from ckptable._components import check_component, get_subcomponents
+from ckptable._restore import construct_from_checkpoint, restore_checkpointable
+from ckptable._save import save_checkpointable
+from ckptable._version import package_version
+
+__all__ = ["Checkpointable"]
+
+_C = TypeVar("_C", bound="Checkpointable")
+
+StateDict = dict[str, Any]
+
+
+class Checkpointable(abc.ABC):
+    """An object whose state, and that of its checkpointable components, saves to a directory.
+
+    Subclasses implement ``get_state``, ``set_state`` and ``get_ctor_args_and_kwargs``,
+    and list their checkpointable parts in ``get_checkpointable_components``. Then
+    ``save_to_path`` writes the whole tree (one subdirectory per component),
+    ``restore_from_path`` restores all of it or one component, and ``from_checkpoint``
+    builds a new object from a checkpoint alone.
+    """
+
+    #: Base name of the level's state file (``state.pkl`` / ``state.msgpack``).
+    STATE_FILE_NAME = "state"
+    #: Pickle file holding the class and its constructor arguments.
+    CLASS_AND_CTOR_ARGS_FILE_NAME = "class_and_ctor_args.pkl"
+    #: JSON file holding ``get_metadata()`` plus ckptable's own record.
+    METADATA_FILE_NAME = "metadata.json"
+
+    def save_to_path(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        state: StateDict | None = None,
+        filesystem: Any = None,
+        use_msgpack: bool = False,
+        format: str | None = None,
+    ) -> str:
+        """Save the state of ``self`` (or ``state``) and all its components to ``path``.
+
+        The tree is written into a staging directory beside ``path`` and published in
+        one step when complete, replacing any checkpoint already at ``path`` whole.
+
+        Args:
+            path: Directory (or URI) to save to; a new temporary directory if None.
+            state: A state to save instead of calling ``self.get_state()``. Components
+                whose name is not a key of ``state`` are not saved (as in RLlib).
+            filesystem: A ``pyarrow.fs.FileSystem`` to write with; by default inferred
+                from ``path``.
+            use_msgpack: Write ``state.msgpack`` instead of ``state.pkl`` (RLlib's
+                spelling of ``format="msgpack"``).
+            format: Name of a registered codec (``"cloudpickle"``, ``"msgpack"``).
+
+        Returns:
+            The path the checkpoint was saved to.
+        """
+        return save_checkpointable(
+            self, path, state=state, filesystem=filesystem, use_msgpack=use_msgpack, format=format
+        )
+
+    def restore_from_path(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        component: str | None = None,
+        filesystem: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Restore ``self``, or one of its components, from the checkpoint at ``path``.
+
+        Every file that the restore uses is read and decoded before the first
+        ``set_state`` runs: a missing or corrupt file raises and leaves ``self`` as it was.
+
+        Args:
+            path: The checkpoint directory; with ``component``, the directory of that
+                component's own checkpoint (as in RLlib).
+            component: A component path (``"a/b"``) to restore alone; the rest of
+                ``self`` is untouched. An unknown name raises ``UnknownComponentError``.
+            filesystem: A ``pyarrow.fs.FileSystem`` to read with.
+            **kwargs: Passed on to the components' ``restore_from_path`` calls.
+        """
+        restore_checkpointable(
+            self, path, component=component, filesystem=filesystem, kwargs=kwargs
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls: type[_C],
+        path: str | os.PathLike[str],
+        filesystem: Any = None,
+        **kwargs: Any,
+    ) -> _C:
+        """Build a new object from the checkpoint at ``path`` and restore its state.
+
+        Args:
+            path: The checkpoint directory.
+            filesystem: A ``pyarrow.fs.FileSystem`` to read with.
+            **kwargs: Keyword arguments naming constructor parameters override the
+                stored constructor arguments; the others go on to ``restore_from_path``.
+
+        Raises:
+            IncompatibleCheckpointError: if the stored class is not a subclass of ``cls``.
+        """
+        return construct_from_checkpoint(cls, path, filesystem, kwargs)
+
+    @abc.abstractmethod
+    def get_state(
+        self,
+        components: str | Collection[str] | None = None,
+        *,
+        not_components: str | Collection[str] | None = None,
+        **kwargs: Any,
+    ) -> StateDict:
+        """Return the state as a dict; components' states under their component names.
+
+        Args:
+            components: Only these keys (``"a"`` or ``"a/sub"``); all if None.
+            not_components: Keys to leave out even if selected by ``components``.
+            **kwargs: Forward-compatibility arguments.
+        """
+
+    @abc.abstractmethod
+    def set_state(self, state: StateDict) -> None:
+        """Set the state from ``state``; keys that are missing are left as they are."""
+
+    @abc.abstractmethod
+    def get_ctor_args_and_kwargs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The ``(args, kwargs)`` that rebuild ``self`` from its class."""
+
+    def get_metadata(self) -> dict[str, Any]:
+        """JSON-serializable facts written to ``METADATA_FILE_NAME``; not needed to restore.
+
+        Subclasses extending it should call ``super().get_metadata()``.
+        """
+        return {
+            "class_and_ctor_args_file": self.CLASS_AND_CTOR_ARGS_FILE_NAME,
+            "state_file": self.STATE_FILE_NAME,
+            "ckptable_version": package_version(),
+        }
+
+    def get_checkpointable_components(self) -> list[tuple[str, Any]]:
+        """``(name, component)`` pairs of the parts saved into their own subdirectories."""
+        return []
+
+    def _check_component(
+        self,
+        name: str,
+        components: str | Collection[str] | None,
+        not_components: str | Collection[str] | None,
+    ) -> bool:
+        """True if ``name`` is selected by ``components`` and not in ``not_components``."""
+        return check_component(name, components, not_components)
+
+    def _get_subcomponents(
+        self, name: str, components: str | Collection[str] | None
+    ) -> list[str] | None:
+        """The selections below ``name`` (``"name/x"`` → ``"x"``), or None for all."""
+        return get_subcomponents(name, components)

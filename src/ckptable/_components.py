@@ -1,0 +1,121 @@
+"""Component names and component paths.
+
+A component name becomes one directory name inside the checkpoint, so it is checked
+before anything is written or read: it must be a single, plain path segment. A
+component path (``"learner_group/learner/rl_module"``) is a ``/``-joined chain of names.
+The helpers ``check_component`` / ``get_subcomponents`` are the selection rules of
+RLlib's ``Checkpointable._check_component`` / ``_get_subcomponents``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from typing import Any
+
+from ckptable.errors import InvalidComponentNameError
+
+__all__ = [
+    "MAX_NAME_BYTES",
+    "RESERVED_PREFIX",
+    "check_component",
+    "force_list",
+    "get_subcomponents",
+    "split_component_path",
+    "validate_component_name",
+]
+
+#: Longest component name, in UTF-8 bytes (the usual filesystem limit for one name).
+MAX_NAME_BYTES = 255
+
+#: Names starting with this belong to ckptable itself (staging directories, manifest).
+RESERVED_PREFIX = ".ckptable"
+
+
+def force_list(elements: Any) -> list[Any]:
+    """``None`` → ``[]``; list/tuple/set → list; anything else → ``[elements]``."""
+    if elements is None:
+        return []
+    if isinstance(elements, (list, tuple, set, frozenset)):
+        return list(elements)
+    return [elements]
+
+
+def validate_component_name(
+    name: object, *, path: str | None = None, reserved: Iterable[str] = ()
+) -> str:
+    """Return ``name`` if it is safe as one directory name inside a checkpoint.
+
+    Refused: non-strings, the empty string, ``.`` and ``..``, anything holding a path
+    separator or NUL, names longer than ``MAX_NAME_BYTES``, names reserved by ckptable,
+    and the level's own file names given in ``reserved``.
+
+    Raises:
+        InvalidComponentNameError: naming the bad name and, if given, the checkpoint path.
+    """
+
+    def refuse(why: str) -> InvalidComponentNameError:
+        where = f" in checkpoint {path}" if path else ""
+        return InvalidComponentNameError(
+            f"Invalid component name {name!r}{where}: {why}.", path=path, component=str(name)
+        )
+
+    if not isinstance(name, str):
+        raise refuse(f"component names must be str, not {type(name).__name__}")
+    if name in ("", ".", ".."):
+        raise refuse("empty, '.' and '..' are not component names")
+    if "/" in name or "\\" in name:
+        raise refuse("a component name is one directory name and holds no path separator")
+    if "\x00" in name:
+        raise refuse("a component name may not contain NUL")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise refuse(f"longer than {MAX_NAME_BYTES} bytes")
+    if name.startswith(RESERVED_PREFIX):
+        raise refuse(f"names starting with {RESERVED_PREFIX!r} are reserved by ckptable")
+    if name in reserved:
+        raise refuse("it collides with a file of the checkpoint level itself")
+    return name
+
+
+def split_component_path(component: str) -> list[str]:
+    """Split ``"a/b/c"`` into validated names; a bad segment raises InvalidComponentNameError."""
+    if not isinstance(component, str) or not component:
+        raise InvalidComponentNameError(
+            f"Invalid component path {component!r}: expected 'name' or 'name/subname'.",
+            component=str(component),
+        )
+    return [validate_component_name(part) for part in component.split("/")]
+
+
+def check_component(
+    name: str,
+    components: str | Collection[str] | None,
+    not_components: str | Collection[str] | None,
+) -> bool:
+    """True if ``name`` is selected by ``components`` and not excluded by ``not_components``.
+
+    ``components=None`` selects everything; a selection ``"name/sub"`` selects ``name``
+    (so that its sub-state can be asked for further down).
+    """
+    comp_list = force_list(components)
+    not_comp_list = force_list(not_components)
+    selected = (
+        components is None
+        or name in comp_list
+        or any(c.startswith(name + "/") for c in comp_list)
+    )
+    return selected and (not_components is None or name not in not_comp_list)
+
+
+def get_subcomponents(
+    name: str, components: str | Collection[str] | None
+) -> list[str] | None:
+    """The selections below ``name``: ``["a/x", "a/y", "b"]`` → ``["x", "y"]`` for ``"a"``.
+
+    ``None`` (select everything) when ``components`` is None or nothing below ``name``
+    is selected.
+    """
+    if components is None:
+        return None
+    prefix = name + "/"
+    subcomponents = [c[len(prefix) :] for c in force_list(components) if c.startswith(prefix)]
+    return subcomponents or None

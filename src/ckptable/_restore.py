@@ -1,0 +1,399 @@
+"""The restore pipeline: read → verify → apply.
+
+1. **read**: the levels of the checkpoint tree that the restore uses are listed and every
+   state file is read and decoded (``read_level``). The object tree guides it (each
+   component knows its own file names); directories the object does not have yet are
+   read too, because components may appear during their parent's ``set_state``.
+2. **verify**: a level written by ckptable lists its components in ``metadata.json``; a
+   listed component whose directory is missing, a missing state file or one that does
+   not decode raises :class:`CorruptCheckpointError` — all before step 3, so a bad file
+   leaves the user's object untouched.
+3. **apply**: ``set_state`` runs children before parent (as in RLlib), then on the
+   components that appeared during the parent's ``set_state``. A component whose class
+   overrides ``restore_from_path`` (or is not a ckptable class) is restored through that
+   method; a ckptable ``restore_from_path`` reached that way takes the level read in
+   step 1 from the session instead of reading it again.
+
+Restoring one component (``component="a/b"``) walks the component path through each
+level's ``restore_from_path`` like RLlib, but first checks that every name exists and
+raises :class:`UnknownComponentError` where RLlib silently restores nothing.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import inspect
+import json
+import logging
+import pickle
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ckptable._components import force_list, split_component_path, validate_component_name
+from ckptable._formats import Codec, codec_for_suffix, get_codec
+from ckptable._save import RECORD_KEY
+from ckptable._storage import Storage, resolve_storage
+from ckptable.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    InvalidComponentNameError,
+    UnknownComponentError,
+)
+
+if TYPE_CHECKING:
+    from ckptable._checkpointable import Checkpointable
+
+__all__ = ["Level", "construct_from_checkpoint", "read_level", "restore_checkpointable"]
+
+logger = logging.getLogger("ckptable")
+
+_T = TypeVar("_T")
+
+_DEFAULT_METADATA_FILE = "metadata.json"
+_DEFAULT_CLASS_FILE = "class_and_ctor_args.pkl"
+_DEFAULT_STATE_FILE = "state"
+
+
+@dataclasses.dataclass
+class Level:
+    """One checkpoint level, read and decoded, with the levels below it."""
+
+    path: str
+    metadata: dict[str, Any] | None
+    state: Any
+    children: dict[str, Level]
+
+    @property
+    def record(self) -> dict[str, Any] | None:
+        """ckptable's record in ``metadata.json``; None for levels RLlib wrote."""
+        record = (self.metadata or {}).get(RECORD_KEY)
+        return record if isinstance(record, dict) else None
+
+
+@dataclasses.dataclass
+class _RestoreSession:
+    storage: Storage
+    kwargs: dict[str, Any]
+    prepared: dict[str, Level] = dataclasses.field(default_factory=dict)
+
+
+_current_restore: contextvars.ContextVar[_RestoreSession | None] = contextvars.ContextVar(
+    "ckptable_current_restore", default=None
+)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def restore_checkpointable(
+    obj: Checkpointable,
+    path: Any,
+    *,
+    component: str | None,
+    filesystem: Any,
+    kwargs: dict[str, Any],
+) -> None:
+    """``Checkpointable.restore_from_path``: see there."""
+    storage, root = resolve_storage(path, filesystem)
+    session = _current_restore.get()
+    if component is None and session is not None:
+        level = session.prepared.pop(root, None)
+        if level is not None:
+            _apply_level(session, obj, level)
+            return
+
+    _require_directory(storage, root)
+    if component is not None:
+        _restore_component_path(obj, storage, root, component, kwargs)
+        return
+    level = read_level(storage, root, obj)
+    session = _RestoreSession(storage, kwargs)
+    token = _current_restore.set(session)
+    try:
+        _apply_level(session, obj, level)
+    finally:
+        _current_restore.reset(token)
+
+
+def construct_from_checkpoint(cls: type[_T], path: Any, filesystem: Any, kwargs: dict[str, Any]) -> _T:
+    """``Checkpointable.from_checkpoint``: build the stored class, then restore it.
+
+    Keyword arguments naming a constructor parameter replace the stored argument (by
+    position where it was passed positionally), as RLlib does; the rest go on to
+    ``restore_from_path``.
+    """
+    storage, root = resolve_storage(path, filesystem)
+    _require_directory(storage, root)
+    class_file = storage.join(root, getattr(cls, "CLASS_AND_CTOR_ARGS_FILE_NAME", _DEFAULT_CLASS_FILE))
+    if storage.kind(class_file) != "file":
+        raise CorruptCheckpointError(
+            f"The checkpoint at {storage.display(root)} has no {storage.split(class_file)[1]}: "
+            "it cannot say which class to build.",
+            path=storage.display(class_file),
+        )
+    info = _decode_file(storage, class_file, get_codec("cloudpickle"))
+    ctor, args, ctor_kwargs = _parse_class_record(info, storage.display(class_file))
+    if not issubclass(ctor, cls):
+        raise IncompatibleCheckpointError(
+            f"The class {ctor.__module__}.{ctor.__qualname__} stored in the checkpoint at "
+            f"{storage.display(root)} is not a subclass of {cls.__module__}.{cls.__qualname__}.",
+            path=storage.display(root),
+        )
+    kwargs = dict(kwargs)
+    for i, (name, param) in enumerate(inspect.signature(ctor).parameters.items()):
+        if name in kwargs:
+            value = kwargs.pop(name)
+            if param.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD and len(args) > i:
+                args[i] = value
+            else:
+                ctor_kwargs[name] = value
+    obj = ctor(*args, **ctor_kwargs)
+    obj.restore_from_path(path, filesystem=filesystem, **kwargs)
+    return obj  # type: ignore[no-any-return]
+
+
+def _parse_class_record(info: Any, shown: str) -> tuple[type, list[Any], dict[str, Any]]:
+    try:
+        ctor = info["class"]
+        args, ctor_kwargs = info["ctor_args_and_kwargs"]
+        ctor_kwargs = dict(ctor_kwargs or {})
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CorruptCheckpointError(
+            f"{shown} does not hold a class and its constructor arguments.", path=shown
+        ) from exc
+    if not isinstance(ctor, type):
+        raise CorruptCheckpointError(f"{shown} names {ctor!r}, which is not a class.", path=shown)
+    return ctor, force_list(args), ctor_kwargs
+
+
+def _require_directory(storage: Storage, root: str) -> None:
+    if storage.kind(root) != "dir":
+        shown = storage.display(root)
+        raise CheckpointNotFoundError(f"No checkpoint directory at {shown}.", path=shown)
+
+
+# --------------------------------------------------------------------------- partial restore
+
+
+def _restore_component_path(
+    obj: Checkpointable, storage: Storage, root: str, component: str, kwargs: dict[str, Any]
+) -> None:
+    """Restore only ``component`` of ``obj`` from ``root``, the component's own directory."""
+    try:
+        names = split_component_path(component)
+    except InvalidComponentNameError as exc:
+        raise UnknownComponentError(str(exc), path=storage.display(root), component=component) from exc
+    current: Any = obj
+    for depth, name in enumerate(names):
+        if not callable(getattr(current, "get_checkpointable_components", None)):
+            break  # e.g. an actor manager: its actors resolve the rest
+        comps = dict(current.get_checkpointable_components())
+        if name not in comps:
+            owner = "/".join(names[:depth]) or type(obj).__name__
+            raise UnknownComponentError(
+                f"Unknown component {component!r}: {owner} has no component {name!r} "
+                f"(it has: {', '.join(sorted(comps)) or 'none'}).",
+                path=storage.display(root),
+                component=component,
+            )
+        current = comps[name]
+    head, rest = names[0], "/".join(names[1:]) or None
+    comp = dict(obj.get_checkpointable_components())[head]
+    comp.restore_from_path(
+        root, component=rest, filesystem=storage.user_filesystem(), **kwargs
+    )
+
+
+# --------------------------------------------------------------------------- read
+
+
+def read_level(storage: Storage, directory: str, obj: Any | None) -> Level:
+    """Read and decode the level at ``directory`` and every level below it that is used.
+
+    ``obj`` (the object the level will be restored into, if known) supplies the file
+    names; without it they come from the level's ``metadata.json`` or RLlib's defaults.
+    """
+    entries = storage.listdir(directory)
+    meta_name = getattr(obj, "METADATA_FILE_NAME", _DEFAULT_METADATA_FILE)
+    metadata = _read_metadata(storage, directory, meta_name, entries)
+    record = (metadata or {}).get(RECORD_KEY)
+    record = record if isinstance(record, dict) else None
+
+    codec, state_name = _state_file_of(storage, directory, obj, metadata, record, entries)
+    state = _decode_file(storage, storage.join(directory, state_name), codec)
+
+    comps: dict[str, Any] = {}
+    if obj is not None and callable(getattr(obj, "get_checkpointable_components", None)):
+        comps = dict(obj.get_checkpointable_components())
+    children: dict[str, Level] = {}
+    for name in _child_names(storage, directory, record, entries, comps):
+        child_obj = comps.get(name)
+        if child_obj is not None and not callable(getattr(child_obj, "restore_from_path", None)):
+            continue  # not restorable here (e.g. an actor manager)
+        children[name] = read_level(storage, storage.join(directory, name), child_obj)
+    return Level(path=directory, metadata=metadata, state=state, children=children)
+
+
+def _read_metadata(
+    storage: Storage, directory: str, name: str, entries: dict[str, Any]
+) -> dict[str, Any] | None:
+    if entries.get(name) != "file":
+        return None
+    path = storage.join(directory, name)
+    try:
+        with storage.open_read(path) as stream:
+            metadata = json.loads(stream.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        shown = storage.display(path)
+        raise CorruptCheckpointError(f"{shown} is not valid JSON: {exc}", path=shown) from exc
+    return metadata if isinstance(metadata, dict) else None
+
+
+def _state_file_of(
+    storage: Storage,
+    directory: str,
+    obj: Any | None,
+    metadata: dict[str, Any] | None,
+    record: dict[str, Any] | None,
+    entries: dict[str, Any],
+) -> tuple[Codec, str]:
+    """Which state file the level has, and the codec that reads it."""
+    shown = storage.display(directory)
+    if record is not None:
+        name = record.get("state_file")
+        try:
+            codec = get_codec(str(record.get("format")))
+        except CheckpointError as exc:
+            raise IncompatibleCheckpointError(f"{shown}: {exc}", path=shown) from exc
+        if not isinstance(name, str) or entries.get(name) != "file":
+            raise CorruptCheckpointError(
+                f"The state file {name!r} recorded in the metadata of {shown} is missing.",
+                path=shown,
+            )
+        return codec, name
+    base = getattr(obj, "STATE_FILE_NAME", None) or (metadata or {}).get("state_file")
+    base = base if isinstance(base, str) else _DEFAULT_STATE_FILE
+    # RLlib's rule: the msgpack file wins if present, else the pickle file.
+    for suffix in (".msgpack", ".pkl"):
+        if entries.get(base + suffix) == "file":
+            codec = codec_for_suffix(suffix)
+            if codec is not None:
+                return codec, base + suffix
+    raise CorruptCheckpointError(
+        f"The checkpoint level {shown} has no state file {base}.pkl or {base}.msgpack.",
+        path=shown,
+    )
+
+
+def _child_names(
+    storage: Storage,
+    directory: str,
+    record: dict[str, Any] | None,
+    entries: dict[str, Any],
+    comps: dict[str, Any],
+) -> list[str]:
+    shown = storage.display(directory)
+    if record is not None:
+        names = record.get("components", [])
+        if not isinstance(names, list):
+            raise CorruptCheckpointError(f"Bad component list in the metadata of {shown}.", path=shown)
+        for name in names:
+            try:
+                validate_component_name(name, path=shown)
+            except InvalidComponentNameError as exc:
+                raise CorruptCheckpointError(str(exc), path=shown, component=str(name)) from exc
+            if entries.get(name) != "dir":
+                raise CorruptCheckpointError(
+                    f"The component directory {storage.display(storage.join(directory, name))} "
+                    "recorded in the checkpoint's metadata is missing.",
+                    path=shown,
+                    component=name,
+                )
+        return list(names)
+    # Written by RLlib: every component directory of the object, plus any other
+    # directory that looks like a checkpoint level (a component that may appear later).
+    names = []
+    for name, kind in entries.items():
+        if kind != "dir":
+            continue
+        if name in comps or storage.kind(storage.join(directory, name, _DEFAULT_CLASS_FILE)) == "file":
+            names.append(name)
+    return names
+
+
+def _decode_file(storage: Storage, path: str, codec: Codec) -> Any:
+    shown = storage.display(path)
+    try:
+        with storage.open_read(path) as stream:
+            return codec.load(stream)
+    except (ImportError, AttributeError) as exc:
+        raise IncompatibleCheckpointError(
+            f"Cannot load {shown}: it refers to code this Python environment lacks ({exc}).",
+            path=shown,
+        ) from exc
+    except OSError as exc:
+        raise CorruptCheckpointError(f"Cannot read {shown}: {exc}", path=shown) from exc
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            MemoryError, OverflowError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(
+            f"{shown} is truncated or corrupt ({type(exc).__name__}: {exc}).", path=shown
+        ) from exc
+    except Exception as exc:  # the msgpack decoder raises its own error types
+        if type(exc).__module__.startswith("msgpack"):
+            raise CorruptCheckpointError(
+                f"{shown} is truncated or corrupt ({type(exc).__name__}: {exc}).", path=shown
+            ) from exc
+        raise
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def _apply_level(session: _RestoreSession, obj: Checkpointable, level: Level) -> None:
+    """Restore ``obj`` from an already decoded level: children, then ``obj``, then late ones."""
+    before = list(obj.get_checkpointable_components())
+    for name, comp in before:
+        child = level.children.get(name)
+        if child is not None:
+            _apply_component(session, comp, child)
+    obj.set_state(level.state)
+
+    before_names = {name for name, _ in before}
+    after = list(obj.get_checkpointable_components())
+    for name, comp in after:
+        child = level.children.get(name)
+        if name not in before_names and child is not None:
+            _apply_component(session, comp, child)
+
+    unused = set(level.children) - before_names - {name for name, _ in after}
+    if unused:
+        logger.warning(
+            "Checkpoint %s holds components that %s does not have; they were not "
+            "restored: %s",
+            session.storage.display(level.path),
+            type(obj).__name__,
+            ", ".join(sorted(unused)),
+        )
+
+
+def _apply_component(session: _RestoreSession, comp: Any, level: Level) -> None:
+    from ckptable._checkpointable import Checkpointable
+
+    if isinstance(comp, Checkpointable) and not _overrides_restore(comp):
+        _apply_level(session, comp, level)
+        return
+    session.prepared[level.path] = level
+    try:
+        comp.restore_from_path(
+            level.path, filesystem=session.storage.user_filesystem(), **session.kwargs
+        )
+    finally:
+        session.prepared.pop(level.path, None)
+
+
+def _overrides_restore(comp: Any) -> bool:
+    from ckptable._checkpointable import Checkpointable
+
+    return type(comp).restore_from_path is not Checkpointable.restore_from_path

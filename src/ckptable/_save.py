@@ -1,0 +1,236 @@
+"""The save pipeline: collect → stage → publish.
+
+1. **collect**: each level's state is taken with *one* ``get_state()`` call, and the
+   states of its components are split off that one dict and handed down through
+   ``save_to_path(state=...)``. RLlib calls ``get_state(components=name)`` once per
+   component, which is quadratic on wide trees; here a whole local tree costs one call.
+2. **stage**: the outermost ``save_to_path`` opens a staging directory
+   (:mod:`ckptable._commit`) and records it in a context variable; every nested
+   ``save_to_path`` (components are saved through their own method, so subclasses that
+   override it keep working) sees that it writes inside that tree and writes in place.
+3. **publish**: when the whole tree is written, the staging directory replaces the
+   target in one step.
+
+Per level the files are those of RLlib's layout: ``metadata.json`` (with ckptable's own
+record under the ``"ckptable"`` key), ``class_and_ctor_args.pkl``, ``state.pkl`` or
+``state.msgpack``, and one subdirectory per component.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import json
+import platform
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+
+from ckptable._commit import staged_directory
+from ckptable._components import validate_component_name
+from ckptable._formats import Codec, get_codec
+from ckptable._storage import LocalStorage, Storage, new_temporary_path, resolve_storage
+from ckptable._version import package_version
+from ckptable.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from ckptable._checkpointable import Checkpointable
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "LAYOUT_VERSION",
+    "RECORD_KEY",
+    "checkpoint_file_names",
+    "save_checkpointable",
+]
+
+#: ``checkpoint_version`` written to ``metadata.json``: the RLlib layout version
+#: (``Checkpointable`` API, RLlib 2.x) whose files ckptable writes.
+CHECKPOINT_VERSION = "2.1"
+#: Version of ckptable's own record in ``metadata.json``.
+LAYOUT_VERSION = 1
+#: Key of ckptable's record inside ``metadata.json``.
+RECORD_KEY = "ckptable"
+
+
+@dataclasses.dataclass(frozen=True)
+class _SaveSession:
+    """The outermost save in progress: where its staging tree is and how it encodes."""
+
+    storage: Storage
+    staging_root: str
+    codec: Codec
+
+    def owns(self, storage: Storage, path: str) -> bool:
+        if not _same_storage(storage, self.storage):
+            return False
+        return path.startswith(self.storage.join(self.staging_root, ""))
+
+    def component_path(self, path: str) -> str:
+        return path[len(self.staging_root) + 1 :] or "<root>"
+
+
+_current_save: contextvars.ContextVar[_SaveSession | None] = contextvars.ContextVar(
+    "ckptable_current_save", default=None
+)
+
+
+def _same_storage(a: Storage, b: Storage) -> bool:
+    if isinstance(a, LocalStorage) or isinstance(b, LocalStorage):
+        return isinstance(a, LocalStorage) and isinstance(b, LocalStorage)
+    fs_a, fs_b = a.user_filesystem(), b.user_filesystem()
+    return fs_a is fs_b or bool(fs_a.equals(fs_b))
+
+
+def checkpoint_file_names(obj_or_cls: Any) -> list[str]:
+    """The file names that mark a checkpoint level written for ``obj_or_cls``."""
+    from ckptable._formats import registered_codecs
+
+    state = obj_or_cls.STATE_FILE_NAME
+    return [
+        obj_or_cls.METADATA_FILE_NAME,
+        obj_or_cls.CLASS_AND_CTOR_ARGS_FILE_NAME,
+        *(state + codec.suffix for codec in registered_codecs().values()),
+    ]
+
+
+def save_checkpointable(
+    obj: Checkpointable,
+    path: Any,
+    *,
+    state: dict[str, Any] | None,
+    filesystem: Any,
+    use_msgpack: bool,
+    format: str | None,
+) -> str:
+    """``Checkpointable.save_to_path``: see there."""
+    if path is None:
+        path = new_temporary_path()
+        filesystem = None
+    storage, fs_path = resolve_storage(path, filesystem)
+    session = _current_save.get()
+    if session is not None and session.owns(storage, fs_path):
+        _write_level(session, obj, fs_path, state)
+        return storage.display(fs_path)
+
+    codec = get_codec(format or ("msgpack" if use_msgpack else "cloudpickle"))
+    with staged_directory(storage, fs_path, checkpoint_file_names(obj)) as staging:
+        token = _current_save.set(_SaveSession(storage, staging, codec))
+        try:
+            _write_level(_current_save.get(), obj, staging, state)  # type: ignore[arg-type]
+        finally:
+            _current_save.reset(token)
+    return storage.display(fs_path)
+
+
+def _write_level(
+    session: _SaveSession, obj: Checkpointable, directory: str, state: dict[str, Any] | None
+) -> None:
+    """Write one level (and, through the components' own ``save_to_path``, all below)."""
+    storage = session.storage
+    where = session.component_path(directory)
+    if directory != session.staging_root:
+        storage.makedirs(directory)
+
+    own_files = checkpoint_file_names(obj)
+    components = list(obj.get_checkpointable_components())
+    seen: set[str] = set()
+    for name, comp in components:
+        validate_component_name(name, path=where, reserved=own_files)
+        if name in seen:
+            raise CheckpointError(
+                f"{type(obj).__name__} at {where} lists component {name!r} twice.",
+                component=name,
+            )
+        seen.add(name)
+        if not callable(getattr(comp, "save_to_path", None)):
+            raise CheckpointError(
+                f"Component {name!r} of {type(obj).__name__} at {where} is a "
+                f"{type(comp).__name__}, which has no save_to_path(); components must "
+                "be Checkpointable.",
+                component=name,
+            )
+
+    state_provided = state is not None
+    level_state = dict(state if state_provided else obj.get_state())  # type: ignore[arg-type]
+
+    saved: list[str] = []
+    for name, comp in components:
+        if state_provided and name not in level_state:
+            continue  # RLlib: a given state without this component's key skips it
+        comp.save_to_path(
+            storage.join(directory, name),
+            filesystem=storage.user_filesystem(),
+            state=level_state.pop(name, None),
+            use_msgpack=session.codec.name == "msgpack",
+        )
+        saved.append(name)
+
+    _write_metadata(session, obj, directory, saved)
+    _write_class_and_ctor_args(session, obj, directory)
+    state_file = storage.join(directory, obj.STATE_FILE_NAME + session.codec.suffix)
+    try:
+        with storage.open_write(state_file) as stream:
+            session.codec.dump(level_state, stream)
+    except (TypeError, ValueError, AttributeError, RecursionError) as exc:
+        raise CheckpointError(
+            f"Cannot encode the state of {type(obj).__name__} at {where} with "
+            f"{session.codec.name}: {exc}",
+            component=where,
+        ) from exc
+
+
+def _write_metadata(
+    session: _SaveSession, obj: Checkpointable, directory: str, saved: list[str]
+) -> None:
+    where = session.component_path(directory)
+    metadata = obj.get_metadata()
+    if not isinstance(metadata, dict):
+        raise CheckpointError(
+            f"{type(obj).__name__}.get_metadata() at {where} returned "
+            f"{type(metadata).__name__}, not a dict.",
+            component=where,
+        )
+    metadata = dict(metadata)
+    metadata.setdefault("checkpoint_version", CHECKPOINT_VERSION)
+    cls = type(obj)
+    metadata[RECORD_KEY] = {
+        "layout_version": LAYOUT_VERSION,
+        "format": session.codec.name,
+        "state_file": obj.STATE_FILE_NAME + session.codec.suffix,
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "components": saved,
+        "ckptable_version": package_version(),
+        "python_version": platform.python_version(),
+        "cloudpickle_version": cloudpickle.__version__,
+    }
+    try:
+        payload = json.dumps(metadata).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"The metadata of {cls.__name__} at {where} is not JSON-serializable: {exc}",
+            component=where,
+        ) from exc
+    with session.storage.open_write(
+        session.storage.join(directory, obj.METADATA_FILE_NAME)
+    ) as stream:
+        stream.write(payload)
+
+
+def _write_class_and_ctor_args(
+    session: _SaveSession, obj: Checkpointable, directory: str
+) -> None:
+    where = session.component_path(directory)
+    record = {"class": type(obj), "ctor_args_and_kwargs": obj.get_ctor_args_and_kwargs()}
+    try:
+        payload = cloudpickle.dumps(record)
+    except Exception as exc:  # cloudpickle raises many types for unpicklable objects
+        raise CheckpointError(
+            f"Cannot pickle the class and constructor arguments of {type(obj).__name__} "
+            f"at {where}: {exc}",
+            component=where,
+        ) from exc
+    with session.storage.open_write(
+        session.storage.join(directory, obj.CLASS_AND_CTOR_ARGS_FILE_NAME)
+    ) as stream:
+        stream.write(payload)

@@ -1,0 +1,291 @@
+"""Where checkpoint files live: the local disk (fast path) or a ``pyarrow.fs`` filesystem.
+
+Both pipelines talk to a :class:`Storage` and never to ``os`` or ``pyarrow`` directly.
+``resolve_storage(path, filesystem)`` picks one the way RLlib does: an explicit
+``filesystem`` wins; otherwise a URI's scheme decides (``file://`` and plain paths are
+local; any other scheme goes to ``pyarrow.fs.FileSystem.from_uri``).
+
+A storage says whether it can rename directories (``can_rename_dirs``): the commit step
+stages beside the target and renames where it can, and writes in place elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import posixpath
+import shutil
+import stat
+import tempfile
+import urllib.parse
+import uuid
+from typing import IO, Any, Literal, Protocol
+
+from ckptable.errors import CheckpointError
+
+__all__ = [
+    "EntryKind",
+    "LocalStorage",
+    "PyArrowStorage",
+    "Storage",
+    "new_temporary_path",
+    "resolve_storage",
+]
+
+#: What a path is: ``"file"``, ``"dir"``, ``"other"`` (symlink, FIFO, device, ...) or
+#: ``None`` when nothing is there.
+EntryKind = Literal["file", "dir", "other"] | None
+
+
+class Storage(Protocol):
+    """The few filesystem operations the save and restore pipelines need."""
+
+    #: True if ``rename`` moves a whole directory atomically (not so on object stores).
+    can_rename_dirs: bool
+
+    def join(self, base: str, *names: str) -> str: ...
+    def split(self, path: str) -> tuple[str, str]: ...
+    def display(self, path: str) -> str: ...
+    def kind(self, path: str) -> EntryKind: ...
+    def listdir(self, path: str) -> dict[str, EntryKind]: ...
+    def makedirs(self, path: str) -> None: ...
+    def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
+    def open_read(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
+    def remove_tree(self, path: str) -> None: ...
+    def rename(self, src: str, dst: str) -> None: ...
+    def exchange(self, a: str, b: str) -> bool: ...
+    def user_filesystem(self) -> Any: ...
+
+
+class LocalStorage:
+    """The local disk through plain OS calls. Paths are absolute OS paths."""
+
+    can_rename_dirs = True
+
+    def join(self, base: str, *names: str) -> str:
+        return os.path.join(base, *names)
+
+    def split(self, path: str) -> tuple[str, str]:
+        return os.path.split(path.rstrip(os.sep) or os.sep)
+
+    def display(self, path: str) -> str:
+        return path
+
+    def kind(self, path: str) -> EntryKind:
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            return None
+        return _kind_of_mode(mode)
+
+    def listdir(self, path: str) -> dict[str, EntryKind]:
+        with os.scandir(path) as it:
+            return {entry.name: _kind_of_entry(entry) for entry in it}
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        return open(path, "xb")  # noqa: SIM115 - returned as a context manager
+
+    def open_read(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        # O_NOFOLLOW: a checkpoint file is never read through a symlink.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        return os.fdopen(fd, "rb")
+
+    def remove_tree(self, path: str) -> None:
+        if self.kind(path) == "dir":
+            # shutil.rmtree does not follow symlinks inside the tree.
+            shutil.rmtree(path)
+        elif self.kind(path) is not None:
+            os.unlink(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def exchange(self, a: str, b: str) -> bool:
+        """Swap two directories atomically; False where the OS cannot."""
+        return _renameat2_exchange(a, b)
+
+    def user_filesystem(self) -> Any:
+        return None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (LocalStorage, ())
+
+
+def _kind_of_mode(mode: int) -> EntryKind:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "other"
+
+
+def _kind_of_entry(entry: os.DirEntry[str]) -> EntryKind:
+    if entry.is_symlink():
+        return "other"
+    if entry.is_file(follow_symlinks=False):
+        return "file"
+    if entry.is_dir(follow_symlinks=False):
+        return "dir"
+    return "other"
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_renameat2: Any = None
+
+
+def _renameat2_exchange(a: str, b: str) -> bool:
+    """``renameat2(RENAME_EXCHANGE)``: Linux ≥ 3.15 with glibc ≥ 2.28; False elsewhere."""
+    global _renameat2
+    if _renameat2 is None:
+        libc_name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(libc_name, use_errno=True) if libc_name else None
+        _renameat2 = getattr(libc, "renameat2", False) if libc is not None else False
+        if _renameat2:
+            _renameat2.argtypes = [
+                ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+            ]
+            _renameat2.restype = ctypes.c_int
+    if not _renameat2:
+        return False
+    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # the filesystem or kernel cannot: the caller falls back
+    raise OSError(err, os.strerror(err), a, None, b)
+
+
+class PyArrowStorage:
+    """Any ``pyarrow.fs.FileSystem`` (S3, GCS, HDFS, a SubTreeFileSystem, ...).
+
+    Paths are the filesystem-relative paths pyarrow uses (``bucket/key`` for S3).
+    """
+
+    def __init__(self, filesystem: Any, uri_prefix: str = "") -> None:
+        self.filesystem = filesystem
+        self.uri_prefix = uri_prefix
+        # Object stores have no directory rename: the commit step writes in place there.
+        self.can_rename_dirs = filesystem.type_name in {"local", "subtree", "mock"}
+
+    def join(self, base: str, *names: str) -> str:
+        return "/".join([base.rstrip("/"), *names]) if base else "/".join(names)
+
+    def split(self, path: str) -> tuple[str, str]:
+        return posixpath.split(path.rstrip("/"))
+
+    def display(self, path: str) -> str:
+        return self.uri_prefix + path
+
+    def kind(self, path: str) -> EntryKind:
+        return self._kind(self.filesystem.get_file_info(path))
+
+    @staticmethod
+    def _kind(info: Any) -> EntryKind:
+        import pyarrow.fs
+
+        if info.type == pyarrow.fs.FileType.NotFound:
+            return None
+        if info.type == pyarrow.fs.FileType.File:
+            return "file"
+        if info.type == pyarrow.fs.FileType.Directory:
+            return "dir"
+        return "other"
+
+    def listdir(self, path: str) -> dict[str, EntryKind]:
+        import pyarrow.fs
+
+        infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=False))
+        return {info.base_name: self._kind(info) for info in infos}
+
+    def makedirs(self, path: str) -> None:
+        self.filesystem.create_dir(path, recursive=True)
+
+    def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        return self.filesystem.open_output_stream(path)  # type: ignore[no-any-return]
+
+    def open_read(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        return self.filesystem.open_input_stream(path)  # type: ignore[no-any-return]
+
+    def remove_tree(self, path: str) -> None:
+        kind = self.kind(path)
+        if kind == "dir":
+            self.filesystem.delete_dir(path)
+        elif kind is not None:
+            self.filesystem.delete_file(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        self.filesystem.move(src, dst)
+
+    def exchange(self, a: str, b: str) -> bool:
+        return False
+
+    def user_filesystem(self) -> Any:
+        return self.filesystem
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PyArrowStorage, (self.filesystem, self.uri_prefix))
+
+
+_LOCAL = LocalStorage()
+
+
+def _is_pyarrow_filesystem(obj: object) -> bool:
+    module = type(obj).__module__ or ""
+    return module.startswith("pyarrow")
+
+
+def resolve_storage(path: Any, filesystem: Any = None) -> tuple[Storage, str]:
+    """Map a user's ``path`` (str, ``os.PathLike`` or URI) and ``filesystem`` to a storage.
+
+    Returns:
+        The storage and the path in that storage's own terms (absolute for local paths).
+    """
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise CheckpointError(f"A checkpoint path must be a non-empty str or path, not {path!r}.")
+    if filesystem is not None:
+        if _is_pyarrow_filesystem(filesystem):
+            if filesystem.type_name == "local":
+                return _LOCAL, os.path.abspath(_strip_file_scheme(path))
+            return PyArrowStorage(filesystem), path
+        raise CheckpointError(
+            f"filesystem={filesystem!r} is not a pyarrow.fs.FileSystem; pass a "
+            "pyarrow filesystem, or a URI as the path."
+        )
+    scheme = urllib.parse.urlsplit(path).scheme
+    if not scheme or scheme == "file" or (len(scheme) == 1 and os.name == "nt"):
+        return _LOCAL, os.path.abspath(_strip_file_scheme(path))
+    try:
+        import pyarrow.fs
+    except ImportError:
+        raise ImportError(
+            f"Checkpoint URIs like {path!r} need pyarrow: pip install pyarrow"
+        ) from None
+    try:
+        fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, ArrowNotImplementedError, ...
+        raise CheckpointError(f"Cannot open the filesystem of {path!r}: {exc}", path=path) from exc
+    return PyArrowStorage(fs, uri_prefix=f"{scheme}://"), fs_path
+
+
+def _strip_file_scheme(path: str) -> str:
+    if path.startswith("file://"):
+        return urllib.parse.unquote(urllib.parse.urlsplit(path).path)
+    return path
+
+
+def new_temporary_path() -> str:
+    """A fresh, not yet existing path in the temp directory (``save_to_path(None)``)."""
+    return os.path.join(tempfile.gettempdir(), str(uuid.uuid4()))
+

@@ -1,0 +1,88 @@
+"""The exceptions ckptable raises.
+
+Every error names the checkpoint path and, where one is involved, the component path,
+both as text in the message and as the attributes ``path`` and ``component``. All of
+them pickle (they cross Ray process boundaries) and keep those attributes.
+
+The hierarchy::
+
+    CheckpointError                      base of everything below
+    ├── CheckpointNotFoundError          also a FileNotFoundError: no checkpoint there
+    ├── CorruptCheckpointError           a file is missing, truncated, garbled or extra
+    ├── IncompatibleCheckpointError      also a ValueError: wrong class or version
+    ├── UnknownComponentError            also a ValueError: no component of that name
+    ├── InvalidComponentNameError        also a ValueError: a name that is not a plain
+    │                                    directory name (empty, '..', 'a/b', NUL, ...)
+    ├── UnsafeCheckpointError            loading would run code outside the allowlist
+    ├── ActorCheckpointError             Ray actor components failed to save/restore
+    └── TransferError                    moving a directory between nodes failed
+
+The ``ValueError`` bases keep ``except ValueError`` working for code written against
+RLlib, which raises plain ``ValueError`` in those places.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActorCheckpointError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "IncompatibleCheckpointError",
+    "InvalidComponentNameError",
+    "TransferError",
+    "UnknownComponentError",
+    "UnsafeCheckpointError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every ckptable error.
+
+    Args:
+        message: What went wrong, naming the file or component.
+        path: The checkpoint (or file) path concerned, if any.
+        component: The component path (``"a/b"``) concerned, if any.
+    """
+
+    def __init__(
+        self, message: str, *, path: str | None = None, component: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.component = component
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """There is no checkpoint at the given path."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is missing, truncated, garbled, or should not be there."""
+
+
+class IncompatibleCheckpointError(CheckpointError, ValueError):
+    """The checkpoint cannot be restored into the class or code version at hand."""
+
+
+class UnknownComponentError(CheckpointError, ValueError):
+    """A component path names no component of the object (RLlib silently skips it)."""
+
+
+class InvalidComponentNameError(CheckpointError, ValueError):
+    """A component name is not usable as a single directory name."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """Loading the checkpoint would import or call something outside the allowlist."""
+
+
+class ActorCheckpointError(CheckpointError):
+    """Saving or restoring a component held by Ray actors failed."""
+
+
+class TransferError(CheckpointError):
+    """Moving a checkpoint directory between nodes failed."""
