@@ -5,10 +5,6 @@ Subclass :class:`Checkpointable`, and ``save_to_path``, ``restore_from_path`` an
 component, and rebuild a fresh object from a checkpoint alone.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
 from ckptable._checkpointable import Checkpointable
 from ckptable._components import check_component, get_subcomponents
 from ckptable._formats import Codec, get_codec, register_codec, registered_codecs
@@ -47,7 +43,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> str:
     if name == "__version__":
         from ckptable._version import package_version
 

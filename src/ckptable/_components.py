@@ -99,16 +99,12 @@ def check_component(
     comp_list = force_list(components)
     not_comp_list = force_list(not_components)
     selected = (
-        components is None
-        or name in comp_list
-        or any(c.startswith(name + "/") for c in comp_list)
+        components is None or name in comp_list or any(c.startswith(name + "/") for c in comp_list)
     )
     return selected and (not_components is None or name not in not_comp_list)
 
 
-def get_subcomponents(
-    name: str, components: str | Collection[str] | None
-) -> list[str] | None:
+def get_subcomponents(name: str, components: str | Collection[str] | None) -> list[str] | None:
     """The selections below ``name``: ``["a/x", "a/y", "b"]`` → ``["x", "y"]`` for ``"a"``.
 
     ``None`` (select everything) when ``components`` is None or nothing below ``name``

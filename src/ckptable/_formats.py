@@ -26,8 +26,8 @@ from typing import IO, Any, Protocol, runtime_checkable
 from ckptable.errors import CheckpointError
 
 __all__ = [
-    "Codec",
     "CloudpickleCodec",
+    "Codec",
     "MsgpackCodec",
     "codec_for_suffix",
     "get_codec",
@@ -90,8 +90,7 @@ def _import_msgpack() -> tuple[types.ModuleType, types.ModuleType]:
         import msgpack_numpy
     except ImportError:
         raise ImportError(
-            "The msgpack format needs msgpack and msgpack-numpy: "
-            "pip install 'ckptable[msgpack]'"
+            "The msgpack format needs msgpack and msgpack-numpy: pip install 'ckptable[msgpack]'"
         ) from None
     return msgpack, msgpack_numpy
 

@@ -100,11 +100,17 @@ def _describe_dir(storage: Storage, directory: str) -> dict[str, Any]:
     info["ckptable"] = record
     for key in ("type", "format", "policy_ids", "module_ids"):  # rllib_checkpoint.json keys
         if key in metadata:
-            info[key] = set(metadata[key]) if key.endswith("_ids") and metadata[key] else metadata[key]
+            info[key] = (
+                set(metadata[key]) if key.endswith("_ids") and metadata[key] else metadata[key]
+            )
 
     for suffix in (".pkl", ".msgpck"):  # an old-stack Policy checkpoint
         if "policy_state" + suffix in files:
-            info.update(type="Policy", format=_FORMATS[suffix], state_file=_shown(storage, directory, "policy_state" + suffix))
+            info.update(
+                type="Policy",
+                format=_FORMATS[suffix],
+                state_file=_shown(storage, directory, "policy_state" + suffix),
+            )
             return info
 
     state_file = _find_state_file(files, metadata, record)
@@ -120,7 +126,11 @@ def _describe_dir(storage: Storage, directory: str) -> dict[str, Any]:
     info["format"] = record["format"] if record else _FORMATS["." + ext]
     if _CLASS_FILE in files or record:
         info["type"] = "Algorithm" if stem == "algorithm_state" else "Checkpointable"
-        info["class"] = record["class"] if record else _class_in_pickle(storage, storage.join(directory, _CLASS_FILE))
+        info["class"] = (
+            record["class"]
+            if record
+            else _class_in_pickle(storage, storage.join(directory, _CLASS_FILE))
+        )
     info["components"] = _describe_components(storage, directory, entries, record)
 
     if entries.get("policies") == "dir":
@@ -157,8 +167,7 @@ def _describe_components(
         names = [
             name
             for name, kind in sorted(entries.items())
-            if kind == "dir"
-            and storage.kind(storage.join(directory, name, _CLASS_FILE)) == "file"
+            if kind == "dir" and storage.kind(storage.join(directory, name, _CLASS_FILE)) == "file"
         ]
     components = {}
     for name in names:

@@ -117,7 +117,9 @@ def restore_checkpointable(
         _current_restore.reset(token)
 
 
-def construct_from_checkpoint(cls: type[_T], path: Any, filesystem: Any, kwargs: dict[str, Any]) -> _T:
+def construct_from_checkpoint(
+    cls: type[_T], path: Any, filesystem: Any, kwargs: dict[str, Any]
+) -> _T:
     """``Checkpointable.from_checkpoint``: build the stored class, then restore it.
 
     Keyword arguments naming a constructor parameter replace the stored argument (by
@@ -126,7 +128,9 @@ def construct_from_checkpoint(cls: type[_T], path: Any, filesystem: Any, kwargs:
     """
     storage, root = resolve_storage(path, filesystem)
     _require_directory(storage, root)
-    class_file = storage.join(root, getattr(cls, "CLASS_AND_CTOR_ARGS_FILE_NAME", _DEFAULT_CLASS_FILE))
+    class_file = storage.join(
+        root, getattr(cls, "CLASS_AND_CTOR_ARGS_FILE_NAME", _DEFAULT_CLASS_FILE)
+    )
     if storage.kind(class_file) != "file":
         raise CorruptCheckpointError(
             f"The checkpoint at {storage.display(root)} has no {storage.split(class_file)[1]}: "
@@ -149,7 +153,7 @@ def construct_from_checkpoint(cls: type[_T], path: Any, filesystem: Any, kwargs:
                 args[i] = value
             else:
                 ctor_kwargs[name] = value
-    obj = ctor(*args, **ctor_kwargs)
+    obj: Any = ctor(*args, **ctor_kwargs)
     obj.restore_from_path(path, filesystem=filesystem, **kwargs)
     return obj  # type: ignore[no-any-return]
 
@@ -184,7 +188,9 @@ def _restore_component_path(
     try:
         names = split_component_path(component)
     except InvalidComponentNameError as exc:
-        raise UnknownComponentError(str(exc), path=storage.display(root), component=component) from exc
+        raise UnknownComponentError(
+            str(exc), path=storage.display(root), component=component
+        ) from exc
     current: Any = obj
     for depth, name in enumerate(names):
         if not callable(getattr(current, "get_checkpointable_components", None)):
@@ -201,9 +207,7 @@ def _restore_component_path(
         current = comps[name]
     head, rest = names[0], "/".join(names[1:]) or None
     comp = dict(obj.get_checkpointable_components())[head]
-    comp.restore_from_path(
-        root, component=rest, filesystem=storage.user_filesystem(), **kwargs
-    )
+    comp.restore_from_path(root, component=rest, filesystem=storage.user_filesystem(), **kwargs)
 
 
 # --------------------------------------------------------------------------- read
@@ -223,6 +227,11 @@ def read_level(storage: Storage, directory: str, obj: Any | None) -> Level:
 
     codec, state_name = _state_file_of(storage, directory, obj, metadata, record, entries)
     state = _decode_file(storage, storage.join(directory, state_name), codec)
+    if not isinstance(state, dict):
+        shown = storage.display(storage.join(directory, state_name))
+        raise CorruptCheckpointError(
+            f"{shown} holds a {type(state).__name__}, not a state dict.", path=shown
+        )
 
     comps: dict[str, Any] = {}
     if obj is not None and callable(getattr(obj, "get_checkpointable_components", None)):
@@ -277,10 +286,9 @@ def _state_file_of(
     base = base if isinstance(base, str) else _DEFAULT_STATE_FILE
     # RLlib's rule: the msgpack file wins if present, else the pickle file.
     for suffix in (".msgpack", ".pkl"):
-        if entries.get(base + suffix) == "file":
-            codec = codec_for_suffix(suffix)
-            if codec is not None:
-                return codec, base + suffix
+        found = codec_for_suffix(suffix)
+        if found is not None and entries.get(base + suffix) == "file":
+            return found, base + suffix
     raise CorruptCheckpointError(
         f"The checkpoint level {shown} has no state file {base}.pkl or {base}.msgpack.",
         path=shown,
@@ -298,7 +306,9 @@ def _child_names(
     if record is not None:
         names = record.get("components", [])
         if not isinstance(names, list):
-            raise CorruptCheckpointError(f"Bad component list in the metadata of {shown}.", path=shown)
+            raise CorruptCheckpointError(
+                f"Bad component list in the metadata of {shown}.", path=shown
+            )
         for name in names:
             try:
                 validate_component_name(name, path=shown)
@@ -318,7 +328,10 @@ def _child_names(
     for name, kind in entries.items():
         if kind != "dir":
             continue
-        if name in comps or storage.kind(storage.join(directory, name, _DEFAULT_CLASS_FILE)) == "file":
+        if (
+            name in comps
+            or storage.kind(storage.join(directory, name, _DEFAULT_CLASS_FILE)) == "file"
+        ):
             names.append(name)
     return names
 
@@ -335,8 +348,17 @@ def _decode_file(storage: Storage, path: str, codec: Codec) -> Any:
         ) from exc
     except OSError as exc:
         raise CorruptCheckpointError(f"Cannot read {shown}: {exc}", path=shown) from exc
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
-            MemoryError, OverflowError, UnicodeDecodeError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        MemoryError,
+        OverflowError,
+        UnicodeDecodeError,
+    ) as exc:
         raise CorruptCheckpointError(
             f"{shown} is truncated or corrupt ({type(exc).__name__}: {exc}).", path=shown
         ) from exc
@@ -370,8 +392,7 @@ def _apply_level(session: _RestoreSession, obj: Checkpointable, level: Level) ->
     unused = set(level.children) - before_names - {name for name, _ in after}
     if unused:
         logger.warning(
-            "Checkpoint %s holds components that %s does not have; they were not "
-            "restored: %s",
+            "Checkpoint %s holds components that %s does not have; they were not restored: %s",
             session.storage.display(level.path),
             type(obj).__name__,
             ", ".join(sorted(unused)),

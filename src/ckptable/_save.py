@@ -22,6 +22,7 @@ import contextvars
 import dataclasses
 import json
 import platform
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -115,9 +116,10 @@ def save_checkpointable(
 
     codec = get_codec(format or ("msgpack" if use_msgpack else "cloudpickle"))
     with staged_directory(storage, fs_path, checkpoint_file_names(obj)) as staging:
-        token = _current_save.set(_SaveSession(storage, staging, codec))
+        session = _SaveSession(storage, staging, codec)
+        token = _current_save.set(session)
         try:
-            _write_level(_current_save.get(), obj, staging, state)  # type: ignore[arg-type]
+            _write_level(session, obj, staging, state)
         finally:
             _current_save.reset(token)
     return storage.display(fs_path)
@@ -152,7 +154,13 @@ def _write_level(
             )
 
     state_provided = state is not None
-    level_state = dict(state if state_provided else obj.get_state())  # type: ignore[arg-type]
+    collected = state if state_provided else obj.get_state()
+    if not isinstance(collected, Mapping):
+        source = "the state= argument" if state_provided else f"{type(obj).__name__}.get_state()"
+        raise CheckpointError(
+            f"{source} at {where} is a {type(collected).__name__}, not a dict.", component=where
+        )
+    level_state = dict(collected)
 
     saved: list[str] = []
     for name, comp in components:
@@ -217,9 +225,7 @@ def _write_metadata(
         stream.write(payload)
 
 
-def _write_class_and_ctor_args(
-    session: _SaveSession, obj: Checkpointable, directory: str
-) -> None:
+def _write_class_and_ctor_args(session: _SaveSession, obj: Checkpointable, directory: str) -> None:
     where = session.component_path(directory)
     record = {"class": type(obj), "ctor_args_and_kwargs": obj.get_ctor_args_and_kwargs()}
     try:

@@ -91,7 +91,7 @@ class LocalStorage:
         os.makedirs(path, exist_ok=True)
 
     def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        return open(path, "xb")  # noqa: SIM115 - returned as a context manager
+        return open(path, "xb")
 
     def open_read(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         # O_NOFOLLOW: a checkpoint file is never read through a symlink.
@@ -151,7 +151,11 @@ def _renameat2_exchange(a: str, b: str) -> bool:
         _renameat2 = getattr(libc, "renameat2", False) if libc is not None else False
         if _renameat2:
             _renameat2.argtypes = [
-                ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_uint,
             ]
             _renameat2.restype = ctypes.c_int
     if not _renameat2:
@@ -288,4 +292,3 @@ def _strip_file_scheme(path: str) -> str:
 def new_temporary_path() -> str:
     """A fresh, not yet existing path in the temp directory (``save_to_path(None)``)."""
     return os.path.join(tempfile.gettempdir(), str(uuid.uuid4()))
-
