@@ -344,3 +344,14 @@ def test_get_state_returning_no_dict_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ckptable.CheckpointError, match=r"ListState.get_state\(\).*list"):
         ListState().save_to_path(tmp_path / "ckpt")
     assert os.listdir(tmp_path) == []
+
+
+def test_restoring_into_a_component_that_is_not_checkpointable_is_refused(
+    tmp_path: Path,
+) -> None:
+    Node({"thing": Leaf()}).save_to_path(tmp_path / "ckpt")
+    fresh = Node({"thing": object()})  # type: ignore[dict-item]
+
+    with pytest.raises(ckptable.CheckpointError, match="'thing'.*no restore_from_path"):
+        fresh.restore_from_path(tmp_path / "ckpt")
+    assert fresh.set_state_log == []

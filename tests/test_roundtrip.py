@@ -417,3 +417,19 @@ def test_classes_with_their_own_file_names_round_trip(tmp_path: Path) -> None:
     fresh = Node({"mod": Renamed()})
     fresh.restore_from_path(tmp_path / "ckpt")
     assert fresh.children["mod"].value == 17
+
+
+def test_a_symlink_to_a_checkpoint_can_be_saved_over_and_restored(tmp_path: Path) -> None:
+    real = tmp_path / "step_10"
+    Node({"old": Leaf()}).save_to_path(real)
+    (tmp_path / "latest").symlink_to(real)
+
+    returned = Node({"new": Leaf(3, scale=2.0)}).save_to_path(tmp_path / "latest")
+
+    assert returned == str(tmp_path / "latest")
+    assert (tmp_path / "latest").is_symlink()
+    assert sorted(p.name for p in real.iterdir() if p.is_dir()) == ["new"]
+    fresh = Node({"new": Leaf(3)})
+    fresh.restore_from_path(tmp_path / "latest")
+    assert fresh.children["new"].weights.tolist() == [0.0, 2.0, 4.0]
+    assert ckptable.get_checkpoint_info(tmp_path / "latest")["class"] == "trees.Node"

@@ -50,7 +50,7 @@ def get_checkpoint_info(path: Any, filesystem: Any = None) -> dict[str, Any]:
         CorruptCheckpointError: a directory that is no checkpoint of any known layout.
     """
     storage, root = resolve_storage(path, filesystem)
-    kind = storage.kind(root)
+    kind = storage.kind(root, follow_symlinks=True)
     shown = storage.display(root)
     if kind is None:
         raise CheckpointNotFoundError(f"No checkpoint at {shown}.", path=shown)

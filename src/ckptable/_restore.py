@@ -65,12 +65,6 @@ class Level:
     state: Any
     children: dict[str, Level]
 
-    @property
-    def record(self) -> dict[str, Any] | None:
-        """ckptable's record in ``metadata.json``; None for levels RLlib wrote."""
-        record = (self.metadata or {}).get(RECORD_KEY)
-        return record if isinstance(record, dict) else None
-
 
 @dataclasses.dataclass
 class _RestoreSession:
@@ -173,7 +167,7 @@ def _parse_class_record(info: Any, shown: str) -> tuple[type, list[Any], dict[st
 
 
 def _require_directory(storage: Storage, root: str) -> None:
-    if storage.kind(root) != "dir":
+    if storage.kind(root, follow_symlinks=True) != "dir":
         shown = storage.display(root)
         raise CheckpointNotFoundError(f"No checkpoint directory at {shown}.", path=shown)
 
@@ -240,7 +234,12 @@ def read_level(storage: Storage, directory: str, obj: Any | None) -> Level:
     for name in _child_names(storage, directory, record, entries, comps):
         child_obj = comps.get(name)
         if child_obj is not None and not callable(getattr(child_obj, "restore_from_path", None)):
-            continue  # not restorable here (e.g. an actor manager)
+            raise CheckpointError(
+                f"Component {name!r} of {type(obj).__name__} is a {type(child_obj).__name__}, "
+                "which has no restore_from_path(); components must be Checkpointable.",
+                path=storage.display(directory),
+                component=name,
+            )
         children[name] = read_level(storage, storage.join(directory, name), child_obj)
     return Level(path=directory, metadata=metadata, state=state, children=children)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import json
+import os
 import platform
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -114,6 +115,9 @@ def save_checkpointable(
         _write_level(session, obj, fs_path, state)
         return storage.display(fs_path)
 
+    shown = storage.display(fs_path)
+    if isinstance(storage, LocalStorage) and os.path.islink(fs_path):
+        fs_path = os.path.realpath(fs_path)  # replace the checkpoint the link points to
     codec = get_codec(format or ("msgpack" if use_msgpack else "cloudpickle"))
     with staged_directory(storage, fs_path, checkpoint_file_names(obj)) as staging:
         session = _SaveSession(storage, staging, codec)
@@ -122,7 +126,7 @@ def save_checkpointable(
             _write_level(session, obj, staging, state)
         finally:
             _current_save.reset(token)
-    return storage.display(fs_path)
+    return shown
 
 
 def _write_level(

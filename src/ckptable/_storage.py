@@ -49,7 +49,7 @@ class Storage(Protocol):
     def join(self, base: str, *names: str) -> str: ...
     def split(self, path: str) -> tuple[str, str]: ...
     def display(self, path: str) -> str: ...
-    def kind(self, path: str) -> EntryKind: ...
+    def kind(self, path: str, *, follow_symlinks: bool = False) -> EntryKind: ...
     def listdir(self, path: str) -> dict[str, EntryKind]: ...
     def makedirs(self, path: str) -> None: ...
     def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
@@ -74,12 +74,11 @@ class LocalStorage:
     def display(self, path: str) -> str:
         return path
 
-    def kind(self, path: str) -> EntryKind:
+    def kind(self, path: str, *, follow_symlinks: bool = False) -> EntryKind:
+        """What is at ``path``; a symlink is ``"other"`` unless ``follow_symlinks``."""
         try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            return None
-        except NotADirectoryError:
+            mode = os.stat(path, follow_symlinks=follow_symlinks).st_mode
+        except (FileNotFoundError, NotADirectoryError):
             return None
         return _kind_of_mode(mode)
 
@@ -190,7 +189,7 @@ class PyArrowStorage:
     def display(self, path: str) -> str:
         return self.uri_prefix + path
 
-    def kind(self, path: str) -> EntryKind:
+    def kind(self, path: str, *, follow_symlinks: bool = False) -> EntryKind:
         return self._kind(self.filesystem.get_file_info(path))
 
     @staticmethod
