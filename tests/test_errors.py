@@ -355,3 +355,26 @@ def test_restoring_into_a_component_that_is_not_checkpointable_is_refused(
     with pytest.raises(ckptable.CheckpointError, match="'thing'.*no restore_from_path"):
         fresh.restore_from_path(tmp_path / "ckpt")
     assert fresh.set_state_log == []
+
+
+def test_partial_restore_given_the_whole_checkpoint_says_which_directory_to_pass(
+    tmp_path: Path,
+) -> None:
+    three_level_tree().save_to_path(tmp_path / "ckpt")
+    fresh = blank_three_level_tree()
+
+    with pytest.raises(ckptable.IncompatibleCheckpointError, match="encoder/b") as info:
+        fresh.restore_from_path(tmp_path / "ckpt", component="encoder/b")
+
+    assert str(tmp_path / "ckpt" / "encoder" / "b") in str(info.value)
+    assert fresh.children["encoder"].children["b"].steps == 0
+
+
+def test_save_errors_name_the_checkpoint_path_and_the_component(tmp_path: Path) -> None:
+    root = Node({"ok": Node({"..": Leaf()})})
+
+    with pytest.raises(ckptable.InvalidComponentNameError) as info:
+        root.save_to_path(tmp_path / "ckpt")
+
+    assert info.value.path == str(tmp_path / "ckpt")
+    assert f"component 'ok' of {tmp_path / 'ckpt'}" in str(info.value)

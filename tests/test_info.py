@@ -211,3 +211,19 @@ def test_info_of_a_checkpoint_written_by_rllib_names_classes_and_components(
     assert info["class"] == "rllib_small.RLlibNode"
     assert set(info["components"]) == {"left", "right"}
     assert info["components"]["left"]["class"] == "rllib_small.RLlibLeaf"
+
+
+def test_info_reports_no_class_for_a_class_pickled_by_value(tmp_path: Path) -> None:
+    import cloudpickle
+
+    path = tmp_path / "ckpt"
+    Leaf().save_to_path(path)
+    by_value = type("LocalLeaf", (Leaf,), {"__module__": "__main__"})
+    (path / "class_and_ctor_args.pkl").write_bytes(
+        cloudpickle.dumps({"class": by_value, "ctor_args_and_kwargs": ((), {})})
+    )
+    metadata = json.loads((path / "metadata.json").read_text())
+    del metadata["ckptable"]
+    (path / "metadata.json").write_text(json.dumps(metadata))
+
+    assert ckptable.get_checkpoint_info(path)["class"] is None

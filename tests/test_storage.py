@@ -73,3 +73,38 @@ def test_an_unknown_uri_scheme_gives_a_clear_error() -> None:
 def test_an_empty_path_is_refused() -> None:
     with pytest.raises(ckptable.CheckpointError, match="non-empty"):
         Leaf().restore_from_path("")
+
+
+def test_home_relative_paths_are_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    returned = trained_model().save_to_path("~/ckpt")
+
+    assert returned == str(tmp_path / "ckpt")
+    assert Model.from_checkpoint("~/ckpt").epoch == 9
+
+
+def test_a_subtree_over_an_object_store_writes_in_place_not_by_rename() -> None:
+    s3 = pyarrow.fs.S3FileSystem(anonymous=True, region="us-east-1")
+
+    assert (
+        PyArrowStorage(pyarrow.fs.SubTreeFileSystem("bucket/prefix", s3)).can_rename_dirs is False
+    )
+    assert PyArrowStorage(s3).can_rename_dirs is False
+    local_subtree = pyarrow.fs.SubTreeFileSystem("/tmp", pyarrow.fs.LocalFileSystem())
+    assert PyArrowStorage(local_subtree).can_rename_dirs is True
+
+
+def test_components_with_their_own_save_get_a_pyarrow_filesystem_as_from_rllib(
+    tmp_path: Path,
+) -> None:
+    seen: list[Any] = []
+
+    class Hooked(Leaf):
+        def save_to_path(self, path: Any = None, *, filesystem: Any = None, **kw: Any) -> str:
+            seen.append(filesystem)
+            return super().save_to_path(path, filesystem=filesystem, **kw)
+
+    Node({"hooked": Hooked(), "plain": Leaf()}).save_to_path(tmp_path / "ckpt")
+
+    assert len(seen) == 1 and isinstance(seen[0], pyarrow.fs.LocalFileSystem)

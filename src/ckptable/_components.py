@@ -41,22 +41,29 @@ def force_list(elements: Any) -> list[Any]:
 
 
 def validate_component_name(
-    name: object, *, path: str | None = None, reserved: Iterable[str] = ()
+    name: object,
+    *,
+    path: str | None = None,
+    where: str | None = None,
+    reserved: Iterable[str] = (),
 ) -> str:
     """Return ``name`` if it is safe as one directory name inside a checkpoint.
 
     Refused: non-strings, the empty string, ``.`` and ``..``, anything holding a path
     separator or NUL, names longer than ``MAX_NAME_BYTES``, names reserved by ckptable,
-    and the level's own file names given in ``reserved``.
+    and the level's own file names given in ``reserved``. ``where`` (the checkpoint and
+    parent component, for the message) defaults to ``path``.
 
     Raises:
         InvalidComponentNameError: naming the bad name and, if given, the checkpoint path.
     """
 
     def refuse(why: str) -> InvalidComponentNameError:
-        where = f" in checkpoint {path}" if path else ""
+        place = where or path
         return InvalidComponentNameError(
-            f"Invalid component name {name!r}{where}: {why}.", path=path, component=str(name)
+            f"Invalid component name {name!r}{f' ({place})' if place else ''}: {why}.",
+            path=path,
+            component=str(name),
         )
 
     if not isinstance(name, str):

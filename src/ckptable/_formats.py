@@ -10,9 +10,10 @@ Built in:
 
 - ``cloudpickle`` (alias ``pickle``): the default, RLlib's default too. Loading it runs
   whatever code the pickle names, so only load checkpoints you trust.
-- ``msgpack``: portable and code-free. Numpy arrays use msgpack-numpy's encoding, so the
-  files are the ones RLlib's ``use_msgpack=True`` writes and reads; ckptable calls
-  msgpack-numpy's hooks directly and never ``msgpack_numpy.patch()`` (process-global).
+- ``msgpack``: portable across Python versions. Numpy arrays use msgpack-numpy's
+  encoding, so the files are the ones RLlib's ``use_msgpack=True`` writes and reads;
+  ckptable calls msgpack-numpy's hooks directly and never ``msgpack_numpy.patch()``
+  (process-global). Note that msgpack-numpy's decoder unpickles object-dtype arrays.
 """
 
 from __future__ import annotations

@@ -22,14 +22,13 @@ from typing import Any
 
 from packaging.version import Version
 
-from ckptable._save import RECORD_KEY
+from ckptable._layout import DEFAULT_CLASS_FILE, record_of
 from ckptable._storage import Storage, resolve_storage
 from ckptable.errors import CheckpointNotFoundError, CorruptCheckpointError
 
-__all__ = ["get_checkpoint_info"]
+__all__ = ["get_checkpoint_info", "stored_class_name"]
 
 _METADATA_FILES = ("metadata.json", "rllib_checkpoint.json")
-_CLASS_FILE = "class_and_ctor_args.pkl"
 _FORMATS = {".pkl": "cloudpickle", ".msgpack": "msgpack", ".msgpck": "msgpack"}
 _LEARNER_MODULES = ("learner_group", "learner", "rl_module")
 
@@ -94,7 +93,7 @@ def _describe_dir(storage: Storage, directory: str) -> dict[str, Any]:
         if name in files:
             metadata = _read_json(storage, storage.join(directory, name))
             break
-    record = metadata.get(RECORD_KEY) if isinstance(metadata.get(RECORD_KEY), dict) else None
+    record = record_of(metadata)
     info = _base_info(shown, Version(str(metadata.get("checkpoint_version", "1.1"))))
     info["metadata"] = metadata
     info["ckptable"] = record
@@ -124,12 +123,12 @@ def _describe_dir(storage: Storage, directory: str) -> dict[str, Any]:
     stem, _, ext = state_file.rpartition(".")
     info["state_file"] = _shown(storage, directory, state_file)
     info["format"] = record["format"] if record else _FORMATS["." + ext]
-    if _CLASS_FILE in files or record:
+    if DEFAULT_CLASS_FILE in files or record:
         info["type"] = "Algorithm" if stem == "algorithm_state" else "Checkpointable"
         info["class"] = (
             record["class"]
             if record
-            else _class_in_pickle(storage, storage.join(directory, _CLASS_FILE))
+            else _class_in_pickle(storage, storage.join(directory, DEFAULT_CLASS_FILE))
         )
     info["components"] = _describe_components(storage, directory, entries, record)
 
@@ -167,7 +166,8 @@ def _describe_components(
         names = [
             name
             for name, kind in sorted(entries.items())
-            if kind == "dir" and storage.kind(storage.join(directory, name, _CLASS_FILE)) == "file"
+            if kind == "dir"
+            and storage.kind(storage.join(directory, name, DEFAULT_CLASS_FILE)) == "file"
         ]
     components = {}
     for name in names:
@@ -193,6 +193,21 @@ def _read_json(storage: Storage, path: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def stored_class_name(
+    storage: Storage, directory: str, metadata_file: str, class_file: str
+) -> str | None:
+    """The import path of the class a level was saved from, without unpickling; None if
+    unknown (no such files, or a class pickled by value)."""
+    entries = storage.listdir(directory)
+    if entries.get(metadata_file) == "file":
+        record = record_of(_read_json(storage, storage.join(directory, metadata_file)))
+        if record is not None and isinstance(record.get("class"), str):
+            return str(record["class"])
+    if entries.get(class_file) == "file":
+        return _class_in_pickle(storage, storage.join(directory, class_file))
+    return None
+
+
 def _shown(storage: Storage, directory: str, name: str) -> str:
     return storage.display(storage.join(directory, name))
 
@@ -216,6 +231,8 @@ def _class_in_pickle(storage: Storage, path: str) -> str | None:
                     continue
                 strings.append(str(arg))
             elif seen_class_key and opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                if "cloudpickle" in strings[-2]:
+                    return None  # a cloudpickle helper: the class was pickled by value
                 return f"{strings[-2]}.{strings[-1]}"
             elif seen_class_key and opcode.name == "GLOBAL":
                 module, _, name = str(arg).partition(" ")

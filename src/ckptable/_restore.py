@@ -2,12 +2,15 @@
 
 1. **read**: the levels of the checkpoint tree that the restore uses are listed and every
    state file is read and decoded (``read_level``). The object tree guides it (each
-   component knows its own file names); directories the object does not have yet are
-   read too, because components may appear during their parent's ``set_state``.
-2. **verify**: a level written by ckptable lists its components in ``metadata.json``; a
-   listed component whose directory is missing, a missing state file or one that does
-   not decode raises :class:`CorruptCheckpointError` — all before step 3, so a bad file
-   leaves the user's object untouched.
+   component knows its own file names). A level ckptable wrote lists its components in
+   ``metadata.json`` and all of them are read. In a level RLlib wrote, directories the
+   object has no component for are read ahead where they can be (components may appear
+   during the parent's ``set_state``); one that does not read — a class's own file names,
+   or a stale directory of RLlib's in-place saves — is read only if such a component
+   appears (RLlib ignores stale directories).
+2. **verify**: a listed component whose directory is missing, a missing state file or
+   one that does not decode raises :class:`CorruptCheckpointError` — all before step 3,
+   so a bad file leaves the user's object untouched.
 3. **apply**: ``set_state`` runs children before parent (as in RLlib), then on the
    components that appeared during the parent's ``set_state``. A component whose class
    overrides ``restore_from_path`` (or is not a ckptable class) is restored through that
@@ -31,7 +34,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckptable._components import force_list, split_component_path, validate_component_name
 from ckptable._formats import Codec, codec_for_suffix, get_codec
-from ckptable._save import RECORD_KEY
+from ckptable._info import stored_class_name
+from ckptable._layout import (
+    DEFAULT_CLASS_FILE,
+    DEFAULT_METADATA_FILE,
+    DEFAULT_STATE_FILE,
+    record_of,
+)
 from ckptable._storage import Storage, resolve_storage
 from ckptable.errors import (
     CheckpointError,
@@ -51,10 +60,6 @@ logger = logging.getLogger("ckptable")
 
 _T = TypeVar("_T")
 
-_DEFAULT_METADATA_FILE = "metadata.json"
-_DEFAULT_CLASS_FILE = "class_and_ctor_args.pkl"
-_DEFAULT_STATE_FILE = "state"
-
 
 @dataclasses.dataclass
 class Level:
@@ -64,6 +69,16 @@ class Level:
     metadata: dict[str, Any] | None
     state: Any
     children: dict[str, Level]
+    #: Names of all subdirectories (components that appear late are looked up here).
+    subdirs: frozenset[str] = frozenset()
+    #: True if the level could not be read ahead (its file names are known only to the
+    #: component that appears during the parent's ``set_state``); it is read then.
+    deferred: bool = False
+
+    @property
+    def record(self) -> dict[str, Any] | None:
+        """ckptable's record in ``metadata.json``; None for levels RLlib wrote."""
+        return record_of(self.metadata)
 
 
 @dataclasses.dataclass
@@ -123,7 +138,7 @@ def construct_from_checkpoint(
     storage, root = resolve_storage(path, filesystem)
     _require_directory(storage, root)
     class_file = storage.join(
-        root, getattr(cls, "CLASS_AND_CTOR_ARGS_FILE_NAME", _DEFAULT_CLASS_FILE)
+        root, getattr(cls, "CLASS_AND_CTOR_ARGS_FILE_NAME", DEFAULT_CLASS_FILE)
     )
     if storage.kind(class_file) != "file":
         raise CorruptCheckpointError(
@@ -199,9 +214,42 @@ def _restore_component_path(
                 component=component,
             )
         current = comps[name]
+    else:
+        _refuse_a_parent_directory(storage, root, component, names, current)
     head, rest = names[0], "/".join(names[1:]) or None
     comp = dict(obj.get_checkpointable_components())[head]
     comp.restore_from_path(root, component=rest, filesystem=storage.user_filesystem(), **kwargs)
+
+
+def _refuse_a_parent_directory(
+    storage: Storage, root: str, component: str, names: list[str], target: Any
+) -> None:
+    """Catch ``restore_from_path(<whole checkpoint>, component="a/b")``.
+
+    RLlib wants the component's *own* directory there and, given the parent's, loads the
+    parent's state into the component. When ``root`` holds a directory named like the
+    component path's first name and was saved from another class than the target's, the
+    caller passed the parent: say which directory to pass instead.
+    """
+    if storage.kind(storage.join(root, names[0])) != "dir":
+        return
+    stored = stored_class_name(
+        storage,
+        root,
+        getattr(target, "METADATA_FILE_NAME", DEFAULT_METADATA_FILE),
+        getattr(target, "CLASS_AND_CTOR_ARGS_FILE_NAME", DEFAULT_CLASS_FILE),
+    )
+    cls = type(target)
+    if stored is None or stored == f"{cls.__module__}.{cls.__qualname__}":
+        return
+    shown = storage.display(root)
+    raise IncompatibleCheckpointError(
+        f"{shown} holds a checkpoint of {stored}, not of component {component!r} "
+        f"({cls.__module__}.{cls.__qualname__}). With component=, pass the component's "
+        f"own directory: {storage.display(storage.join(root, *names))}",
+        path=shown,
+        component=component,
+    )
 
 
 # --------------------------------------------------------------------------- read
@@ -214,10 +262,9 @@ def read_level(storage: Storage, directory: str, obj: Any | None) -> Level:
     names; without it they come from the level's ``metadata.json`` or RLlib's defaults.
     """
     entries = storage.listdir(directory)
-    meta_name = getattr(obj, "METADATA_FILE_NAME", _DEFAULT_METADATA_FILE)
+    meta_name = getattr(obj, "METADATA_FILE_NAME", DEFAULT_METADATA_FILE)
     metadata = _read_metadata(storage, directory, meta_name, entries)
-    record = (metadata or {}).get(RECORD_KEY)
-    record = record if isinstance(record, dict) else None
+    record = record_of(metadata)
 
     codec, state_name = _state_file_of(storage, directory, obj, metadata, record, entries)
     state = _decode_file(storage, storage.join(directory, state_name), codec)
@@ -240,8 +287,27 @@ def read_level(storage: Storage, directory: str, obj: Any | None) -> Level:
                 path=storage.display(directory),
                 component=name,
             )
-        children[name] = read_level(storage, storage.join(directory, name), child_obj)
-    return Level(path=directory, metadata=metadata, state=state, children=children)
+        child_dir = storage.join(directory, name)
+        if child_obj is None and record is None:
+            children[name] = _read_ahead(storage, child_dir)
+        else:
+            children[name] = read_level(storage, child_dir, child_obj)
+    subdirs = frozenset(name for name, kind in entries.items() if kind == "dir")
+    return Level(directory, metadata, state, children, subdirs=subdirs)
+
+
+def _read_ahead(storage: Storage, directory: str) -> Level:
+    """Read a level RLlib wrote for a component the object does not have (yet).
+
+    It may appear during the parent's ``set_state``; or it is a stale directory that
+    RLlib's in-place saves leave behind, which RLlib ignores. A level that does not read
+    (file names of a class of its own, code that is gone) is deferred: read when such a
+    component appears, ignored otherwise.
+    """
+    try:
+        return read_level(storage, directory, None)
+    except CheckpointError:
+        return Level(directory, None, None, {}, deferred=True)
 
 
 def _read_metadata(
@@ -282,7 +348,7 @@ def _state_file_of(
             )
         return codec, name
     base = getattr(obj, "STATE_FILE_NAME", None) or (metadata or {}).get("state_file")
-    base = base if isinstance(base, str) else _DEFAULT_STATE_FILE
+    base = base if isinstance(base, str) else DEFAULT_STATE_FILE
     # RLlib's rule: the msgpack file wins if present, else the pickle file.
     for suffix in (".msgpack", ".pkl"):
         found = codec_for_suffix(suffix)
@@ -329,7 +395,7 @@ def _child_names(
             continue
         if (
             name in comps
-            or storage.kind(storage.join(directory, name, _DEFAULT_CLASS_FILE)) == "file"
+            or storage.kind(storage.join(directory, name, DEFAULT_CLASS_FILE)) == "file"
         ):
             names.append(name)
     return names
@@ -384,8 +450,12 @@ def _apply_level(session: _RestoreSession, obj: Checkpointable, level: Level) ->
     before_names = {name for name, _ in before}
     after = list(obj.get_checkpointable_components())
     for name, comp in after:
+        if name in before_names:
+            continue
         child = level.children.get(name)
-        if name not in before_names and child is not None:
+        if (child is None or child.deferred) and level.record is None and name in level.subdirs:
+            child = read_level(session.storage, session.storage.join(level.path, name), comp)
+        if child is not None:
             _apply_component(session, comp, child)
 
     unused = set(level.children) - before_names - {name for name, _ in after}
@@ -406,6 +476,7 @@ def _apply_component(session: _RestoreSession, comp: Any, level: Level) -> None:
         return
     session.prepared[level.path] = level
     try:
+        # Code other than ckptable's own restore gets a filesystem object, as from RLlib.
         comp.restore_from_path(
             level.path, filesystem=session.storage.user_filesystem(), **session.kwargs
         )

@@ -31,6 +31,12 @@ import cloudpickle
 from ckptable._commit import staged_directory
 from ckptable._components import validate_component_name
 from ckptable._formats import Codec, get_codec
+from ckptable._layout import (
+    CHECKPOINT_VERSION,
+    LAYOUT_VERSION,
+    RECORD_KEY,
+    checkpoint_file_names,
+)
 from ckptable._storage import LocalStorage, Storage, new_temporary_path, resolve_storage
 from ckptable._version import package_version
 from ckptable.errors import CheckpointError
@@ -38,21 +44,7 @@ from ckptable.errors import CheckpointError
 if TYPE_CHECKING:
     from ckptable._checkpointable import Checkpointable
 
-__all__ = [
-    "CHECKPOINT_VERSION",
-    "LAYOUT_VERSION",
-    "RECORD_KEY",
-    "checkpoint_file_names",
-    "save_checkpointable",
-]
-
-#: ``checkpoint_version`` written to ``metadata.json``: the RLlib layout version
-#: (``Checkpointable`` API, RLlib 2.x) whose files ckptable writes.
-CHECKPOINT_VERSION = "2.1"
-#: Version of ckptable's own record in ``metadata.json``.
-LAYOUT_VERSION = 1
-#: Key of ckptable's record inside ``metadata.json``.
-RECORD_KEY = "ckptable"
+__all__ = ["save_checkpointable"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +54,22 @@ class _SaveSession:
     storage: Storage
     staging_root: str
     codec: Codec
+    #: The checkpoint path being written, as the user will see it (for error messages).
+    target: str
 
     def owns(self, storage: Storage, path: str) -> bool:
         if not _same_storage(storage, self.storage):
             return False
         return path.startswith(self.storage.join(self.staging_root, ""))
 
-    def component_path(self, path: str) -> str:
-        return path[len(self.staging_root) + 1 :] or "<root>"
+    def component_path(self, path: str) -> str | None:
+        """``"a/b"`` for a component directory inside the staging tree; None for the root."""
+        return path[len(self.staging_root) + 1 :] or None
+
+    def describe(self, path: str) -> str:
+        """Where ``path`` is, for messages: the checkpoint and the component path."""
+        component = self.component_path(path)
+        return f"component {component!r} of {self.target}" if component else self.target
 
 
 _current_save: contextvars.ContextVar[_SaveSession | None] = contextvars.ContextVar(
@@ -82,18 +82,6 @@ def _same_storage(a: Storage, b: Storage) -> bool:
         return isinstance(a, LocalStorage) and isinstance(b, LocalStorage)
     fs_a, fs_b = a.user_filesystem(), b.user_filesystem()
     return fs_a is fs_b or bool(fs_a.equals(fs_b))
-
-
-def checkpoint_file_names(obj_or_cls: Any) -> list[str]:
-    """The file names that mark a checkpoint level written for ``obj_or_cls``."""
-    from ckptable._formats import registered_codecs
-
-    state = obj_or_cls.STATE_FILE_NAME
-    return [
-        obj_or_cls.METADATA_FILE_NAME,
-        obj_or_cls.CLASS_AND_CTOR_ARGS_FILE_NAME,
-        *(state + codec.suffix for codec in registered_codecs().values()),
-    ]
 
 
 def save_checkpointable(
@@ -115,12 +103,13 @@ def save_checkpointable(
         _write_level(session, obj, fs_path, state)
         return storage.display(fs_path)
 
-    shown = storage.display(fs_path)
+    # A URI is returned as given (host, port and query kept); a local path made absolute.
+    shown = storage.display(fs_path) if isinstance(storage, LocalStorage) else os.fspath(path)
     if isinstance(storage, LocalStorage) and os.path.islink(fs_path):
         fs_path = os.path.realpath(fs_path)  # replace the checkpoint the link points to
     codec = get_codec(format or ("msgpack" if use_msgpack else "cloudpickle"))
     with staged_directory(storage, fs_path, checkpoint_file_names(obj)) as staging:
-        session = _SaveSession(storage, staging, codec)
+        session = _SaveSession(storage, staging, codec, target=shown)
         token = _current_save.set(session)
         try:
             _write_level(session, obj, staging, state)
@@ -134,7 +123,8 @@ def _write_level(
 ) -> None:
     """Write one level (and, through the components' own ``save_to_path``, all below)."""
     storage = session.storage
-    where = session.component_path(directory)
+    where = session.describe(directory)
+    component = session.component_path(directory)
     if directory != session.staging_root:
         storage.makedirs(directory)
 
@@ -142,27 +132,35 @@ def _write_level(
     components = list(obj.get_checkpointable_components())
     seen: set[str] = set()
     for name, comp in components:
-        validate_component_name(name, path=where, reserved=own_files)
+        validate_component_name(name, path=session.target, where=where, reserved=own_files)
         if name in seen:
             raise CheckpointError(
-                f"{type(obj).__name__} at {where} lists component {name!r} twice.",
-                component=name,
+                f"{type(obj).__name__} ({where}) lists component {name!r} twice.",
+                path=session.target,
+                component=_join(component, name),
             )
         seen.add(name)
         if not callable(getattr(comp, "save_to_path", None)):
             raise CheckpointError(
-                f"Component {name!r} of {type(obj).__name__} at {where} is a "
+                f"Component {name!r} of {type(obj).__name__} ({where}) is a "
                 f"{type(comp).__name__}, which has no save_to_path(); components must "
                 "be Checkpointable.",
-                component=name,
+                path=session.target,
+                component=_join(component, name),
             )
 
     state_provided = state is not None
+    if state_provided and not state:
+        # RLlib's `state or self.get_state(not_components=...)`: an empty state asks the
+        # object for its own state, without its components.
+        state = obj.get_state(not_components=[name for name, _ in components])
     collected = state if state_provided else obj.get_state()
     if not isinstance(collected, Mapping):
         source = "the state= argument" if state_provided else f"{type(obj).__name__}.get_state()"
         raise CheckpointError(
-            f"{source} at {where} is a {type(collected).__name__}, not a dict.", component=where
+            f"{source} ({where}) is a {type(collected).__name__}, not a dict.",
+            path=session.target,
+            component=component,
         )
     level_state = dict(collected)
 
@@ -172,7 +170,7 @@ def _write_level(
             continue  # RLlib: a given state without this component's key skips it
         comp.save_to_path(
             storage.join(directory, name),
-            filesystem=storage.user_filesystem(),
+            filesystem=_filesystem_for(storage, comp),
             state=level_state.pop(name, None),
             use_msgpack=session.codec.name == "msgpack",
         )
@@ -186,22 +184,40 @@ def _write_level(
             session.codec.dump(level_state, stream)
     except (TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise CheckpointError(
-            f"Cannot encode the state of {type(obj).__name__} at {where} with "
+            f"Cannot encode the state of {type(obj).__name__} ({where}) with "
             f"{session.codec.name}: {exc}",
-            component=where,
+            path=session.target,
+            component=component,
         ) from exc
+
+
+def _filesystem_for(storage: Storage, comp: Any) -> Any:
+    """``filesystem=`` for ``comp.save_to_path``: ckptable's own method needs none for
+    local paths (and so skips importing pyarrow); other code gets a pyarrow filesystem."""
+    from ckptable._checkpointable import Checkpointable
+
+    if isinstance(storage, LocalStorage) and (
+        getattr(type(comp), "save_to_path", None) is Checkpointable.save_to_path
+    ):
+        return None
+    return storage.user_filesystem()
+
+
+def _join(parent: str | None, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
 
 
 def _write_metadata(
     session: _SaveSession, obj: Checkpointable, directory: str, saved: list[str]
 ) -> None:
-    where = session.component_path(directory)
+    where = session.describe(directory)
     metadata = obj.get_metadata()
     if not isinstance(metadata, dict):
         raise CheckpointError(
-            f"{type(obj).__name__}.get_metadata() at {where} returned "
+            f"{type(obj).__name__}.get_metadata() ({where}) returned "
             f"{type(metadata).__name__}, not a dict.",
-            component=where,
+            path=session.target,
+            component=session.component_path(directory),
         )
     metadata = dict(metadata)
     metadata.setdefault("checkpoint_version", CHECKPOINT_VERSION)
@@ -220,8 +236,9 @@ def _write_metadata(
         payload = json.dumps(metadata).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
-            f"The metadata of {cls.__name__} at {where} is not JSON-serializable: {exc}",
-            component=where,
+            f"The metadata of {cls.__name__} ({where}) is not JSON-serializable: {exc}",
+            path=session.target,
+            component=session.component_path(directory),
         ) from exc
     with session.storage.open_write(
         session.storage.join(directory, obj.METADATA_FILE_NAME)
@@ -230,15 +247,16 @@ def _write_metadata(
 
 
 def _write_class_and_ctor_args(session: _SaveSession, obj: Checkpointable, directory: str) -> None:
-    where = session.component_path(directory)
+    where = session.describe(directory)
     record = {"class": type(obj), "ctor_args_and_kwargs": obj.get_ctor_args_and_kwargs()}
     try:
         payload = cloudpickle.dumps(record)
     except Exception as exc:  # cloudpickle raises many types for unpicklable objects
         raise CheckpointError(
             f"Cannot pickle the class and constructor arguments of {type(obj).__name__} "
-            f"at {where}: {exc}",
-            component=where,
+            f"({where}): {exc}",
+            path=session.target,
+            component=session.component_path(directory),
         ) from exc
     with session.storage.open_write(
         session.storage.join(directory, obj.CLASS_AND_CTOR_ARGS_FILE_NAME)

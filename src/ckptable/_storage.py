@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import posixpath
 import shutil
@@ -57,7 +58,9 @@ class Storage(Protocol):
     def remove_tree(self, path: str) -> None: ...
     def rename(self, src: str, dst: str) -> None: ...
     def exchange(self, a: str, b: str) -> bool: ...
-    def user_filesystem(self) -> Any: ...
+    def user_filesystem(self) -> Any:
+        """The filesystem object to pass as ``filesystem=`` to a component's own methods."""
+        ...
 
 
 class LocalStorage:
@@ -112,10 +115,21 @@ class LocalStorage:
         return _renameat2_exchange(a, b)
 
     def user_filesystem(self) -> Any:
-        return None
+        """A ``pyarrow.fs.LocalFileSystem`` if pyarrow is installed (RLlib always passes
+        a pyarrow filesystem to components, and code written for it may use one)."""
+        return _pyarrow_local_filesystem()
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (LocalStorage, ())
+
+
+@functools.cache
+def _pyarrow_local_filesystem() -> Any:
+    try:
+        import pyarrow.fs
+    except ImportError:
+        return None
+    return pyarrow.fs.LocalFileSystem()
 
 
 def _kind_of_mode(mode: int) -> EntryKind:
@@ -178,7 +192,8 @@ class PyArrowStorage:
         self.filesystem = filesystem
         self.uri_prefix = uri_prefix
         # Object stores have no directory rename: the commit step writes in place there.
-        self.can_rename_dirs = filesystem.type_name in {"local", "subtree", "mock"}
+        base = getattr(filesystem, "base_fs", filesystem)  # a SubTreeFileSystem's base
+        self.can_rename_dirs = base.type_name in {"local", "mock"}
 
     def join(self, base: str, *names: str) -> str:
         return "/".join([base.rstrip("/"), *names]) if base else "/".join(names)
@@ -285,7 +300,7 @@ def resolve_storage(path: Any, filesystem: Any = None) -> tuple[Storage, str]:
 def _strip_file_scheme(path: str) -> str:
     if path.startswith("file://"):
         return urllib.parse.unquote(urllib.parse.urlsplit(path).path)
-    return path
+    return os.path.expanduser(path)
 
 
 def new_temporary_path() -> str:

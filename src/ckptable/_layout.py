@@ -1,0 +1,57 @@
+"""The on-disk layout shared by save, restore and info: file names and ckptable's record.
+
+Per level (RLlib's ``Checkpointable`` layout, which ckptable keeps)::
+
+    metadata.json             get_metadata() + ckptable's record under "ckptable"
+    class_and_ctor_args.pkl   cloudpickle of {"class": cls, "ctor_args_and_kwargs": ...}
+    state.pkl | state.msgpack the level's own state, without its components
+    <component>/              the same, recursively
+
+A class may rename the three files (RLlib's Algorithm uses ``rllib_checkpoint.json`` and
+``algorithm_state``); the defaults below apply where no object says otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "DEFAULT_CLASS_FILE",
+    "DEFAULT_METADATA_FILE",
+    "DEFAULT_STATE_FILE",
+    "LAYOUT_VERSION",
+    "RECORD_KEY",
+    "checkpoint_file_names",
+    "record_of",
+]
+
+#: ``checkpoint_version`` written to ``metadata.json``: the RLlib layout version
+#: (``Checkpointable`` API, RLlib 2.x) whose files ckptable writes.
+CHECKPOINT_VERSION = "2.1"
+#: Version of ckptable's own record in ``metadata.json``.
+LAYOUT_VERSION = 1
+#: Key of ckptable's record inside ``metadata.json``.
+RECORD_KEY = "ckptable"
+
+DEFAULT_METADATA_FILE = "metadata.json"
+DEFAULT_CLASS_FILE = "class_and_ctor_args.pkl"
+DEFAULT_STATE_FILE = "state"
+
+
+def record_of(metadata: Any) -> dict[str, Any] | None:
+    """ckptable's record inside a level's metadata; None if ckptable did not write it."""
+    record = metadata.get(RECORD_KEY) if isinstance(metadata, dict) else None
+    return record if isinstance(record, dict) else None
+
+
+def checkpoint_file_names(obj_or_cls: Any) -> list[str]:
+    """The file names that mark a checkpoint level written for ``obj_or_cls``."""
+    from ckptable._formats import registered_codecs
+
+    state = obj_or_cls.STATE_FILE_NAME
+    return [
+        obj_or_cls.METADATA_FILE_NAME,
+        obj_or_cls.CLASS_AND_CTOR_ARGS_FILE_NAME,
+        *(state + codec.suffix for codec in registered_codecs().values()),
+    ]
