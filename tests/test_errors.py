@@ -31,6 +31,7 @@ ALL_ERRORS = [
     errors.IncompatibleCheckpointError,
     errors.UnknownComponentError,
     errors.InvalidComponentNameError,
+    errors.StateEncodingError,
     errors.UnsafeCheckpointError,
     errors.ActorCheckpointError,
     errors.TransferError,
@@ -61,6 +62,7 @@ def test_not_found_is_a_file_not_found_error_and_drop_in_value_errors_are_value_
     assert issubclass(errors.CheckpointNotFoundError, FileNotFoundError)
     assert issubclass(errors.IncompatibleCheckpointError, ValueError)
     assert issubclass(errors.UnknownComponentError, ValueError)
+    assert issubclass(errors.StateEncodingError, TypeError)
 
 
 # --------------------------------------------------------------------------- not found

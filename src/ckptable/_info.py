@@ -79,7 +79,9 @@ def _base_info(checkpoint_dir: str, version: Version, **extra: Any) -> dict[str,
     return info
 
 
-def _describe_dir(storage: Storage, directory: str) -> dict[str, Any]:
+def _describe_dir(
+    storage: Storage, directory: str, metadata_file: str | None = None
+) -> dict[str, Any]:
     shown = storage.display(directory)
     entries = storage.listdir(directory)
     files = {name for name, kind in entries.items() if kind == "file"}
@@ -89,7 +91,7 @@ def _describe_dir(storage: Storage, directory: str) -> dict[str, Any]:
             return _base_info(shown, Version("0.1"), state_file=name)
 
     metadata: dict[str, Any] = {}
-    for name in _METADATA_FILES:
+    for name in (metadata_file, *_METADATA_FILES) if metadata_file else _METADATA_FILES:
         if name in files:
             metadata = _read_json(storage, storage.join(directory, name))
             break
@@ -179,7 +181,8 @@ def _describe_components(
                 path=storage.display(directory),
                 component=name,
             )
-        components[name] = _describe_dir(storage, child)
+        hint = (record or {}).get("component_metadata_files", {}).get(name)
+        components[name] = _describe_dir(storage, child, hint if isinstance(hint, str) else None)
     return components
 
 

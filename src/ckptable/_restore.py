@@ -255,14 +255,17 @@ def _refuse_a_parent_directory(
 # --------------------------------------------------------------------------- read
 
 
-def read_level(storage: Storage, directory: str, obj: Any | None) -> Level:
+def read_level(
+    storage: Storage, directory: str, obj: Any | None, metadata_file: str | None = None
+) -> Level:
     """Read and decode the level at ``directory`` and every level below it that is used.
 
     ``obj`` (the object the level will be restored into, if known) supplies the file
-    names; without it they come from the level's ``metadata.json`` or RLlib's defaults.
+    names; without it they come from the level's metadata (found under ``metadata_file``,
+    which the parent's record names, or the default name) or RLlib's defaults.
     """
     entries = storage.listdir(directory)
-    meta_name = getattr(obj, "METADATA_FILE_NAME", DEFAULT_METADATA_FILE)
+    meta_name = getattr(obj, "METADATA_FILE_NAME", None) or metadata_file or DEFAULT_METADATA_FILE
     metadata = _read_metadata(storage, directory, meta_name, entries)
     record = record_of(metadata)
 
@@ -291,7 +294,10 @@ def read_level(storage: Storage, directory: str, obj: Any | None) -> Level:
         if child_obj is None and record is None:
             children[name] = _read_ahead(storage, child_dir)
         else:
-            children[name] = read_level(storage, child_dir, child_obj)
+            hint = (record or {}).get("component_metadata_files", {}).get(name)
+            children[name] = read_level(
+                storage, child_dir, child_obj, hint if isinstance(hint, str) else None
+            )
     subdirs = frozenset(name for name, kind in entries.items() if kind == "dir")
     return Level(directory, metadata, state, children, subdirs=subdirs)
 

@@ -22,6 +22,7 @@ import contextvars
 import dataclasses
 import json
 import os
+import pickle
 import platform
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -33,13 +34,14 @@ from ckptable._components import validate_component_name
 from ckptable._formats import Codec, get_codec
 from ckptable._layout import (
     CHECKPOINT_VERSION,
+    DEFAULT_METADATA_FILE,
     LAYOUT_VERSION,
     RECORD_KEY,
     checkpoint_file_names,
 )
 from ckptable._storage import LocalStorage, Storage, new_temporary_path, resolve_storage
 from ckptable._version import package_version
-from ckptable.errors import CheckpointError
+from ckptable.errors import CheckpointError, StateEncodingError
 
 if TYPE_CHECKING:
     from ckptable._checkpointable import Checkpointable
@@ -165,9 +167,13 @@ def _write_level(
     level_state = dict(collected)
 
     saved: list[str] = []
+    metadata_files: dict[str, str] = {}
     for name, comp in components:
         if state_provided and name not in level_state:
             continue  # RLlib: a given state without this component's key skips it
+        metadata_file = getattr(comp, "METADATA_FILE_NAME", DEFAULT_METADATA_FILE)
+        if metadata_file != DEFAULT_METADATA_FILE:
+            metadata_files[name] = metadata_file
         comp.save_to_path(
             storage.join(directory, name),
             filesystem=_filesystem_for(storage, comp),
@@ -176,14 +182,14 @@ def _write_level(
         )
         saved.append(name)
 
-    _write_metadata(session, obj, directory, saved)
+    _write_metadata(session, obj, directory, saved, metadata_files)
     _write_class_and_ctor_args(session, obj, directory)
     state_file = storage.join(directory, obj.STATE_FILE_NAME + session.codec.suffix)
     try:
         with storage.open_write(state_file) as stream:
             session.codec.dump(level_state, stream)
-    except (TypeError, ValueError, AttributeError, RecursionError) as exc:
-        raise CheckpointError(
+    except (TypeError, ValueError, AttributeError, RecursionError, pickle.PicklingError) as exc:
+        raise StateEncodingError(
             f"Cannot encode the state of {type(obj).__name__} ({where}) with "
             f"{session.codec.name}: {exc}",
             path=session.target,
@@ -208,7 +214,11 @@ def _join(parent: str | None, name: str) -> str:
 
 
 def _write_metadata(
-    session: _SaveSession, obj: Checkpointable, directory: str, saved: list[str]
+    session: _SaveSession,
+    obj: Checkpointable,
+    directory: str,
+    saved: list[str],
+    metadata_files: dict[str, str],
 ) -> None:
     where = session.describe(directory)
     metadata = obj.get_metadata()
@@ -228,6 +238,9 @@ def _write_metadata(
         "state_file": obj.STATE_FILE_NAME + session.codec.suffix,
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "components": saved,
+        # Components that rename their metadata file (as RLlib's Algorithm does): the
+        # restore reads their levels before their objects exist (created in set_state).
+        "component_metadata_files": metadata_files,
         "ckptable_version": package_version(),
         "python_version": platform.python_version(),
         "cloudpickle_version": cloudpickle.__version__,
@@ -252,7 +265,7 @@ def _write_class_and_ctor_args(session: _SaveSession, obj: Checkpointable, direc
     try:
         payload = cloudpickle.dumps(record)
     except Exception as exc:  # cloudpickle raises many types for unpicklable objects
-        raise CheckpointError(
+        raise StateEncodingError(
             f"Cannot pickle the class and constructor arguments of {type(obj).__name__} "
             f"({where}): {exc}",
             path=session.target,

@@ -13,12 +13,14 @@ The hierarchy::
     ├── UnknownComponentError            also a ValueError: no component of that name
     ├── InvalidComponentNameError        also a ValueError: a name that is not a plain
     │                                    directory name (empty, '..', 'a/b', NUL, ...)
+    ├── StateEncodingError               also a TypeError: a state (or constructor
+    │                                    arguments) the format cannot encode
     ├── UnsafeCheckpointError            loading would run code outside the allowlist
     ├── ActorCheckpointError             Ray actor components failed to save/restore
     └── TransferError                    moving a directory between nodes failed
 
-The ``ValueError`` bases keep ``except ValueError`` working for code written against
-RLlib, which raises plain ``ValueError`` in those places.
+The ``ValueError`` and ``TypeError`` bases keep ``except ValueError`` / ``except
+TypeError`` working for code written against RLlib, which raises those in these places.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
     "InvalidComponentNameError",
+    "StateEncodingError",
     "TransferError",
     "UnknownComponentError",
     "UnsafeCheckpointError",
@@ -74,6 +77,10 @@ class UnknownComponentError(CheckpointError, ValueError):
 
 class InvalidComponentNameError(CheckpointError, ValueError):
     """A component name is not usable as a single directory name."""
+
+
+class StateEncodingError(CheckpointError, TypeError):
+    """A state, or the constructor arguments, cannot be encoded in the chosen format."""
 
 
 class UnsafeCheckpointError(CheckpointError):
