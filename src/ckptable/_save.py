@@ -64,6 +64,17 @@ class _SaveSession:
             return False
         return path.startswith(self.storage.join(self.staging_root, ""))
 
+    def owns_plain_path(self, path: Any, filesystem: Any) -> bool:
+        """Fast check for the nested calls this session makes itself: a local path string
+        inside the staging tree (skips resolving the path again, per component)."""
+        return (
+            isinstance(self.storage, LocalStorage)
+            and isinstance(path, str)
+            and path.startswith(self.staging_root)
+            and path[len(self.staging_root) : len(self.staging_root) + 1] == os.sep
+            and (filesystem is None or filesystem is self.storage.user_filesystem())
+        )
+
     def component_path(self, path: str) -> str | None:
         """``"a/b"`` for a component directory inside the staging tree; None for the root."""
         return path[len(self.staging_root) + 1 :] or None
@@ -73,6 +84,8 @@ class _SaveSession:
         component = self.component_path(path)
         return f"component {component!r} of {self.target}" if component else self.target
 
+
+_PYTHON_VERSION = platform.python_version()
 
 _current_save: contextvars.ContextVar[_SaveSession | None] = contextvars.ContextVar(
     "ckptable_current_save", default=None
@@ -96,11 +109,14 @@ def save_checkpointable(
     format: str | None,
 ) -> str:
     """``Checkpointable.save_to_path``: see there."""
+    session = _current_save.get()
+    if session is not None and session.owns_plain_path(path, filesystem):
+        _write_level(session, obj, path, state)
+        return str(path)
     if path is None:
         path = new_temporary_path()
         filesystem = None
     storage, fs_path = resolve_storage(path, filesystem)
-    session = _current_save.get()
     if session is not None and session.owns(storage, fs_path):
         _write_level(session, obj, fs_path, state)
         return storage.display(fs_path)
@@ -125,31 +141,12 @@ def _write_level(
 ) -> None:
     """Write one level (and, through the components' own ``save_to_path``, all below)."""
     storage = session.storage
-    where = session.describe(directory)
-    component = session.component_path(directory)
     if directory != session.staging_root:
-        storage.makedirs(directory)
+        storage.mkdir(directory)
 
-    own_files = checkpoint_file_names(obj)
     components = list(obj.get_checkpointable_components())
-    seen: set[str] = set()
-    for name, comp in components:
-        validate_component_name(name, path=session.target, where=where, reserved=own_files)
-        if name in seen:
-            raise CheckpointError(
-                f"{type(obj).__name__} ({where}) lists component {name!r} twice.",
-                path=session.target,
-                component=_join(component, name),
-            )
-        seen.add(name)
-        if not callable(getattr(comp, "save_to_path", None)):
-            raise CheckpointError(
-                f"Component {name!r} of {type(obj).__name__} ({where}) is a "
-                f"{type(comp).__name__}, which has no save_to_path(); components must "
-                "be Checkpointable.",
-                path=session.target,
-                component=_join(component, name),
-            )
+    if components:
+        _check_components(session, obj, directory, components)
 
     state_provided = state is not None
     if state_provided and not state:
@@ -160,9 +157,10 @@ def _write_level(
     if not isinstance(collected, Mapping):
         source = "the state= argument" if state_provided else f"{type(obj).__name__}.get_state()"
         raise CheckpointError(
-            f"{source} ({where}) is a {type(collected).__name__}, not a dict.",
+            f"{source} ({session.describe(directory)}) is a {type(collected).__name__}, "
+            "not a dict.",
             path=session.target,
-            component=component,
+            component=session.component_path(directory),
         )
     level_state = dict(collected)
 
@@ -190,11 +188,38 @@ def _write_level(
             session.codec.dump(level_state, stream)
     except (TypeError, ValueError, AttributeError, RecursionError, pickle.PicklingError) as exc:
         raise StateEncodingError(
-            f"Cannot encode the state of {type(obj).__name__} ({where}) with "
-            f"{session.codec.name}: {exc}",
+            f"Cannot encode the state of {type(obj).__name__} ({session.describe(directory)}) "
+            f"with {session.codec.name}: {exc}",
             path=session.target,
-            component=component,
+            component=session.component_path(directory),
         ) from exc
+
+
+def _check_components(
+    session: _SaveSession, obj: Checkpointable, directory: str, components: list[Any]
+) -> None:
+    """Names must be unique plain directory names; components must be Checkpointable."""
+    where = session.describe(directory)
+    parent = session.component_path(directory)
+    own_files = checkpoint_file_names(obj)
+    seen: set[str] = set()
+    for name, comp in components:
+        validate_component_name(name, path=session.target, where=where, reserved=own_files)
+        if name in seen:
+            raise CheckpointError(
+                f"{type(obj).__name__} ({where}) lists component {name!r} twice.",
+                path=session.target,
+                component=_join(parent, name),
+            )
+        seen.add(name)
+        if not callable(getattr(comp, "save_to_path", None)):
+            raise CheckpointError(
+                f"Component {name!r} of {type(obj).__name__} ({where}) is a "
+                f"{type(comp).__name__}, which has no save_to_path(); components must "
+                "be Checkpointable.",
+                path=session.target,
+                component=_join(parent, name),
+            )
 
 
 def _filesystem_for(storage: Storage, comp: Any) -> Any:
@@ -220,11 +245,10 @@ def _write_metadata(
     saved: list[str],
     metadata_files: dict[str, str],
 ) -> None:
-    where = session.describe(directory)
     metadata = obj.get_metadata()
     if not isinstance(metadata, dict):
         raise CheckpointError(
-            f"{type(obj).__name__}.get_metadata() ({where}) returned "
+            f"{type(obj).__name__}.get_metadata() ({session.describe(directory)}) returned "
             f"{type(metadata).__name__}, not a dict.",
             path=session.target,
             component=session.component_path(directory),
@@ -242,36 +266,32 @@ def _write_metadata(
         # restore reads their levels before their objects exist (created in set_state).
         "component_metadata_files": metadata_files,
         "ckptable_version": package_version(),
-        "python_version": platform.python_version(),
+        "python_version": _PYTHON_VERSION,
         "cloudpickle_version": cloudpickle.__version__,
     }
     try:
         payload = json.dumps(metadata).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
-            f"The metadata of {cls.__name__} ({where}) is not JSON-serializable: {exc}",
+            f"The metadata of {cls.__name__} ({session.describe(directory)}) is not "
+            f"JSON-serializable: {exc}",
             path=session.target,
             component=session.component_path(directory),
         ) from exc
-    with session.storage.open_write(
-        session.storage.join(directory, obj.METADATA_FILE_NAME)
-    ) as stream:
-        stream.write(payload)
+    session.storage.write_bytes(session.storage.join(directory, obj.METADATA_FILE_NAME), payload)
 
 
 def _write_class_and_ctor_args(session: _SaveSession, obj: Checkpointable, directory: str) -> None:
-    where = session.describe(directory)
     record = {"class": type(obj), "ctor_args_and_kwargs": obj.get_ctor_args_and_kwargs()}
     try:
         payload = cloudpickle.dumps(record)
     except Exception as exc:  # cloudpickle raises many types for unpicklable objects
         raise StateEncodingError(
             f"Cannot pickle the class and constructor arguments of {type(obj).__name__} "
-            f"({where}): {exc}",
+            f"({session.describe(directory)}): {exc}",
             path=session.target,
             component=session.component_path(directory),
         ) from exc
-    with session.storage.open_write(
-        session.storage.join(directory, obj.CLASS_AND_CTOR_ARGS_FILE_NAME)
-    ) as stream:
-        stream.write(payload)
+    session.storage.write_bytes(
+        session.storage.join(directory, obj.CLASS_AND_CTOR_ARGS_FILE_NAME), payload
+    )

@@ -53,6 +53,9 @@ class Storage(Protocol):
     def kind(self, path: str, *, follow_symlinks: bool = False) -> EntryKind: ...
     def listdir(self, path: str) -> dict[str, EntryKind]: ...
     def makedirs(self, path: str) -> None: ...
+    def mkdir(self, path: str) -> None: ...
+    def write_bytes(self, path: str, data: bytes) -> None: ...
+    def read_bytes(self, path: str) -> bytes: ...
     def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
     def open_read(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
     def remove_tree(self, path: str) -> None: ...
@@ -92,13 +95,34 @@ class LocalStorage:
     def makedirs(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        fd = os.open(path, _WRITE_FLAGS, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+    def read_bytes(self, path: str) -> bytes:
+        fd = os.open(path, _READ_FLAGS)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return b"".join(chunks)
+
     def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        return open(path, "xb")
+        # Unbuffered: the codecs write in large frames, so a buffer only adds a copy.
+        return os.fdopen(os.open(path, _WRITE_FLAGS, 0o644), "wb", buffering=0)
 
     def open_read(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        # O_NOFOLLOW: a checkpoint file is never read through a symlink.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        return os.fdopen(fd, "rb")
+        return os.fdopen(os.open(path, _READ_FLAGS), "rb", buffering=0)
 
     def remove_tree(self, path: str) -> None:
         if self.kind(path) == "dir":
@@ -130,6 +154,12 @@ def _pyarrow_local_filesystem() -> Any:
     except ImportError:
         return None
     return pyarrow.fs.LocalFileSystem()
+
+
+# O_EXCL: a save never writes into an existing file. O_NOFOLLOW: a checkpoint file is
+# never read through a symlink.
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def _kind_of_mode(mode: int) -> EntryKind:
@@ -227,6 +257,17 @@ class PyArrowStorage:
 
     def makedirs(self, path: str) -> None:
         self.filesystem.create_dir(path, recursive=True)
+
+    def mkdir(self, path: str) -> None:
+        self.filesystem.create_dir(path, recursive=False)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        with self.filesystem.open_output_stream(path) as stream:
+            stream.write(data)
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.filesystem.open_input_stream(path) as stream:
+            return stream.read()  # type: ignore[no-any-return]
 
     def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         return self.filesystem.open_output_stream(path)  # type: ignore[no-any-return]
