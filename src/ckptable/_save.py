@@ -225,13 +225,17 @@ def _check_components(
 def _filesystem_for(storage: Storage, comp: Any) -> Any:
     """``filesystem=`` for ``comp.save_to_path``: ckptable's own method needs none for
     local paths (and so skips importing pyarrow); other code gets a pyarrow filesystem."""
-    from ckptable._checkpointable import Checkpointable
-
-    if isinstance(storage, LocalStorage) and (
-        getattr(type(comp), "save_to_path", None) is Checkpointable.save_to_path
-    ):
+    if isinstance(storage, LocalStorage) and _has_own_save(type(comp)):
         return None
     return storage.user_filesystem()
+
+
+def _has_own_save(cls: type) -> bool:
+    """True if ``cls.save_to_path`` is ckptable's, not an override or RLlib's."""
+    method = getattr(cls, "save_to_path", None)
+    return getattr(method, "__qualname__", None) == "Checkpointable.save_to_path" and getattr(
+        method, "__module__", None
+    ) == __name__.replace("_save", "_checkpointable")
 
 
 def _join(parent: str | None, name: str) -> str:

@@ -72,7 +72,8 @@ class LocalStorage:
     can_rename_dirs = True
 
     def join(self, base: str, *names: str) -> str:
-        return os.path.join(base, *names)
+        # Names are validated single segments: plain concatenation is os.path.join here.
+        return os.sep.join((base.rstrip(os.sep), *names)) if names else base
 
     def split(self, path: str) -> tuple[str, str]:
         return os.path.split(path.rstrip(os.sep) or os.sep)
