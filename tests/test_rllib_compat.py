@@ -19,7 +19,6 @@ from typing import Any
 import cloudpickle
 import msgpack
 import msgpack_numpy
-import numpy as np
 import pyarrow.fs
 import pytest
 import ray.cloudpickle
@@ -28,6 +27,7 @@ from ray.rllib.utils.checkpoints import get_checkpoint_info as rllib_get_checkpo
 
 import ckptable
 import rllib_trees
+from helpers import assert_states_equal
 from rllib_trees import (
     CK,
     HOOK_EXTRA_FILE,
@@ -59,22 +59,7 @@ RLLIB_METADATA_KEYS = ("class_and_ctor_args_file", "state_file", "checkpoint_ver
 
 def assert_same(actual: Any, expected: Any, where: str = "state") -> None:
     """Deep equality that also compares types (numpy dtypes, scalar types, list vs tuple)."""
-    assert type(actual) is type(expected), (
-        f"{where}: {type(actual).__name__} is not {type(expected).__name__}"
-    )
-    if isinstance(expected, dict):
-        assert set(actual) == set(expected), f"{where}: keys {set(actual)} != {set(expected)}"
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), f"{where}: {len(actual)} != {len(expected)} items"
-        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_same(a, e, f"{where}[{i}]")
-    elif isinstance(expected, np.ndarray):
-        assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
-        np.testing.assert_array_equal(actual, expected, err_msg=where)
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+    assert_states_equal(actual, expected, where, same_types=True)
 
 
 def differs(actual: Any, expected: Any) -> bool:
@@ -548,45 +533,22 @@ def test_restore_from_missing_path_raises_file_not_found_error(
 
 @FORMATS
 @DYNAMIC_ROOTS
-def test_components_created_by_set_state_restore_from_rllib_checkpoint_in_ckptable(
-    tmp_path: Path, use_msgpack: bool, cls_name: str
+@pytest.mark.parametrize(
+    ("writer", "reader"),
+    [(RL, CK), (CK, RL), (CK, CK)],
+    ids=["rllib-to-ckptable", "ckptable-to-rllib", "ckptable-to-ckptable"],
+)
+def test_components_created_by_set_state_are_restored_across_bases(
+    tmp_path: Path,
+    use_msgpack: bool,
+    cls_name: str,
+    writer: SimpleNamespace,
+    reader: SimpleNamespace,
 ) -> None:
-    src = build(getattr(RL, cls_name), 7)
-    path = src.save_to_path(tmp_path / "rllib", use_msgpack=use_msgpack)
-    dst = getattr(CK, cls_name)()
+    src = build(getattr(writer, cls_name), 7)
+    path = src.save_to_path(tmp_path / "ckpt", use_msgpack=use_msgpack)
+    dst = getattr(reader, cls_name)()
     assert dst.modules == {}
-
-    dst.restore_from_path(path)
-
-    assert sorted(dst.modules) == ["policy_a", "policy_b"]
-    assert_same(dst.get_state(), src.get_state())
-
-
-@FORMATS
-@DYNAMIC_ROOTS
-def test_components_created_by_set_state_restore_from_ckptable_checkpoint_in_rllib(
-    tmp_path: Path, use_msgpack: bool, cls_name: str
-) -> None:
-    src = build(getattr(CK, cls_name), 7)
-    path = src.save_to_path(tmp_path / "ckptable", use_msgpack=use_msgpack)
-    dst = getattr(RL, cls_name)()
-    assert dst.modules == {}
-
-    dst.restore_from_path(path)
-
-    assert sorted(dst.modules) == ["policy_a", "policy_b"]
-    assert_same(dst.get_state(), src.get_state())
-
-
-@FORMATS
-@DYNAMIC_ROOTS
-def test_components_created_by_set_state_restore_from_ckptable_checkpoint_in_ckptable(
-    tmp_path: Path, use_msgpack: bool, cls_name: str
-) -> None:
-    # The same classes RLlib restores (previous test); here ckptable reads its own files.
-    src = build(getattr(CK, cls_name), 7)
-    path = src.save_to_path(tmp_path / "ckptable", use_msgpack=use_msgpack)
-    dst = getattr(CK, cls_name)()
 
     dst.restore_from_path(path)
 
