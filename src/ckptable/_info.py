@@ -15,14 +15,13 @@ imported or executed.
 
 from __future__ import annotations
 
-import json
 import pickletools
 import re
 from typing import Any
 
 from packaging.version import Version
 
-from ckptable._layout import DEFAULT_CLASS_FILE, record_of
+from ckptable._layout import DEFAULT_CLASS_FILE, read_metadata_file, record_of
 from ckptable._storage import Storage, resolve_storage
 from ckptable.errors import CheckpointNotFoundError, CorruptCheckpointError
 
@@ -93,7 +92,7 @@ def _describe_dir(
     metadata: dict[str, Any] = {}
     for name in (metadata_file, *_METADATA_FILES) if metadata_file else _METADATA_FILES:
         if name in files:
-            metadata = _read_json(storage, storage.join(directory, name))
+            metadata = read_metadata_file(storage, storage.join(directory, name))
             break
     record = record_of(metadata)
     info = _base_info(shown, Version(str(metadata.get("checkpoint_version", "1.1"))))
@@ -186,16 +185,6 @@ def _describe_components(
     return components
 
 
-def _read_json(storage: Storage, path: str) -> dict[str, Any]:
-    try:
-        with storage.open_read(path) as stream:
-            data = json.loads(stream.read().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        shown = storage.display(path)
-        raise CorruptCheckpointError(f"{shown} is not valid JSON: {exc}", path=shown) from exc
-    return data if isinstance(data, dict) else {}
-
-
 def stored_class_name(
     storage: Storage, directory: str, metadata_file: str, class_file: str
 ) -> str | None:
@@ -203,7 +192,7 @@ def stored_class_name(
     unknown (no such files, or a class pickled by value)."""
     entries = storage.listdir(directory)
     if entries.get(metadata_file) == "file":
-        record = record_of(_read_json(storage, storage.join(directory, metadata_file)))
+        record = record_of(read_metadata_file(storage, storage.join(directory, metadata_file)))
         if record is not None and isinstance(record.get("class"), str):
             return str(record["class"])
     if entries.get(class_file) == "file":
@@ -222,8 +211,7 @@ def _class_in_pickle(storage: Storage, path: str) -> str | None:
     file cannot be parsed.
     """
     try:
-        with storage.open_read(path) as stream:
-            data = stream.read()
+        data = storage.read_bytes(path)
         strings: list[str] = []
         seen_class_key = False
         for opcode, arg, _ in pickletools.genops(data):

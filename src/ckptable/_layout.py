@@ -13,7 +13,13 @@ A class may rename the three files (RLlib's Algorithm uses ``rllib_checkpoint.js
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import TYPE_CHECKING, Any
+
+from ckptable.errors import CorruptCheckpointError
+
+if TYPE_CHECKING:
+    from ckptable._storage import Storage
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -23,6 +29,7 @@ __all__ = [
     "LAYOUT_VERSION",
     "RECORD_KEY",
     "checkpoint_file_names",
+    "read_metadata_file",
     "record_of",
 ]
 
@@ -43,6 +50,20 @@ def record_of(metadata: Any) -> dict[str, Any] | None:
     """ckptable's record inside a level's metadata; None if ckptable did not write it."""
     record = metadata.get(RECORD_KEY) if isinstance(metadata, dict) else None
     return record if isinstance(record, dict) else None
+
+
+def read_metadata_file(storage: Storage, path: str) -> dict[str, Any]:
+    """A level's metadata JSON (``{}`` if it holds no object).
+
+    Raises:
+        CorruptCheckpointError: the file is not valid UTF-8 JSON.
+    """
+    try:
+        data = json.loads(storage.read_bytes(path).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        shown = storage.display(path)
+        raise CorruptCheckpointError(f"{shown} is not valid JSON: {exc}", path=shown) from exc
+    return data if isinstance(data, dict) else {}
 
 
 def checkpoint_file_names(obj_or_cls: Any) -> list[str]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import inspect
-import json
 import logging
 import pickle
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -39,6 +38,7 @@ from ckptable._layout import (
     DEFAULT_CLASS_FILE,
     DEFAULT_METADATA_FILE,
     DEFAULT_STATE_FILE,
+    read_metadata_file,
     record_of,
 )
 from ckptable._storage import Storage, resolve_storage
@@ -321,14 +321,7 @@ def _read_metadata(
 ) -> dict[str, Any] | None:
     if entries.get(name) != "file":
         return None
-    path = storage.join(directory, name)
-    try:
-        with storage.open_read(path) as stream:
-            metadata = json.loads(stream.read().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        shown = storage.display(path)
-        raise CorruptCheckpointError(f"{shown} is not valid JSON: {exc}", path=shown) from exc
-    return metadata if isinstance(metadata, dict) else None
+    return read_metadata_file(storage, storage.join(directory, name))
 
 
 def _state_file_of(
