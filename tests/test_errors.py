@@ -380,3 +380,12 @@ def test_save_errors_name_the_checkpoint_path_and_the_component(tmp_path: Path) 
 
     assert info.value.path == str(tmp_path / "ckpt")
     assert f"component 'ok' of {tmp_path / 'ckpt'}" in str(info.value)
+
+
+def test_one_object_under_two_names_is_saved_twice(tmp_path: Path) -> None:
+    shared = Leaf(2, scale=3.0)
+    Node({"a": shared, "b": shared}).save_to_path(tmp_path / "ckpt")
+
+    fresh = Node({"a": Leaf(2), "b": Leaf(2)})
+    fresh.restore_from_path(tmp_path / "ckpt")
+    assert fresh.children["a"].weights.tolist() == fresh.children["b"].weights.tolist() == [0, 3]
