@@ -3,14 +3,17 @@
 What: the same object tree (``benchmarks/_trees.py``) is saved with ``save_to_path``,
 restored into an existing object with ``restore_from_path`` and rebuilt with
 ``Root.from_checkpoint``, once on ``ckptable.Checkpointable`` and once on RLlib's
-``Checkpointable``; a plain-I/O baseline writes and reads the same payload bytes, one file
-per leaf, in the same directory layout. Two workloads: *wide* (many small leaves: RLlib
-calls ``get_state`` once per component, which is quadratic) and *big* (a few large numpy
-arrays: the cost is the bytes).
+``Checkpointable``. Two plain-I/O baselines write and read the same bytes: *plain* puts
+each leaf's payload in one file of its leaf directory; *plain-layout* writes RLlib's
+on-disk layout (per level a directory with ``metadata.json``, ``class_and_ctor_args.pkl``
+and ``state.pkl``) with the bytes ckptable writes, prepared before the timing, so it is
+the layout's own file I/O, which neither implementation can go below. Two workloads:
+*wide* (many small leaves: RLlib calls ``get_state`` once per component, which is
+quadratic) and *big* (a few large numpy arrays: the cost is the bytes).
 
 Why: to show the speed-up over RLlib and the overhead over the cheapest possible way to
-put the same bytes on disk, measured fairly: every repeat runs the three
-implementations back to back in a rotating order, each timed op starts after
+put the same bytes (and the same layout) on disk, measured fairly: every repeat runs the
+four implementations back to back in a rotating order, each timed op starts after
 ``gc.collect()`` (and ``os.sync()``) outside the timed region, every restore is checked
 against the original data, and medians are reported.
 
@@ -19,6 +22,8 @@ Run from the repository root::
     python benchmarks/bench_core.py                         # full run, table on stdout
     python benchmarks/bench_core.py --out docs/benchmarks.md
     python benchmarks/bench_core.py --big-mib 64 --repeats 3   # quick run
+    python benchmarks/bench_core.py --workloads wide --dir /dev/shm \\
+        --out docs/benchmarks.md --section "Wide tree on tmpfs"   # add a section
 """
 
 from __future__ import annotations
@@ -51,7 +56,14 @@ from _trees import Payload, build_root, leaf_name
 
 T = TypeVar("T")
 
-IMPLEMENTATIONS = ("ckptable", "rllib", "plain")
+IMPLEMENTATIONS = ("ckptable", "rllib", "plain", "plain-layout")
+#: Implementation label → the name shown in reports.
+DISPLAY_NAMES = {
+    "ckptable": "ckptable",
+    "rllib": "RLlib",
+    "plain": "plain I/O",
+    "plain-layout": "plain I/O, RLlib layout",
+}
 #: Operation key → the name shown in tables.
 OPERATIONS = {
     "save": "save_to_path",
@@ -66,6 +78,10 @@ DEFAULT_REPEATS = {"wide": 7, "big": 3}
 AUTO_CLEANUP = {"wide": "end", "big": "repeat"}
 #: File name of a leaf's payload in the plain-I/O baseline.
 PLAIN_FILE = "payload.bin"
+#: The files of one level (directory) in RLlib's layout, in the order plain-layout writes.
+LAYOUT_FILES = ("metadata.json", "class_and_ctor_args.pkl", "state.pkl")
+#: Index of ``state.pkl`` in ``LAYOUT_FILES``.
+STATE_INDEX = 2
 ROOT_STEP = 12345
 
 
@@ -137,6 +153,10 @@ class TreeImplementation:
             return lambda: cls.from_checkpoint(path)
         raise ValueError(op)
 
+    def expected(self, payloads: Sequence[Payload]) -> Sequence[Any]:
+        """What ``contents`` must return as the leaves' data: the original payloads."""
+        return payloads
+
     def contents(self, result: Any) -> tuple[int | None, list[Any]]:
         """The root's ``step`` and the leaves' payloads of a restored object."""
         if type(result) is not self.root_cls:
@@ -162,6 +182,9 @@ class PlainImplementation:
         if op in ("restore", "from_checkpoint"):
             return lambda: plain_read(path, names, payloads)
         raise ValueError(op)
+
+    def expected(self, payloads: Sequence[Payload]) -> Sequence[Any]:
+        return payloads
 
     def contents(self, result: Any) -> tuple[int | None, list[Any]]:
         return None, list(result)
@@ -194,14 +217,104 @@ def plain_read(path: str, names: Sequence[str], templates: Sequence[Payload]) ->
     return out
 
 
-Implementation = TreeImplementation | PlainImplementation
+LevelFiles = tuple[bytes, ...]  # the contents of LAYOUT_FILES of one level, in that order
 
 
-def make_implementations(payloads: Sequence[Payload]) -> dict[str, Implementation]:
+class LayoutImplementation:
+    """The layout's floor: RLlib's on-disk layout written and read with plain file I/O.
+
+    Per level (the root, then each leaf) a directory with the three ``LAYOUT_FILES``,
+    holding exactly the bytes ckptable writes for the same tree: at setup, untimed,
+    ckptable saves the tree once to ``template_dir`` and every file is read into memory.
+    The timed save is then only ``mkdir`` and open/write/close; the timed restore only
+    open/read of the three files of every level.
+    """
+
+    label = "plain-layout"
+
+    def __init__(self, payloads: Sequence[Payload], template_dir: str) -> None:
+        self.names = [leaf_name(i, len(payloads)) for i in range(len(payloads))]
+        root = build_root(_trees.CkRoot, payloads, step=ROOT_STEP)
+        root.save_to_path(template_dir)
+        del root
+        self.root_files = read_template_level(template_dir, set(self.names))
+        self.leaf_files = [
+            read_template_level(os.path.join(template_dir, name), set()) for name in self.names
+        ]
+
+    def prepare(self, op: str, path: str) -> Callable[[], Any]:
+        root_files, names, leaf_files = self.root_files, self.names, self.leaf_files
+        if op == "save":
+            return lambda: layout_write(path, root_files, names, leaf_files)
+        if op in ("restore", "from_checkpoint"):
+            return lambda: layout_read(path, names)
+        raise ValueError(op)
+
+    def expected(self, payloads: Sequence[Payload]) -> Sequence[Any]:
+        """The leaves' ``state.pkl`` bytes, as ckptable wrote them."""
+        return [files[STATE_INDEX] for files in self.leaf_files]
+
+    def contents(self, result: Any) -> tuple[int | None, list[Any]]:
+        """The leaves' ``state.pkl`` bytes read back; the other files must be unchanged."""
+        levels: list[LevelFiles] = result
+        if len(levels) != len(self.leaf_files) + 1:
+            raise BenchmarkError(f"{self.label}: read {len(levels)} levels")
+        for got, want in zip(levels, [self.root_files, *self.leaf_files], strict=True):
+            if got != want:
+                raise BenchmarkError(f"{self.label}: a level's files differ from those written")
+        return None, [files[STATE_INDEX] for files in levels[1:]]
+
+
+def read_template_level(directory: str, subdirs: set[str]) -> LevelFiles:
+    """The ``LAYOUT_FILES`` of a ckptable-written level; its layout must be exactly that."""
+    entries = set(os.listdir(directory))
+    if entries != set(LAYOUT_FILES) | subdirs:
+        raise BenchmarkError(
+            f"ckptable's checkpoint level {directory} has {sorted(entries - subdirs)}, "
+            f"expected {list(LAYOUT_FILES)}: the plain-layout baseline needs updating"
+        )
+    return tuple(Path(directory, name).read_bytes() for name in LAYOUT_FILES)
+
+
+def layout_write(
+    path: str, root_files: LevelFiles, names: Sequence[str], leaf_files: Sequence[LevelFiles]
+) -> None:
+    os.mkdir(path)
+    for file_name, data in zip(LAYOUT_FILES, root_files, strict=True):
+        with open(os.path.join(path, file_name), "wb") as f:
+            f.write(data)
+    for name, files in zip(names, leaf_files, strict=True):
+        leaf_dir = os.path.join(path, name)
+        os.mkdir(leaf_dir)
+        for file_name, data in zip(LAYOUT_FILES, files, strict=True):
+            with open(os.path.join(leaf_dir, file_name), "wb") as f:
+                f.write(data)
+
+
+def layout_read(path: str, names: Sequence[str]) -> list[LevelFiles]:
+    """The three files of the root and of every leaf, read back with ``read()``."""
+    levels: list[LevelFiles] = []
+    for directory in (path, *(os.path.join(path, name) for name in names)):
+        files = []
+        for file_name in LAYOUT_FILES:
+            with open(os.path.join(directory, file_name), "rb") as f:
+                files.append(f.read())
+        levels.append(tuple(files))
+    return levels
+
+
+Implementation = TreeImplementation | PlainImplementation | LayoutImplementation
+
+
+def make_implementations(
+    payloads: Sequence[Payload], template_dir: str
+) -> dict[str, Implementation]:
+    """The four implementations; ``template_dir`` receives plain-layout's template."""
     return {
         "ckptable": TreeImplementation("ckptable", _trees.CkRoot, payloads),
         "rllib": TreeImplementation("rllib", _trees.RlRoot, payloads),
         "plain": PlainImplementation(payloads),
+        "plain-layout": LayoutImplementation(payloads, template_dir),
     }
 
 
@@ -279,7 +392,7 @@ def run_round(
                 check_saved(label, paths[label], names)
             else:
                 step, got = impl.contents(result)
-                check_restored(label, op, step, got, workload.payloads)
+                check_restored(label, op, step, got, impl.expected(workload.payloads))
                 del step, got
             del run, result
             times[op, label] = seconds
@@ -294,7 +407,12 @@ def run_workload(workload: Workload, run_dir: str, *, sync: bool, samples: Sampl
     ``workload.cleanup`` is ``"repeat"`` (delete each round's checkpoints right after it)
     or ``"end"`` (keep them until the whole run is done); see ``--cleanup``.
     """
-    impls = make_implementations(workload.payloads)
+    # plain-layout's template: a ckptable checkpoint of the tree, read once (untimed) and
+    # deleted like the workload's other checkpoints.
+    template_parent = tempfile.mkdtemp(prefix=f"{workload.name}-template-", dir=run_dir)
+    impls = make_implementations(workload.payloads, os.path.join(template_parent, "ckptable"))
+    if workload.cleanup == "repeat":
+        shutil.rmtree(template_parent, ignore_errors=True)
     for key in ((workload.name, op, label) for op in OPERATIONS for label in IMPLEMENTATIONS):
         samples[key] = []
     # Round 0 is the warm-up: imports, caches, and memory the VM has not handed out yet
@@ -323,7 +441,7 @@ def run_workload(workload: Workload, run_dir: str, *, sync: bool, samples: Sampl
         print(
             f"[{workload.name} {'warm-up' if warm_up else f'{r}/{workload.repeats}'}] "
             f"order={','.join(order)}  "
-            f"(ckptable/rllib/plain) {shown}",
+            f"({'/'.join(IMPLEMENTATIONS)}) {shown}",
             file=sys.stderr,
             flush=True,
         )
@@ -338,9 +456,10 @@ class Row:
     op: str
     medians: dict[str, float]
     spread: dict[str, tuple[float, float, int]]  # impl → (min, max, n)
-    #: Medians over repeats of the per-repeat ratios (rllib/ckptable, ckptable/plain):
-    #: each pair ran back to back, so these cancel noise that hits a whole repeat.
-    paired: tuple[float, float]
+    #: Medians over repeats of the per-repeat ratios (rllib/ckptable, ckptable/plain,
+    #: ckptable/plain-layout): each pair ran back to back, so these cancel noise that hits
+    #: a whole repeat.
+    paired: tuple[float, float, float]
 
     @property
     def speedup(self) -> float:
@@ -349,6 +468,10 @@ class Row:
     @property
     def overhead(self) -> float:
         return self.medians["ckptable"] / self.medians["plain"]
+
+    @property
+    def layout_overhead(self) -> float:
+        return self.medians["ckptable"] / self.medians["plain-layout"]
 
 
 def summarize(workloads: Sequence[Workload], samples: Samples) -> list[Row]:
@@ -360,10 +483,11 @@ def summarize(workloads: Sequence[Workload], samples: Samples) -> list[Row]:
                 values = samples[workload.name, op, label]
                 medians[label] = statistics.median(values)
                 spread[label] = (min(values), max(values), len(values))
-            ck, rl, plain = (samples[workload.name, op, label] for label in IMPLEMENTATIONS)
+            ck, rl, plain, layout = (samples[workload.name, op, label] for label in IMPLEMENTATIONS)
             paired = (
                 statistics.median(r / c for r, c in zip(rl, ck, strict=True)),
                 statistics.median(c / p for c, p in zip(ck, plain, strict=True)),
+                statistics.median(c / p for c, p in zip(ck, layout, strict=True)),
             )
             rows.append(Row(workload.name, op, medians, spread, paired))
     return rows
@@ -395,9 +519,13 @@ HEADERS = [
     "ckptable",
     "RLlib",
     "plain I/O",
+    "plain, RLlib layout",
     "RLlib / ckptable",
     "ckptable / plain",
+    "ckptable / plain layout",
 ]
+#: The ratio columns at the end of ``HEADERS``.
+RATIO_COLUMNS = 3
 
 
 def table_cells(rows: Sequence[Row]) -> list[list[str]]:
@@ -408,20 +536,22 @@ def table_cells(rows: Sequence[Row]) -> list[list[str]]:
             format_seconds(row.medians["ckptable"]),
             format_seconds(row.medians["rllib"]),
             format_seconds(row.medians["plain"]),
+            format_seconds(row.medians["plain-layout"]),
             format_ratio(row.speedup),
             format_ratio(row.overhead),
+            format_ratio(row.layout_overhead),
         ]
         for row in rows
     ]
 
 
-PAIRED_HEADERS = ["paired RL/ck", "paired ck/plain"]
+PAIRED_HEADERS = ["paired RL/ck", "paired ck/plain", "paired ck/layout"]
 
 
 def text_table(rows: Sequence[Row]) -> str:
-    """The results table for stdout, with the paired ratios as two extra columns."""
+    """The results table for stdout, with the paired ratios as three extra columns."""
     body = [
-        [*cells, format_ratio(row.paired[0]), format_ratio(row.paired[1])]
+        [*cells, *(format_ratio(ratio) for ratio in row.paired)]
         for row, cells in zip(rows, table_cells(rows), strict=True)
     ]
     cells = [HEADERS + PAIRED_HEADERS, *body]
@@ -454,7 +584,7 @@ def spread_table(rows: Sequence[Row]) -> str:
                 [
                     row.workload,
                     OPERATIONS[row.op],
-                    label,
+                    DISPLAY_NAMES[label],
                     format_seconds(low),
                     format_seconds(row.medians[label]),
                     format_seconds(high),
@@ -467,10 +597,10 @@ def spread_table(rows: Sequence[Row]) -> str:
 
 def paired_table(rows: Sequence[Row]) -> str:
     body = [
-        [row.workload, OPERATIONS[row.op], format_ratio(row.paired[0]), format_ratio(row.paired[1])]
+        [row.workload, OPERATIONS[row.op], *(format_ratio(ratio) for ratio in row.paired)]
         for row in rows
     ]
-    return markdown_table(HEADERS[:2] + HEADERS[-2:], body, left=2)
+    return markdown_table(HEADERS[:2] + HEADERS[-RATIO_COLUMNS:], body, left=2)
 
 
 def cpu_check() -> float:
@@ -570,6 +700,72 @@ def _git_revision() -> str:
     return f"git {head}" + (", src/ modified" if dirty else "")
 
 
+RESULTS_TEXT = """\
+Median wall time per operation. **RLlib / ckptable** is ckptable's speed-up over RLlib
+(higher is better). The two plain-I/O baselines are floors (lower ratios are better,
+1.00x is no overhead):
+
+- **plain I/O**: the same payload bytes, one file per leaf (`<leaf>/payload.bin`).
+  **ckptable / plain** is ckptable's cost relative to putting just the data on disk.
+- **plain, RLlib layout**: RLlib's on-disk layout, which both ckptable and RLlib write:
+  per level (the root and each leaf) a directory with `metadata.json`,
+  `class_and_ctor_args.pkl` and `state.pkl`, holding exactly the bytes ckptable writes
+  (taken from a ckptable checkpoint of the same tree made before the timing). Only the
+  file I/O is timed: `mkdir` and open/write/close per file; open/read for both restore
+  rows. It is the layout's own file I/O; neither implementation can go below it.
+  **ckptable / plain layout** is ckptable's overhead above that floor (building, encoding
+  and decoding the states and metadata, constructing the objects). On wide trees the
+  layout has three files per leaf, so on a disk where file creation dominates this floor
+  is well above plain I/O's."""
+
+OPERATIONS_TEXT = """\
+- `save_to_path`: save the whole tree to a new directory.
+- `restore_from_path`: restore a freshly built object (empty leaves) from the checkpoint.
+- `from_checkpoint`: `Root.from_checkpoint(path)`, constructing the tree and restoring it.
+- plain I/O: `mkdir` plus open/write/close of each payload; for both restore rows, reading
+  every file back with `read()` (arrays wrap the bytes read with `np.frombuffer`).
+- plain, RLlib layout: `mkdir` per level plus open/write/close of its three files; for
+  both restore rows, reading the three files of every level back with `read()` (the
+  check compares every file read, including the `state.pkl` payload bytes)."""
+
+
+def method_text(sync: bool) -> str:
+    sync_text = " and `os.sync()`" if sync else ""
+    return f"""\
+Each repeat runs ckptable, RLlib, plain I/O and plain I/O of the RLlib layout back to
+back, rotating the order; each timed call is preceded (untimed) by
+`gc.collect()`{sync_text}. An untimed full-size round runs first. Checkpoints go to
+fresh directories under the benchmark directory and are deleted outside the timing (when:
+see Workloads). Restores read files that were just written, so they come from the page
+cache. Every restored object (and every plain read-back) is compared with the original
+data, outside the timing."""
+
+
+def result_tables(rows: Sequence[Row], heading: str) -> str:
+    """The medians table, the paired ratios and the spread, under ``heading`` headings."""
+    return f"""{markdown_table(HEADERS, table_cells(rows), left=2)}
+
+{heading} Paired ratios
+
+The same ratios computed per repeat (the four implementations of a repeat ran back to
+back) and then taken the median of; less sensitive to slow phases of a shared machine.
+
+{paired_table(rows)}
+
+{heading} Spread
+
+{spread_table(rows)}"""
+
+
+def workload_text(workloads: Sequence[Workload]) -> str:
+    deleted = {"repeat": "deleted after each repeat", "end": "deleted at the end of the run"}
+    return "\n".join(
+        f"- **{w.name}**: {w.description}; {w.repeats} repeat{'s' if w.repeats != 1 else ''}; "
+        f"checkpoints {deleted[w.cleanup]}"
+        for w in workloads
+    )
+
+
 def markdown_report(
     command: str,
     workloads: Sequence[Workload],
@@ -577,11 +773,6 @@ def markdown_report(
     facts: Sequence[tuple[str, str]],
     sync: bool,
 ) -> str:
-    deleted = {"repeat": "deleted after each repeat", "end": "deleted at the end of the run"}
-    workload_lines = "\n".join(
-        f"- **{w.name}**: {w.description}; {w.repeats} repeats; checkpoints {deleted[w.cleanup]}"
-        for w in workloads
-    )
     fact_table = markdown_table(["", ""], [[f"**{k}**", v] for k, v in facts], left=2)
     return f"""# Benchmarks
 
@@ -598,7 +789,7 @@ Run from the repository root:
 
 Workloads:
 
-{workload_lines}
+{workload_text(workloads)}
 
 ## Machine
 
@@ -606,37 +797,62 @@ Workloads:
 
 ## Results
 
-Median wall time per operation. **RLlib / ckptable** is ckptable's speed-up over RLlib
-(higher is better); **ckptable / plain** is ckptable's cost relative to writing or reading
-the same payload bytes with plain file I/O, one file per leaf (lower is better, 1.00x is
-no overhead).
+{RESULTS_TEXT}
 
-{markdown_table(HEADERS, table_cells(rows), left=2)}
+{result_tables(rows, "###")}
 
-- `save_to_path`: save the whole tree to a new directory.
-- `restore_from_path`: restore a freshly built object (empty leaves) from the checkpoint.
-- `from_checkpoint`: `Root.from_checkpoint(path)`, constructing the tree and restoring it.
-- plain I/O: `mkdir` plus open/write/close of each payload; for both restore rows, reading
-  every file back with `read()` (arrays wrap the bytes read with `np.frombuffer`).
+{OPERATIONS_TEXT}
 
-Each repeat runs ckptable, RLlib and plain I/O back to back, rotating the order; each
-timed call is preceded (untimed) by `gc.collect()`{" and `os.sync()`" if sync else ""}.
-An untimed full-size round runs first. Checkpoints go to fresh directories under the
-benchmark directory and are deleted outside the timing (when: see Workloads above).
-Restores read files that were just written, so they come from the page cache. Every
-restored object is compared with the original data (outside the timing).
-
-### Paired ratios
-
-The same ratios computed per repeat (the three implementations of a repeat ran back to
-back) and then taken the median of; less sensitive to slow phases of a shared machine.
-
-{paired_table(rows)}
-
-### Spread
-
-{spread_table(rows)}
+{method_text(sync)}
 """
+
+
+#: Machine facts repeated in a ``--section`` (the rest are in the page's Machine table).
+SECTION_FACTS = ("Date", "Benchmark directory", "ckptable", "CPU gauge")
+
+
+def markdown_section(
+    title: str,
+    command: str,
+    workloads: Sequence[Workload],
+    rows: Sequence[Row],
+    facts: Sequence[tuple[str, str]],
+) -> str:
+    """A ``## title`` section with its own command, run facts and tables (``--section``)."""
+    shown = [(k, v) for k, v in facts if k in SECTION_FACTS]
+    fact_table = markdown_table(["", ""], [[f"**{k}**", v] for k, v in shown], left=2)
+    return f"""## {title}
+
+A separate run, added to this page with `--section`; the tables below come from this
+command (run from the repository root), the ones above from the command at the top. The
+columns are those of Results above.
+
+```sh
+{command}
+```
+
+Workloads:
+
+{workload_text(workloads)}
+
+{fact_table}
+
+{result_tables(rows, "###")}
+"""
+
+
+def add_section(page: str, title: str, section: str) -> str:
+    """``page`` with the ``## title`` section replaced by ``section``, or appended."""
+    lines = page.splitlines(keepends=True)
+    heading = f"## {title}\n"
+    if heading in lines:
+        start = lines.index(heading)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        rest = "".join(lines[end:])
+        return "".join(lines[:start]) + section + ("\n" + rest if rest else "")
+    return page.rstrip("\n") + "\n\n" + section
 
 
 # --------------------------------------------------------------------------- main
@@ -663,6 +879,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default=None, help="also write the markdown report here")
     parser.add_argument(
+        "--section",
+        default=None,
+        metavar="TITLE",
+        help="with --out: add (or replace) a '## TITLE' section with this run's command and "
+        "tables in the existing --out page, instead of rewriting the page",
+    )
+    parser.add_argument(
         "--no-sync", action="store_true", help="do not os.sync() before each timed op"
     )
     parser.add_argument(
@@ -682,6 +905,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be positive")
+    if args.section is not None:
+        if not args.out:
+            parser.error("--section needs --out")
+        if not Path(args.out).is_file():
+            parser.error(f"--section: {args.out} does not exist (write it without --section)")
+        if not args.section.strip() or "\n" in args.section:
+            parser.error("--section: give a one-line title")
     return args
 
 
@@ -715,6 +945,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(
         "Medians (RLlib / ckptable = speed-up; ckptable / plain = overhead vs plain I/O; "
+        "ckptable / plain layout = overhead vs plain I/O of RLlib's layout; "
         "paired = median of per-repeat ratios)"
     )
     print(text_table(rows))
@@ -732,10 +963,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{format_seconds(gauge[1])} after (a noise indicator for shared machines)",
             )
         )
-        report = markdown_report(command, workloads, rows, facts, sync)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report)
-        print(f"\nwrote {args.out}")
+        out = Path(args.out)
+        if args.section is not None:
+            section = markdown_section(args.section.strip(), command, workloads, rows, facts)
+            out.write_text(add_section(out.read_text(), args.section.strip(), section))
+            print(f"\nwrote section {args.section.strip()!r} of {out}")
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(markdown_report(command, workloads, rows, facts, sync))
+            print(f"\nwrote {out}")
     return 0
 
 
