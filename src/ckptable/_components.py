@@ -21,6 +21,7 @@ __all__ = [
     "force_list",
     "get_subcomponents",
     "split_component_path",
+    "uses_ckptable_method",
     "validate_component_name",
 ]
 
@@ -122,3 +123,18 @@ def get_subcomponents(name: str, components: str | Collection[str] | None) -> li
     prefix = name + "/"
     subcomponents = [c[len(prefix) :] for c in force_list(components) if c.startswith(prefix)]
     return subcomponents or None
+
+
+def uses_ckptable_method(component: object, method: str) -> bool:
+    """True if ``component``'s ``method`` (``save_to_path``, ``restore_from_path``) is
+    ckptable's own: not overridden, and not RLlib's or another library's.
+
+    The pipelines run such components directly; any other method is called, as RLlib
+    calls it, because it may do work of its own (RLlib's Algorithm syncs weights after
+    a restore).
+    """
+    function = getattr(type(component), method, None)
+    return (
+        getattr(function, "__module__", None) == "ckptable._checkpointable"
+        and getattr(function, "__qualname__", None) == f"Checkpointable.{method}"
+    )

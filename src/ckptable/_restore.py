@@ -31,7 +31,12 @@ import logging
 import pickle
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ckptable._components import force_list, split_component_path, validate_component_name
+from ckptable._components import (
+    force_list,
+    split_component_path,
+    uses_ckptable_method,
+    validate_component_name,
+)
 from ckptable._formats import Codec, codec_for_suffix, get_codec
 from ckptable._info import stored_class_name
 from ckptable._layout import (
@@ -468,9 +473,7 @@ def _apply_level(session: _RestoreSession, obj: Checkpointable, level: Level) ->
 
 
 def _apply_component(session: _RestoreSession, comp: Any, level: Level) -> None:
-    from ckptable._checkpointable import Checkpointable
-
-    if isinstance(comp, Checkpointable) and not _overrides_restore(comp):
+    if uses_ckptable_method(comp, "restore_from_path"):
         _apply_level(session, comp, level)
         return
     session.prepared[level.path] = level
@@ -481,9 +484,3 @@ def _apply_component(session: _RestoreSession, comp: Any, level: Level) -> None:
         )
     finally:
         session.prepared.pop(level.path, None)
-
-
-def _overrides_restore(comp: Any) -> bool:
-    from ckptable._checkpointable import Checkpointable
-
-    return type(comp).restore_from_path is not Checkpointable.restore_from_path

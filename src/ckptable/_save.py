@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from ckptable._commit import staged_directory
-from ckptable._components import validate_component_name
+from ckptable._components import uses_ckptable_method, validate_component_name
 from ckptable._formats import Codec, get_codec
 from ckptable._layout import (
     CHECKPOINT_VERSION,
@@ -225,17 +225,9 @@ def _check_components(
 def _filesystem_for(storage: Storage, comp: Any) -> Any:
     """``filesystem=`` for ``comp.save_to_path``: ckptable's own method needs none for
     local paths (and so skips importing pyarrow); other code gets a pyarrow filesystem."""
-    if isinstance(storage, LocalStorage) and _has_own_save(type(comp)):
+    if isinstance(storage, LocalStorage) and uses_ckptable_method(comp, "save_to_path"):
         return None
     return storage.user_filesystem()
-
-
-def _has_own_save(cls: type) -> bool:
-    """True if ``cls.save_to_path`` is ckptable's, not an override or RLlib's."""
-    method = getattr(cls, "save_to_path", None)
-    return getattr(method, "__qualname__", None) == "Checkpointable.save_to_path" and getattr(
-        method, "__module__", None
-    ) == __name__.replace("_save", "_checkpointable")
 
 
 def _join(parent: str | None, name: str) -> str:
