@@ -36,3 +36,26 @@ def assert_states_equal(
         np.testing.assert_array_equal(actual, expected, err_msg=where)
     else:
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def reseal(path: Any) -> None:
+    """Rewrite the manifests of the checkpoint at ``path`` to match its files as they are.
+
+    Tests that craft a checkpoint's contents on purpose (as an attacker who can write the
+    files can) use it, so that what they test is not caught by the checksums first.
+    """
+    import os
+
+    from ckptable._manifest import preferred_algorithm, seal_directory
+    from ckptable._storage import LocalStorage
+
+    seal_directory(LocalStorage(), os.fspath(path), preferred_algorithm(), {}, str, True)
+
+
+def same_state(actual: Any, expected: Any) -> bool:
+    """``assert_states_equal`` as a predicate (for ``assert a == b``-style checks)."""
+    try:
+        assert_states_equal(actual, expected)
+    except AssertionError:
+        return False
+    return True

@@ -13,6 +13,7 @@ import pytest
 
 import ckptable
 from ckptable import errors
+from helpers import reseal
 from trees import (
     Leaf,
     Model,
@@ -184,6 +185,7 @@ def test_component_names_from_a_crafted_checkpoint_are_refused_before_reading(
     metadata = json.loads((path / "metadata.json").read_text())
     metadata["ckptable"]["components"] = ["../secret"]
     (path / "metadata.json").write_text(json.dumps(metadata))
+    reseal(path)  # a crafted checkpoint with matching checksums: the names still fail
 
     fresh = Node({"a": Leaf()})
     with pytest.raises(ckptable.CorruptCheckpointError, match="../secret"):
@@ -276,6 +278,7 @@ def test_a_class_file_without_class_record_is_corrupt(tmp_path: Path) -> None:
     path = tmp_path / "ckpt"
     trained_model().save_to_path(path)
     (path / "class_and_ctor_args.pkl").write_bytes(pickle.dumps({"something": "else"}))
+    reseal(path)
 
     with pytest.raises(ckptable.CorruptCheckpointError, match="class and its constructor"):
         Model.from_checkpoint(path)
@@ -286,6 +289,7 @@ def test_a_stored_class_that_cannot_be_imported_is_incompatible(tmp_path: Path) 
     trained_model().save_to_path(path)
     data = (path / "class_and_ctor_args.pkl").read_bytes()
     (path / "class_and_ctor_args.pkl").write_bytes(data.replace(b"trees", b"gone_", 1))
+    reseal(path)
 
     with pytest.raises(ckptable.IncompatibleCheckpointError, match="gone_"):
         Model.from_checkpoint(path)
@@ -331,6 +335,7 @@ def test_a_state_file_holding_no_dict_is_corrupt(tmp_path: Path) -> None:
     path = tmp_path / "ckpt"
     trained_model().save_to_path(path, use_msgpack=True)
     (path / "state.msgpack").write_bytes(b"\x07")  # a valid msgpack document: the int 7
+    reseal(path)
 
     fresh = Model()
     with pytest.raises(ckptable.CorruptCheckpointError, match="holds a int, not a state dict"):

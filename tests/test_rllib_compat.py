@@ -27,6 +27,7 @@ from ray.rllib.utils.checkpoints import get_checkpoint_info as rllib_get_checkpo
 
 import ckptable
 import rllib_trees
+from ckptable._manifest import MANIFEST_FILE
 from helpers import assert_states_equal
 from rllib_trees import (
     CK,
@@ -84,9 +85,12 @@ def other(ns: SimpleNamespace) -> SimpleNamespace:
 
 
 def tree_files(root: str | Path) -> list[str]:
-    """Every file and directory below ``root``, as sorted relative POSIX paths."""
+    """Every file and directory below ``root``, as sorted relative POSIX paths; ckptable's
+    manifests (its one documented addition to RLlib's layout) left out."""
     root = Path(root)
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.name != MANIFEST_FILE
+    )
 
 
 def decode_state_file(path: Path) -> Any:
@@ -126,7 +130,11 @@ def class_records(root: str | Path) -> dict[str, Any]:
 
 def metadata_files(root: str | Path) -> dict[str, dict[str, Any]]:
     root = Path(root)
-    return {p.relative_to(root).as_posix(): json.loads(p.read_text()) for p in root.rglob("*.json")}
+    return {
+        p.relative_to(root).as_posix(): json.loads(p.read_text())
+        for p in root.rglob("*.json")
+        if p.name != MANIFEST_FILE
+    }
 
 
 def get_in(state: dict[str, Any], component: str) -> Any:

@@ -24,7 +24,11 @@ from trees import (
 
 
 def files_under(path: Path) -> set[str]:
-    return {str(p.relative_to(path)) for p in path.rglob("*")}
+    """Files and directories below ``path``, without ckptable's manifests (one per level,
+    checked in test_integrity)."""
+    return {
+        str(p.relative_to(path)) for p in path.rglob("*") if p.name != ".ckptable-manifest.json"
+    }
 
 
 def test_nested_tree_round_trip_restores_every_level(tmp_path: Path, states_equal: Any) -> None:

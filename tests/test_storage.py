@@ -45,7 +45,7 @@ def test_saving_over_a_checkpoint_through_pyarrow_replaces_it_whole(tmp_path: Pa
     Node({"new": Leaf()}).save_to_path("ckpt", filesystem=fs)
 
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
-        "class_and_ctor_args.pkl", "metadata.json", "new", "state.pkl"
+        ".ckptable-manifest.json", "class_and_ctor_args.pkl", "metadata.json", "new", "state.pkl"
     ]  # fmt: skip
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 

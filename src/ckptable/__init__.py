@@ -8,7 +8,8 @@ component, and rebuild a fresh object from a checkpoint alone.
 from ckptable._checkpointable import Checkpointable
 from ckptable._components import check_component, get_subcomponents
 from ckptable._formats import Codec, get_codec, register_codec, registered_codecs
-from ckptable._info import get_checkpoint_info
+from ckptable._info import VerifyReport, get_checkpoint_info, verify_checkpoint
+from ckptable._safe import add_safe_classes
 from ckptable.errors import (
     ActorCheckpointError,
     CheckpointError,
@@ -20,6 +21,7 @@ from ckptable.errors import (
     TransferError,
     UnknownComponentError,
     UnsafeCheckpointError,
+    UnverifiedCheckpointWarning,
 )
 
 __all__ = [
@@ -35,13 +37,17 @@ __all__ = [
     "TransferError",
     "UnknownComponentError",
     "UnsafeCheckpointError",
+    "UnverifiedCheckpointWarning",
+    "VerifyReport",
     "__version__",
+    "add_safe_classes",
     "check_component",
     "get_checkpoint_info",
     "get_codec",
     "get_subcomponents",
     "register_codec",
     "registered_codecs",
+    "verify_checkpoint",
 ]
 
 

@@ -9,13 +9,14 @@ signatures and keyword arguments. The work is done by the two pipelines,
 from __future__ import annotations
 
 import abc
+import functools
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from ckptable._components import check_component, get_subcomponents
-from ckptable._restore import construct_from_checkpoint, restore_checkpointable
-from ckptable._save import save_checkpointable
+from ckptable._restore import RestoreOptions, construct_from_checkpoint, restore_checkpointable
+from ckptable._save import save_checkpointable, save_through_override
 from ckptable._version import package_version
 
 __all__ = ["Checkpointable"]
@@ -42,6 +43,16 @@ class Checkpointable(abc.ABC):
     #: JSON file holding ``get_metadata()`` plus ckptable's own record.
     METADATA_FILE_NAME = "metadata.json"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Wrap a subclass's own ``save_to_path`` so that, called from outside any save,
+        it runs inside the staging session: files it writes before or after
+        ``super().save_to_path`` become part of the atomic, checksummed tree (it sees
+        the staging directory as ``path``)."""
+        super().__init_subclass__(**kwargs)
+        override = cls.__dict__.get("save_to_path")
+        if callable(override) and not getattr(override, "_ckptable_staged", False):
+            cls.save_to_path = _staged(override)  # type: ignore[method-assign]
+
     def save_to_path(
         self,
         path: str | os.PathLike[str] | None = None,
@@ -50,11 +61,13 @@ class Checkpointable(abc.ABC):
         filesystem: Any = None,
         use_msgpack: bool = False,
         format: str | None = None,
+        durable: bool = True,
     ) -> str:
         """Save the state of ``self`` (or ``state``) and all its components to ``path``.
 
-        The tree is written into a staging directory beside ``path`` and published in
-        one step when complete, replacing any checkpoint already at ``path`` whole.
+        The tree is written into a staging directory beside ``path``, with a manifest
+        (every file's size and checksum) in each directory, flushed to disk and published
+        in one step when complete, replacing any checkpoint already at ``path`` whole.
 
         Args:
             path: Directory (or URI) to save to; a new temporary directory if None.
@@ -65,12 +78,26 @@ class Checkpointable(abc.ABC):
             use_msgpack: Write ``state.msgpack`` instead of ``state.pkl`` (RLlib's
                 spelling of ``format="msgpack"``).
             format: Name of a registered codec (``"cloudpickle"``, ``"msgpack"``).
+            durable: Flush every file and directory to disk before publishing (the
+                default). False skips the flushes: faster, but after a power loss or OS
+                crash the new checkpoint may be detected as corrupt (never loaded wrong)
+                and the old one is gone. Process crashes are survived either way.
 
         Returns:
             The path the checkpoint was saved to.
+
+        Raises:
+            CheckpointError: if writing fails (disk full, permissions, ...); nothing is
+                published and the previous checkpoint at ``path`` is unchanged.
         """
         return save_checkpointable(
-            self, path, state=state, filesystem=filesystem, use_msgpack=use_msgpack, format=format
+            self,
+            path,
+            state=state,
+            filesystem=filesystem,
+            use_msgpack=use_msgpack,
+            format=format,
+            durable=durable,
         )
 
     def restore_from_path(
@@ -79,6 +106,8 @@ class Checkpointable(abc.ABC):
         *,
         component: str | None = None,
         filesystem: Any = None,
+        verify: bool = True,
+        safe: bool = False,
         **kwargs: Any,
     ) -> None:
         """Restore ``self``, or one of its components, from the checkpoint at ``path``.
@@ -92,10 +121,29 @@ class Checkpointable(abc.ABC):
             component: A component path (``"a/b"``) to restore alone; the rest of
                 ``self`` is untouched. An unknown name raises ``UnknownComponentError``.
             filesystem: A ``pyarrow.fs.FileSystem`` to read with.
+            verify: Check every file against the checkpoint's manifest (size and
+                checksum) before anything is decoded. Checkpoints written by RLlib have
+                none: they are restored unverified, with an ``UnverifiedCheckpointWarning``.
+            safe: Decode pickle files with a restricted unpickler that loads only plain
+                containers, numbers, strings, numpy arrays, the classes of the objects
+                being restored and classes given to ``ckptable.add_safe_classes``;
+                anything else raises ``UnsafeCheckpointError`` before it runs.
             **kwargs: Passed on to the components' ``restore_from_path`` calls.
+
+        Raises:
+            CheckpointNotFoundError: if ``path`` is not a directory.
+            CorruptCheckpointError: a file is missing, extra, truncated or altered.
+            UnsafeCheckpointError: with ``safe=True``, the checkpoint names code outside
+                the allowlist; or it holds a symlink or special file.
+            UnknownComponentError: ``component`` names no component of ``self``.
         """
         restore_checkpointable(
-            self, path, component=component, filesystem=filesystem, kwargs=kwargs
+            self,
+            path,
+            component=component,
+            filesystem=filesystem,
+            options=RestoreOptions(verify=verify, safe=safe),
+            kwargs=kwargs,
         )
 
     @classmethod
@@ -103,6 +151,9 @@ class Checkpointable(abc.ABC):
         cls: type[_C],
         path: str | os.PathLike[str],
         filesystem: Any = None,
+        *,
+        verify: bool = True,
+        safe: bool = False,
         **kwargs: Any,
     ) -> _C:
         """Build a new object from the checkpoint at ``path`` and restore its state.
@@ -110,13 +161,20 @@ class Checkpointable(abc.ABC):
         Args:
             path: The checkpoint directory.
             filesystem: A ``pyarrow.fs.FileSystem`` to read with.
+            verify: As in ``restore_from_path``; the class file is verified before it
+                is unpickled.
+            safe: As in ``restore_from_path``; the class file may then name only
+                ``cls`` or a subclass of it that is already imported (plus the
+                allowlist), and its constructor arguments only allowlisted types.
             **kwargs: Keyword arguments naming constructor parameters override the
                 stored constructor arguments; the others go on to ``restore_from_path``.
 
         Raises:
             IncompatibleCheckpointError: if the stored class is not a subclass of ``cls``.
         """
-        return construct_from_checkpoint(cls, path, filesystem, kwargs)
+        return construct_from_checkpoint(
+            cls, path, filesystem, RestoreOptions(verify=verify, safe=safe), kwargs
+        )
 
     @abc.abstractmethod
     def get_state(
@@ -171,3 +229,12 @@ class Checkpointable(abc.ABC):
     ) -> list[str] | None:
         """The selections below ``name`` (``"name/x"`` → ``"x"``), or None for all."""
         return get_subcomponents(name, components)
+
+
+def _staged(override: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(override)
+    def save_to_path(self: Checkpointable, path: Any = None, **kwargs: Any) -> Any:
+        return save_through_override(self, override, path, kwargs)
+
+    save_to_path._ckptable_staged = True  # type: ignore[attr-defined]
+    return save_to_path

@@ -1,36 +1,73 @@
-"""Staging and publishing: how a save becomes visible.
+"""Staging, durability and publishing: how a save becomes visible, all at once or not at all.
 
-The outermost ``save_to_path`` writes the whole tree into a staging directory beside
-the target (``.<name>.ckptable-staging-<id>``, same filesystem, so a rename can move it)
-and publishes it only when every level is written:
+The outermost ``save_to_path`` writes the whole tree into a staging directory beside the
+target (``.<name>.ckptable-staging-<token>``: same filesystem, so a rename moves it), with
+every level's manifest and the root's last. Then:
 
-- no target yet (or an empty directory): one ``rename``;
-- an existing checkpoint: ``renameat2(RENAME_EXCHANGE)`` swaps the two directories in one
-  step, then the old tree (now in the staging path) is removed; where the OS cannot
-  swap, the old tree is renamed aside first, then the new one into place.
+1. **durable** (the default): the files and directories are flushed to disk — one
+   ``syncfs(2)`` for many files (an ``fsync`` each would cost a journal commit each), an
+   ``fsync`` per file and directory for few. An fsync error is final: the save fails.
+2. **publish**: no target yet: one ``rename``. An existing checkpoint:
+   ``renameat2(RENAME_EXCHANGE)`` swaps the two directories in one step, so a reader sees
+   the old tree or the new one, never a mix and never nothing. Where the OS cannot swap,
+   a two-step move (``target`` → ``.<name>.ckptable-old-<token>``, staging → ``target``)
+   that the next access repairs if it was interrupted between the steps.
+3. **durable**: the parent directory is flushed, so the rename itself survives a crash.
+4. the old tree is removed.
 
-A failed save removes its staging directory and leaves the old checkpoint as it was.
-Stores that cannot rename directories (object stores) are written in place, after the
-old tree is removed.
+A failed save removes its staging directory; the old checkpoint is untouched (if the
+failure comes after step 2, for instance an fsync error of the parent directory, the new
+checkpoint is in place and the save still reports the error).
 
-Because the new tree replaces the old one whole, a save never leaves stale component
-directories or ``state.*`` files of an older checkpoint behind.
+**Leftovers.** A save holds an exclusive ``flock`` on its staging directory until it
+ends; the kernel drops it when the process dies. The next save of the same target (and a
+restore that finds the target missing) removes staging directories nobody holds, and
+moves an old tree back where a two-step publish died between its steps. Removal never
+follows symlinks.
+
+**Object stores** have no directory rename: the old checkpoint's manifest is deleted
+first, the new tree is written in place, and its root manifest, written last, is the
+commit record: a directory without a valid one is never restored as a checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import uuid
 from collections.abc import Iterable, Iterator
 
+from ckptable._manifest import MANIFEST_FILE
 from ckptable._storage import Storage
 from ckptable.errors import CheckpointError
 
-__all__ = ["STAGING_MARKER", "check_target", "publish_staging_dir", "staged_directory"]
+__all__ = [
+    "OLD_MARKER",
+    "STAGING_MARKER",
+    "Staging",
+    "check_target",
+    "recover_leftovers",
+    "staged_directory",
+]
 
-#: Part of the name of every staging directory (and of an old tree being replaced).
+logger = logging.getLogger("ckptable")
+
+#: Part of the name of every staging directory.
 STAGING_MARKER = ".ckptable-staging-"
-_OLD_MARKER = ".ckptable-old-"
+#: Part of the name of an old tree moved aside by a two-step publish.
+OLD_MARKER = ".ckptable-old-"
+#: Above this many files, one ``syncfs`` beats an ``fsync`` per file.
+SYNCFS_MIN_FILES = 32
+
+
+@dataclasses.dataclass
+class Staging:
+    """The directory a save writes into, and what it wrote there."""
+
+    root: str
+    #: Path → (size, checksum) of every file written (filled by the save pipeline).
+    files: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
 
 
 def check_target(storage: Storage, target: str, checkpoint_files: Iterable[str]) -> None:
@@ -49,7 +86,8 @@ def check_target(storage: Storage, target: str, checkpoint_files: Iterable[str])
             path=shown,
         )
     entries = storage.listdir(target)
-    if entries and not any(entries.get(name) == "file" for name in checkpoint_files):
+    markers = {*checkpoint_files, MANIFEST_FILE}
+    if entries and not any(entries.get(name) == "file" for name in markers):
         raise CheckpointError(
             f"Cannot save a checkpoint to {shown}: the directory holds other files and no "
             "checkpoint, and saving replaces the whole directory. Choose an empty or new "
@@ -60,55 +98,152 @@ def check_target(storage: Storage, target: str, checkpoint_files: Iterable[str])
 
 @contextlib.contextmanager
 def staged_directory(
-    storage: Storage, target: str, checkpoint_files: Iterable[str]
-) -> Iterator[str]:
-    """Yield the directory to write the checkpoint into; publish it at ``target`` on exit.
+    storage: Storage, target: str, checkpoint_files: Iterable[str], *, durable: bool
+) -> Iterator[Staging]:
+    """Yield where to write the checkpoint; make it durable and publish it at ``target``
+    when the body returns.
 
-    If the body raises, the staging directory is removed and ``target`` is untouched.
+    If anything fails, the staging directory is removed and ``target`` is untouched.
     """
     check_target(storage, target, checkpoint_files)
-    parent, name = storage.split(target)
     if not storage.can_rename_dirs:
-        storage.remove_tree(target)
-        storage.makedirs(target)
-        yield target
+        yield from _in_place(storage, target)
         return
-    staging = storage.join(parent, f".{name}{STAGING_MARKER}{uuid.uuid4().hex[:12]}")
-    storage.makedirs(staging)
+    recover_leftovers(storage, target)
+    parent, name = storage.split(target)
+    token = uuid.uuid4().hex[:16]
+    staging = Staging(storage.join(parent, f".{name}{STAGING_MARKER}{token}"))
+    if parent and storage.kind(parent, follow_symlinks=True) != "dir":
+        storage.makedirs(parent)
+    with _parent_lock(storage, parent):
+        storage.mkdir(staging.root)
+        lock = storage.lock_directory(staging.root)
     try:
-        yield staging
+        try:
+            yield staging
+            if durable:
+                _make_durable(storage, staging)
+            _publish(storage, staging.root, target, token, durable=durable)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                storage.remove_tree(staging.root)
+            raise
+    finally:
+        storage.unlock(lock)
+
+
+def _in_place(storage: Storage, target: str) -> Iterator[Staging]:
+    """Object stores: invalidate the old checkpoint (its manifest first), write in place.
+    The root manifest the save writes last is the commit record."""
+    with contextlib.suppress(FileNotFoundError):
+        storage.remove_tree(storage.join(target, MANIFEST_FILE))
+    storage.remove_tree(target)
+    storage.makedirs(target)
+    try:
+        yield Staging(target)
     except BaseException:
         with contextlib.suppress(OSError):
-            storage.remove_tree(staging)
-        raise
-    try:
-        publish_staging_dir(storage, staging, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            storage.remove_tree(staging)
+            storage.remove_tree(target)
         raise
 
 
-def publish_staging_dir(storage: Storage, staging: str, target: str) -> None:
+def _make_durable(storage: Storage, staging: Staging) -> None:
+    """Flush every file and directory of the staged tree to disk before it is published."""
+    files = list(staging.files)
+    if len(files) >= SYNCFS_MIN_FILES and storage.syncfs(staging.root):
+        return
+    directories = {storage.split(path)[0] for path in files} | {staging.root}
+    for path in files:
+        storage.fsync(path)
+    # Deepest first: a directory's entry in its parent is flushed after its contents.
+    for path in sorted(directories, key=lambda p: p.count("/"), reverse=True):
+        storage.fsync(path)
+
+
+def _publish(storage: Storage, staging: str, target: str, token: str, *, durable: bool) -> None:
     """Move the finished ``staging`` tree to ``target``, replacing what is there."""
+    parent, name = storage.split(target)
     kind = storage.kind(target)
     if kind is None or (kind == "dir" and not storage.listdir(target)):
         try:
             storage.rename(staging, target)
-            return
         except OSError:
             if storage.kind(target) is None:
                 raise
             # Somebody created the target meanwhile: replace it like an old checkpoint.
+        else:
+            if durable:
+                storage.fsync(parent)
+            return
     if storage.exchange(staging, target):
-        storage.remove_tree(staging)  # it holds the old checkpoint now
-        return
-    parent, name = storage.split(target)
-    old = storage.join(parent, f".{name}{_OLD_MARKER}{uuid.uuid4().hex[:12]}")
-    storage.rename(target, old)
+        replaced = staging  # it holds the old checkpoint now
+    else:
+        replaced = storage.join(parent, f".{name}{OLD_MARKER}{token}")
+        storage.rename(target, replaced)
+        try:
+            storage.rename(staging, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                storage.rename(replaced, target)  # else the next access repairs it
+            raise
+    if durable:
+        storage.fsync(parent)
+    _remove_quietly(storage, replaced)
+
+
+def _remove_quietly(storage: Storage, path: str) -> None:
+    """Remove a tree nobody needs any more; a failure leaves a leftover the next save
+    cleans, never an error (the checkpoint is published)."""
     try:
-        storage.rename(staging, target)
-    except BaseException:
-        storage.rename(old, target)
-        raise
-    storage.remove_tree(old)
+        storage.remove_tree(path)
+    except OSError as exc:
+        logger.warning("Could not remove %s (%s); the next save will.", path, exc)
+
+
+@contextlib.contextmanager
+def _parent_lock(storage: Storage, parent: str) -> Iterator[None]:
+    """Serialise creating-and-locking a staging directory with the leftover scan, so that
+    a scan never takes a just-created directory for an abandoned one."""
+    try:
+        handle = storage.lock_directory(parent, blocking=True)
+    except OSError:
+        handle = None  # a parent we cannot lock (read-only, odd filesystem): go without
+    try:
+        yield
+    finally:
+        storage.unlock(handle)
+
+
+def recover_leftovers(storage: Storage, target: str) -> None:
+    """Repair and clean what crashed saves of ``target`` left beside it.
+
+    - ``.<name>.ckptable-old-<token>`` with no ``target``: a two-step publish died between
+      its steps; the old checkpoint is moved back. With a ``target``, it is garbage.
+    - ``.<name>.ckptable-staging-<token>`` that no process holds: removed.
+
+    Directories of a save still in progress (its staging lock is held) are left alone.
+    """
+    parent, name = storage.split(target)
+    try:
+        entries = storage.listdir(parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    staging_prefix, old_prefix = f".{name}{STAGING_MARKER}", f".{name}{OLD_MARKER}"
+    if not any(e.startswith((staging_prefix, old_prefix)) for e in entries):
+        return
+    with _parent_lock(storage, parent):
+        entries = storage.listdir(parent)
+        for entry in sorted(e for e in entries if e.startswith(old_prefix)):
+            old = storage.join(parent, entry)
+            sibling = staging_prefix + entry[len(old_prefix) :]
+            if sibling in entries and not storage.is_abandoned(storage.join(parent, sibling)):
+                continue  # its save is between the two renames right now
+            if storage.kind(target) is None:
+                logger.warning("Repairing %s from an interrupted save.", storage.display(target))
+                storage.rename(old, target)
+            else:
+                _remove_quietly(storage, old)
+        for entry in sorted(e for e in entries if e.startswith(staging_prefix)):
+            path = storage.join(parent, entry)
+            if storage.is_abandoned(path):
+                _remove_quietly(storage, path)

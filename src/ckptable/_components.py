@@ -20,6 +20,7 @@ __all__ = [
     "check_component",
     "force_list",
     "get_subcomponents",
+    "is_ckptable_object",
     "split_component_path",
     "uses_ckptable_method",
     "validate_component_name",
@@ -137,4 +138,13 @@ def uses_ckptable_method(component: object, method: str) -> bool:
     return (
         getattr(function, "__module__", None) == "ckptable._checkpointable"
         and getattr(function, "__qualname__", None) == f"Checkpointable.{method}"
+    )
+
+
+def is_ckptable_object(component: object) -> bool:
+    """True if ``component`` is an instance of ``ckptable.Checkpointable`` (checked by
+    name: this module sits below the one defining the class)."""
+    return any(
+        cls.__module__ == "ckptable._checkpointable" and cls.__qualname__ == "Checkpointable"
+        for cls in type(component).__mro__
     )

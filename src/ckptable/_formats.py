@@ -13,15 +13,22 @@ Built in:
 - ``msgpack``: portable across Python versions. Numpy arrays use msgpack-numpy's
   encoding, so the files are the ones RLlib's ``use_msgpack=True`` writes and reads;
   ckptable calls msgpack-numpy's hooks directly and never ``msgpack_numpy.patch()``
-  (process-global). Note that msgpack-numpy's decoder unpickles object-dtype arrays.
+  (process-global). Note that msgpack-numpy's decoder unpickles object-dtype arrays;
+  in safe mode ckptable's own hook refuses them instead.
+
+A codec may also have ``load_restricted(stream, *, allowed, allow_subclasses_of,
+source)``, used by ``restore_from_path(..., safe=True)``; a codec without one cannot be
+loaded in safe mode.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import pickle
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any, Protocol, runtime_checkable
 
 from ckptable.errors import CheckpointError
@@ -34,6 +41,7 @@ __all__ = [
     "get_codec",
     "register_codec",
     "registered_codecs",
+    "unpatched_msgpack",
 ]
 
 
@@ -67,6 +75,21 @@ class CloudpickleCodec:
     def load(self, stream: IO[bytes]) -> Any:
         return pickle.load(stream)
 
+    def load_restricted(
+        self,
+        stream: IO[bytes],
+        *,
+        allowed: Iterable[object] = (),
+        allow_subclasses_of: type | None = None,
+        source: str = "",
+    ) -> Any:
+        """``load`` for ``safe=True``: only allowlisted globals may be named."""
+        from ckptable._safe import safe_pickle_load
+
+        return safe_pickle_load(
+            stream, allowed=allowed, allow_subclasses_of=allow_subclasses_of, source=source
+        )
+
 
 class MsgpackCodec:
     """msgpack with msgpack-numpy's array encoding, without patching msgpack."""
@@ -75,14 +98,29 @@ class MsgpackCodec:
     suffix = ".msgpack"
 
     def dump(self, state: Any, stream: IO[bytes]) -> None:
-        msgpack, msgpack_numpy = _import_msgpack()
-        stream.write(msgpack.packb(state, default=msgpack_numpy.encode, use_bin_type=True))
+        packb, _, msgpack_numpy = unpatched_msgpack()
+        stream.write(packb(state, default=msgpack_numpy.encode, use_bin_type=True))
 
     def load(self, stream: IO[bytes]) -> Any:
-        msgpack, msgpack_numpy = _import_msgpack()
-        return msgpack.unpackb(
+        _, unpackb, msgpack_numpy = unpatched_msgpack()
+        return unpackb(
             stream.read(), object_hook=msgpack_numpy.decode, strict_map_key=False, raw=False
         )
+
+    def load_restricted(
+        self,
+        stream: IO[bytes],
+        *,
+        allowed: Iterable[object] = (),
+        allow_subclasses_of: type | None = None,
+        source: str = "",
+    ) -> Any:
+        """``load`` for ``safe=True``: never reaches pickle (object arrays are refused)."""
+        from ckptable._safe import safe_msgpack_decode
+
+        _, unpackb, _ = unpatched_msgpack()
+        hook = functools.partial(safe_msgpack_decode, source=source)
+        return unpackb(stream.read(), object_hook=hook, strict_map_key=False, raw=False)
 
 
 def _import_msgpack() -> tuple[types.ModuleType, types.ModuleType]:
@@ -94,6 +132,23 @@ def _import_msgpack() -> tuple[types.ModuleType, types.ModuleType]:
             "The msgpack format needs msgpack and msgpack-numpy: pip install 'ckptable[msgpack]'"
         ) from None
     return msgpack, msgpack_numpy
+
+
+def unpatched_msgpack() -> tuple[Callable[..., bytes], Callable[..., Any], types.ModuleType]:
+    """``packb``, ``unpackb`` and msgpack-numpy, immune to ``msgpack_numpy.patch()``.
+
+    ``patch()`` (RLlib calls it on import) replaces ``msgpack.unpackb`` with a wrapper
+    that runs msgpack-numpy's decoder, which unpickles object arrays, *before* any
+    ``object_hook`` given: safe mode must never go through it. The implementation
+    module's own functions are not patched.
+    """
+    msgpack, msgpack_numpy = _import_msgpack()
+    impl = getattr(msgpack, "_cmsgpack", None) or importlib.import_module("msgpack.fallback")
+
+    def packb(obj: Any, **kwargs: Any) -> bytes:
+        return impl.Packer(**kwargs).pack(obj)  # type: ignore[no-any-return]
+
+    return packb, impl.unpackb, msgpack_numpy
 
 
 _REGISTRY: dict[str, Codec] = {}

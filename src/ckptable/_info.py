@@ -15,17 +15,28 @@ imported or executed.
 
 from __future__ import annotations
 
+import dataclasses
 import pickletools
 import re
 from typing import Any
 
 from packaging.version import Version
 
+from ckptable._commit import recover_leftovers
 from ckptable._layout import DEFAULT_CLASS_FILE, read_metadata_file, record_of
+from ckptable._manifest import (
+    MANIFEST_FILE,
+    check_listing,
+    hash_file,
+    read_manifest,
+    read_verified,
+    refuse_special_entries,
+    require_manifest_unless_foreign,
+)
 from ckptable._storage import Storage, resolve_storage
 from ckptable.errors import CheckpointNotFoundError, CorruptCheckpointError
 
-__all__ = ["get_checkpoint_info", "stored_class_name"]
+__all__ = ["VerifyReport", "get_checkpoint_info", "stored_class_name", "verify_checkpoint"]
 
 _METADATA_FILES = ("metadata.json", "rllib_checkpoint.json")
 _FORMATS = {".pkl": "cloudpickle", ".msgpack": "msgpack", ".msgpck": "msgpack"}
@@ -233,3 +244,103 @@ def _class_in_pickle(storage: Storage, path: str) -> str | None:
     except (OSError, ValueError, EOFError):
         return None
     return None
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyReport:
+    """What ``verify_checkpoint`` checked."""
+
+    #: The checkpoint, as given (URIs kept).
+    path: str
+    #: Directories (the root and every component level) checked.
+    levels: int
+    #: Files read and checked, manifests not counted.
+    files: int
+    #: Bytes in those files.
+    bytes: int
+    #: Checksum algorithms the manifests use (empty if none had one).
+    algorithms: tuple[str, ...]
+    #: Levels without a manifest (written by RLlib or another tool): read, not verified.
+    unverified: tuple[str, ...]
+
+    @property
+    def verified(self) -> bool:
+        """True if every level had a manifest and matched it."""
+        return not self.unverified
+
+
+def verify_checkpoint(path: Any, filesystem: Any = None) -> VerifyReport:
+    """Check the checkpoint at ``path`` against its manifests without loading anything.
+
+    Every file of every level is read and its size and checksum compared; listings must
+    match exactly (no missing, extra or swapped files or component directories); nothing
+    is decoded or unpickled. Levels RLlib wrote have no manifest: they are read (so an
+    unreadable file still fails) and listed in ``report.unverified``.
+
+    Raises:
+        CheckpointNotFoundError: no directory at ``path``.
+        CorruptCheckpointError: anything differs from the manifests, or a level ckptable
+            wrote lacks its manifest (an unfinished save).
+        UnsafeCheckpointError: the checkpoint holds a symlink or special file.
+    """
+    storage, root = resolve_storage(path, filesystem)
+    return verify_tree(storage, root)
+
+
+def verify_tree(
+    storage: Storage, root: str, expected_manifest: tuple[str, str] | None = None
+) -> VerifyReport:
+    """``verify_checkpoint`` on a resolved storage path; ``expected_manifest``: the
+    parent manifest's ``(algorithm, checksum)`` of the root's manifest."""
+    if storage.kind(root, follow_symlinks=True) != "dir":
+        recover_leftovers(storage, root)
+        if storage.kind(root, follow_symlinks=True) != "dir":
+            shown = storage.display(root)
+            raise CheckpointNotFoundError(f"No checkpoint directory at {shown}.", path=shown)
+    counts = {"levels": 0, "files": 0, "bytes": 0}
+    algorithms: set[str] = set()
+    unverified: list[str] = []
+
+    def walk(directory: str, expected: tuple[str, str] | None) -> None:
+        entries = storage.listdir(directory)
+        refuse_special_entries(storage, directory, entries)
+        counts["levels"] += 1
+        if MANIFEST_FILE in entries or expected is not None:
+            manifest = read_manifest(storage, directory, expected)
+            check_listing(storage, directory, manifest, entries)
+            algorithms.add(manifest.algorithm)
+            for name, size_digest in sorted(manifest.files.items()):
+                path = storage.join(directory, name)
+                read_verified(storage, path, size_digest, manifest.algorithm, keep=False)
+                counts["files"] += 1
+                counts["bytes"] += size_digest[0]
+            for name, digest in sorted(manifest.dirs.items()):
+                walk(storage.join(directory, name), (manifest.algorithm, digest))
+            return
+        require_manifest_unless_foreign(storage, directory, None, entries)
+        unverified.append(storage.display(directory))
+        for name, kind in sorted(entries.items()):
+            path = storage.join(directory, name)
+            if kind == "file":
+                try:
+                    size, _ = hash_file(storage, path, "crc32")
+                except OSError as exc:
+                    shown = storage.display(path)
+                    raise CorruptCheckpointError(f"Cannot read {shown}: {exc}", path=shown) from exc
+                counts["files"] += 1
+                counts["bytes"] += size
+            elif kind == "dir":
+                walk(path, None)
+
+    walk(root, expected_manifest)
+    return VerifyReport(
+        storage.display(root),
+        counts["levels"],
+        counts["files"],
+        counts["bytes"],
+        tuple(sorted(algorithms)),
+        tuple(unverified),
+    )

@@ -37,7 +37,7 @@ __all__ = [
 #: (``Checkpointable`` API, RLlib 2.x) whose files ckptable writes.
 CHECKPOINT_VERSION = "2.1"
 #: Version of ckptable's own record in ``metadata.json``.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 #: Key of ckptable's record inside ``metadata.json``.
 RECORD_KEY = "ckptable"
 
@@ -52,14 +52,15 @@ def record_of(metadata: Any) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def read_metadata_file(storage: Storage, path: str) -> dict[str, Any]:
-    """A level's metadata JSON (``{}`` if it holds no object).
+def read_metadata_file(storage: Storage, path: str, raw: bytes | None = None) -> dict[str, Any]:
+    """A level's metadata JSON (``{}`` if it holds no object); ``raw``: its bytes, if
+    already read.
 
     Raises:
         CorruptCheckpointError: the file is not valid UTF-8 JSON.
     """
     try:
-        data = json.loads(storage.read_bytes(path).decode("utf-8"))
+        data = json.loads((storage.read_bytes(path) if raw is None else raw).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         shown = storage.display(path)
         raise CorruptCheckpointError(f"{shown} is not valid JSON: {exc}", path=shown) from exc

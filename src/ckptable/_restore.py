@@ -1,16 +1,23 @@
-"""The restore pipeline: read → verify → apply.
+"""The restore pipeline: read and verify → decode → apply.
 
-1. **read**: the levels of the checkpoint tree that the restore uses are listed and every
-   state file is read and decoded (``read_level``). The object tree guides it (each
-   component knows its own file names). A level ckptable wrote lists its components in
-   ``metadata.json`` and all of them are read. In a level RLlib wrote, directories the
-   object has no component for are read ahead where they can be (components may appear
-   during the parent's ``set_state``); one that does not read — a class's own file names,
-   or a stale directory of RLlib's in-place saves — is read only if such a component
-   appears (RLlib ignores stale directories).
-2. **verify**: a listed component whose directory is missing, a missing state file or
-   one that does not decode raises :class:`CorruptCheckpointError` — all before step 3,
-   so a bad file leaves the user's object untouched.
+1. **read and verify** (``read_level``): the levels of the checkpoint tree that the
+   restore uses are listed; a symlink or special file anywhere is refused unopened.
+   Where a level has a manifest (ckptable wrote it), the listing must match it and every
+   file is read and checked against its size and checksum; the parent's manifest pins
+   each component directory's manifest. A level ckptable wrote without a manifest is an
+   unfinished save and is refused; a level RLlib wrote has none and is restored
+   unverified, with one :class:`UnverifiedCheckpointWarning` per restore. The object tree
+   guides the walk (each component knows its own file names). A level ckptable wrote
+   lists its components in ``metadata.json`` and all of them are read. In a level RLlib
+   wrote, directories the object has no component for are read ahead where they can be
+   (components may appear during the parent's ``set_state``); one that does not read —
+   a class's own file names, or a stale directory of RLlib's in-place saves — is read
+   only if such a component appears (RLlib ignores stale directories).
+2. **decode**: only when the whole tree is verified are the state files decoded (from
+   the bytes read in step 1 where they were small, else read again), with the
+   restricted unpickler in safe mode. A missing state file or one that does not decode
+   raises :class:`CorruptCheckpointError` — all before step 3, so a bad file leaves the
+   user's object untouched.
 3. **apply**: ``set_state`` runs children before parent (as in RLlib), then on the
    components that appeared during the parent's ``set_state``. A component whose class
    overrides ``restore_from_path`` (or is not a ckptable class) is restored through that
@@ -27,24 +34,37 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import inspect
+import io
 import logging
 import pickle
+import warnings
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ckptable._commit import recover_leftovers
 from ckptable._components import (
     force_list,
+    is_ckptable_object,
     split_component_path,
     uses_ckptable_method,
     validate_component_name,
 )
 from ckptable._formats import Codec, codec_for_suffix, get_codec
-from ckptable._info import stored_class_name
+from ckptable._info import stored_class_name, verify_tree
 from ckptable._layout import (
     DEFAULT_CLASS_FILE,
     DEFAULT_METADATA_FILE,
     DEFAULT_STATE_FILE,
     read_metadata_file,
     record_of,
+)
+from ckptable._manifest import (
+    MANIFEST_FILE,
+    LevelManifest,
+    check_listing,
+    read_manifest,
+    read_verified,
+    refuse_special_entries,
+    require_manifest_unless_foreign,
 )
 from ckptable._storage import Storage, resolve_storage
 from ckptable.errors import (
@@ -54,12 +74,20 @@ from ckptable.errors import (
     IncompatibleCheckpointError,
     InvalidComponentNameError,
     UnknownComponentError,
+    UnsafeCheckpointError,
+    UnverifiedCheckpointWarning,
 )
 
 if TYPE_CHECKING:
     from ckptable._checkpointable import Checkpointable
 
-__all__ = ["Level", "construct_from_checkpoint", "read_level", "restore_checkpointable"]
+__all__ = [
+    "Level",
+    "RestoreOptions",
+    "construct_from_checkpoint",
+    "read_level",
+    "restore_checkpointable",
+]
 
 logger = logging.getLogger("ckptable")
 
@@ -79,6 +107,13 @@ class Level:
     #: True if the level could not be read ahead (its file names are known only to the
     #: component that appears during the parent's ``set_state``); it is read then.
     deferred: bool = False
+    #: The state file and its codec (decoded in step 2).
+    state_file: str = ""
+    codec: Codec | None = None
+    #: The state file's bytes if step 1 read and kept them (small files).
+    raw_state: bytes | None = None
+    #: Read for a component the object does not have (yet): a decode failure defers it.
+    read_ahead: bool = False
 
     @property
     def record(self) -> dict[str, Any] | None:
@@ -86,11 +121,51 @@ class Level:
         return record_of(self.metadata)
 
 
+@dataclasses.dataclass(frozen=True)
+class RestoreOptions:
+    """How a restore reads: ``verify`` against manifests, ``safe`` restricted decoding."""
+
+    verify: bool = True
+    safe: bool = False
+
+
+#: Step 1 keeps files up to this size in memory for step 2 (saving a second read) ...
+_KEEP_FILE_BYTES = 16 << 20
+#: ... and up to this much per restore in all.
+_KEEP_TOTAL_BYTES = 256 << 20
+
+
 @dataclasses.dataclass
 class _RestoreSession:
     storage: Storage
     kwargs: dict[str, Any]
+    options: RestoreOptions = RestoreOptions()
     prepared: dict[str, Level] = dataclasses.field(default_factory=dict)
+    #: Levels without a manifest (written by RLlib), restored unverified.
+    unverified: list[str] = dataclasses.field(default_factory=list)
+    #: Classes of the objects being restored: their instances may appear in states.
+    allowed: set[type] = dataclasses.field(default_factory=set)
+    keep_budget: int = _KEEP_TOTAL_BYTES
+
+    def keep(self, size: int) -> bool:
+        """Whether to keep a verified file's bytes for decoding (within the budget)."""
+        if size > _KEEP_FILE_BYTES or size > self.keep_budget:
+            return False
+        self.keep_budget -= size
+        return True
+
+    def warn_unverified(self) -> None:
+        if self.unverified:
+            shown = self.unverified[0]
+            more = f" and {len(self.unverified) - 1} more" if len(self.unverified) > 1 else ""
+            warnings.warn(
+                UnverifiedCheckpointWarning(
+                    f"{shown}{more} has no ckptable manifest (written by RLlib or another "
+                    "tool): restored without an integrity check.",
+                    path=shown,
+                ),
+                stacklevel=4,
+            )
 
 
 _current_restore: contextvars.ContextVar[_RestoreSession | None] = contextvars.ContextVar(
@@ -107,6 +182,7 @@ def restore_checkpointable(
     *,
     component: str | None,
     filesystem: Any,
+    options: RestoreOptions,
     kwargs: dict[str, Any],
 ) -> None:
     """``Checkpointable.restore_from_path``: see there."""
@@ -120,10 +196,12 @@ def restore_checkpointable(
 
     _require_directory(storage, root)
     if component is not None:
-        _restore_component_path(obj, storage, root, component, kwargs)
+        _restore_component_path(obj, storage, root, component, options, kwargs)
         return
-    level = read_level(storage, root, obj)
-    session = _RestoreSession(storage, kwargs)
+    session = _RestoreSession(storage, kwargs, options)
+    level = read_level(session, root, obj)
+    decode_tree(session, level)
+    session.warn_unverified()
     token = _current_restore.set(session)
     try:
         _apply_level(session, obj, level)
@@ -132,7 +210,7 @@ def restore_checkpointable(
 
 
 def construct_from_checkpoint(
-    cls: type[_T], path: Any, filesystem: Any, kwargs: dict[str, Any]
+    cls: type[_T], path: Any, filesystem: Any, options: RestoreOptions, kwargs: dict[str, Any]
 ) -> _T:
     """``Checkpointable.from_checkpoint``: build the stored class, then restore it.
 
@@ -145,13 +223,17 @@ def construct_from_checkpoint(
     class_file = storage.join(
         root, getattr(cls, "CLASS_AND_CTOR_ARGS_FILE_NAME", DEFAULT_CLASS_FILE)
     )
+    refuse_special_entries(storage, root, storage.listdir(root))
     if storage.kind(class_file) != "file":
         raise CorruptCheckpointError(
             f"The checkpoint at {storage.display(root)} has no {storage.split(class_file)[1]}: "
             "it cannot say which class to build.",
             path=storage.display(class_file),
         )
-    info = _decode_file(storage, class_file, get_codec("cloudpickle"))
+    raw = _read_class_file(storage, root, class_file, options)
+    info = _decode_file(
+        storage, class_file, get_codec("cloudpickle"), raw, options, allow_subclasses_of=cls
+    )
     ctor, args, ctor_kwargs = _parse_class_record(info, storage.display(class_file))
     if not issubclass(ctor, cls):
         raise IncompatibleCheckpointError(
@@ -168,8 +250,42 @@ def construct_from_checkpoint(
             else:
                 ctor_kwargs[name] = value
     obj: Any = ctor(*args, **ctor_kwargs)
+    if is_ckptable_object(obj):
+        kwargs.update(_non_default(options))
     obj.restore_from_path(path, filesystem=filesystem, **kwargs)
     return obj  # type: ignore[no-any-return]
+
+
+def _non_default(options: RestoreOptions) -> dict[str, bool]:
+    """The options to pass on as keywords: only those that differ from the defaults, so
+    overriding methods written for RLlib see the keywords they always saw."""
+    default = RestoreOptions()
+    return {
+        name: value
+        for name in ("verify", "safe")
+        if (value := getattr(options, name)) != getattr(default, name)
+    }
+
+
+def _read_class_file(
+    storage: Storage, root: str, class_file: str, options: RestoreOptions
+) -> bytes | None:
+    """The class file's bytes, verified against the root manifest (None if unverified)."""
+    if not options.verify:
+        return None
+    entries = storage.listdir(root)
+    name = storage.split(class_file)[1]
+    if MANIFEST_FILE not in entries:
+        require_manifest_unless_foreign(storage, root, None, entries)
+        return None
+    manifest = read_manifest(storage, root)
+    expected = manifest.files.get(name)
+    if expected is None:
+        shown = storage.display(class_file)
+        raise CorruptCheckpointError(
+            f"{shown} is not listed in the checkpoint's manifest.", path=shown
+        )
+    return read_verified(storage, class_file, expected, manifest.algorithm, keep=True)
 
 
 def _parse_class_record(info: Any, shown: str) -> tuple[type, list[Any], dict[str, Any]]:
@@ -187,6 +303,11 @@ def _parse_class_record(info: Any, shown: str) -> tuple[type, list[Any], dict[st
 
 
 def _require_directory(storage: Storage, root: str) -> None:
+    if storage.kind(root, follow_symlinks=True) == "dir":
+        return
+    # A save that died between the two steps of its publish leaves the old checkpoint
+    # beside the target: put it back.
+    recover_leftovers(storage, root)
     if storage.kind(root, follow_symlinks=True) != "dir":
         shown = storage.display(root)
         raise CheckpointNotFoundError(f"No checkpoint directory at {shown}.", path=shown)
@@ -196,7 +317,12 @@ def _require_directory(storage: Storage, root: str) -> None:
 
 
 def _restore_component_path(
-    obj: Checkpointable, storage: Storage, root: str, component: str, kwargs: dict[str, Any]
+    obj: Checkpointable,
+    storage: Storage,
+    root: str,
+    component: str,
+    options: RestoreOptions,
+    kwargs: dict[str, Any],
 ) -> None:
     """Restore only ``component`` of ``obj`` from ``root``, the component's own directory."""
     try:
@@ -223,7 +349,33 @@ def _restore_component_path(
         _refuse_a_parent_directory(storage, root, component, names, current)
     head, rest = names[0], "/".join(names[1:]) or None
     comp = dict(obj.get_checkpointable_components())[head]
+    if is_ckptable_object(comp):
+        kwargs = {**kwargs, **_non_default(options)}
+    else:
+        # Code other than ckptable's reads the files itself: verify them first, and
+        # refuse safe mode, which that code cannot honour.
+        _refuse_foreign_in_safe_mode(options, comp, storage.display(root), component)
+        if options.verify:
+            report = verify_tree(storage, root)
+            if report.unverified:
+                session = _RestoreSession(
+                    storage, kwargs, options, unverified=list(report.unverified)
+                )
+                session.warn_unverified()
     comp.restore_from_path(root, component=rest, filesystem=storage.user_filesystem(), **kwargs)
+
+
+def _refuse_foreign_in_safe_mode(
+    options: RestoreOptions, comp: Any, shown: str, component: str | None
+) -> None:
+    if options.safe and not is_ckptable_object(comp):
+        raise UnsafeCheckpointError(
+            f"Component {component!r} ({type(comp).__module__}.{type(comp).__qualname__}) "
+            "is not a ckptable Checkpointable: it restores itself with its own code, which "
+            "safe=True cannot restrict.",
+            path=shown,
+            component=component,
+        )
 
 
 def _refuse_a_parent_directory(
@@ -261,26 +413,48 @@ def _refuse_a_parent_directory(
 
 
 def read_level(
-    storage: Storage, directory: str, obj: Any | None, metadata_file: str | None = None
+    session: _RestoreSession,
+    directory: str,
+    obj: Any | None,
+    metadata_file: str | None = None,
+    expected_manifest: tuple[str, str] | None = None,
+    read_ahead: bool = False,
 ) -> Level:
-    """Read and decode the level at ``directory`` and every level below it that is used.
+    """Step 1 for the level at ``directory`` and every level below it that is used: list,
+    verify, read the metadata and find the state file (decoded later, by ``decode_tree``).
 
     ``obj`` (the object the level will be restored into, if known) supplies the file
     names; without it they come from the level's metadata (found under ``metadata_file``,
     which the parent's record names, or the default name) or RLlib's defaults.
+    ``expected_manifest``: the parent manifest's ``(algorithm, checksum)`` of this level's
+    manifest.
     """
+    storage = session.storage
+    if obj is not None and not is_ckptable_object(obj):
+        return _check_foreign_level(session, directory, expected_manifest)
     entries = storage.listdir(directory)
+    refuse_special_entries(storage, directory, entries)
+    if obj is not None:
+        session.allowed.add(type(obj))
+
+    manifest = None
+    raw: dict[str, bytes] = {}
+    if session.options.verify and (MANIFEST_FILE in entries or expected_manifest):
+        manifest = read_manifest(storage, directory, expected_manifest)
+        raw = _verify_files(session, directory, manifest, entries)
+
     meta_name = getattr(obj, "METADATA_FILE_NAME", None) or metadata_file or DEFAULT_METADATA_FILE
-    metadata = _read_metadata(storage, directory, meta_name, entries)
+    metadata = None
+    if entries.get(meta_name) == "file":
+        metadata = read_metadata_file(
+            storage, storage.join(directory, meta_name), raw.get(meta_name)
+        )
     record = record_of(metadata)
+    if session.options.verify and manifest is None:
+        require_manifest_unless_foreign(storage, directory, record, entries)
+        session.unverified.append(storage.display(directory))
 
     codec, state_name = _state_file_of(storage, directory, obj, metadata, record, entries)
-    state = _decode_file(storage, storage.join(directory, state_name), codec)
-    if not isinstance(state, dict):
-        shown = storage.display(storage.join(directory, state_name))
-        raise CorruptCheckpointError(
-            f"{shown} holds a {type(state).__name__}, not a state dict.", path=shown
-        )
 
     comps: dict[str, Any] = {}
     if obj is not None and callable(getattr(obj, "get_checkpointable_components", None)):
@@ -288,26 +462,84 @@ def read_level(
     children: dict[str, Level] = {}
     for name in _child_names(storage, directory, record, entries, comps):
         child_obj = comps.get(name)
-        if child_obj is not None and not callable(getattr(child_obj, "restore_from_path", None)):
-            raise CheckpointError(
-                f"Component {name!r} of {type(obj).__name__} is a {type(child_obj).__name__}, "
-                "which has no restore_from_path(); components must be Checkpointable.",
-                path=storage.display(directory),
-                component=name,
-            )
         child_dir = storage.join(directory, name)
+        if child_obj is not None:
+            _check_restorable(session, obj, name, child_obj, child_dir)
+        expected = (manifest.algorithm, manifest.dirs[name]) if manifest else None
         if child_obj is None and record is None:
-            children[name] = _read_ahead(storage, child_dir)
+            children[name] = _read_ahead(session, child_dir, expected)
         else:
             hint = (record or {}).get("component_metadata_files", {}).get(name)
             children[name] = read_level(
-                storage, child_dir, child_obj, hint if isinstance(hint, str) else None
+                session, child_dir, child_obj, hint if isinstance(hint, str) else None, expected
             )
     subdirs = frozenset(name for name, kind in entries.items() if kind == "dir")
-    return Level(directory, metadata, state, children, subdirs=subdirs)
+    return Level(
+        directory,
+        metadata,
+        None,
+        children,
+        subdirs=subdirs,
+        state_file=state_name,
+        codec=codec,
+        raw_state=raw.get(state_name),
+        read_ahead=read_ahead,
+    )
 
 
-def _read_ahead(storage: Storage, directory: str) -> Level:
+def _check_foreign_level(
+    session: _RestoreSession, directory: str, expected_manifest: tuple[str, str] | None
+) -> Level:
+    """A component restored by code other than ckptable's (RLlib's own classes, say)
+    reads its files itself: they are only verified here, whole subtree, not decoded."""
+    storage = session.storage
+    if session.options.verify:
+        report = verify_tree(storage, directory, expected_manifest)
+        session.unverified.extend(report.unverified)
+    else:
+        refuse_special_entries(storage, directory, storage.listdir(directory))
+    return Level(directory, None, None, {})
+
+
+def _verify_files(
+    session: _RestoreSession,
+    directory: str,
+    manifest: LevelManifest,
+    entries: dict[str, Any],
+) -> dict[str, bytes]:
+    """Check the listing and every file of a level; return the small files' bytes."""
+    storage = session.storage
+    check_listing(storage, directory, manifest, entries)
+    kept: dict[str, bytes] = {}
+    for name, expected in manifest.files.items():
+        data = read_verified(
+            storage,
+            storage.join(directory, name),
+            expected,
+            manifest.algorithm,
+            keep=session.keep(expected[0]),
+        )
+        if data is not None:
+            kept[name] = data
+    return kept
+
+
+def _check_restorable(
+    session: _RestoreSession, parent: Any, name: str, comp: Any, directory: str
+) -> None:
+    if not callable(getattr(comp, "restore_from_path", None)):
+        raise CheckpointError(
+            f"Component {name!r} of {type(parent).__name__} is a {type(comp).__name__}, "
+            "which has no restore_from_path(); components must be Checkpointable.",
+            path=session.storage.display(directory),
+            component=name,
+        )
+    _refuse_foreign_in_safe_mode(session.options, comp, session.storage.display(directory), name)
+
+
+def _read_ahead(
+    session: _RestoreSession, directory: str, expected_manifest: tuple[str, str] | None
+) -> Level:
     """Read a level RLlib wrote for a component the object does not have (yet).
 
     It may appear during the parent's ``set_state``; or it is a stale directory that
@@ -316,17 +548,45 @@ def _read_ahead(storage: Storage, directory: str) -> Level:
     component appears, ignored otherwise.
     """
     try:
-        return read_level(storage, directory, None)
+        return read_level(session, directory, None, None, expected_manifest, read_ahead=True)
     except CheckpointError:
         return Level(directory, None, None, {}, deferred=True)
 
 
-def _read_metadata(
-    storage: Storage, directory: str, name: str, entries: dict[str, Any]
-) -> dict[str, Any] | None:
-    if entries.get(name) != "file":
-        return None
-    return read_metadata_file(storage, storage.join(directory, name))
+def decode_tree(session: _RestoreSession, level: Level) -> None:
+    """Step 2: decode the state of ``level`` and of every level below it."""
+    if level.deferred:
+        return
+    for child in level.children.values():
+        decode_tree(session, child)
+    if level.codec is None:
+        return
+    path = session.storage.join(level.path, level.state_file)
+    try:
+        state = _decode_file(
+            session.storage,
+            path,
+            level.codec,
+            level.raw_state,
+            session.options,
+            allowed=session.allowed,
+        )
+    except CheckpointError:
+        if not level.read_ahead:
+            raise
+        level.deferred, level.children = True, {}
+        return
+    finally:
+        level.raw_state = None
+    if not isinstance(state, dict):
+        shown = session.storage.display(path)
+        if level.read_ahead:
+            level.deferred, level.children = True, {}
+            return
+        raise CorruptCheckpointError(
+            f"{shown} holds a {type(state).__name__}, not a state dict.", path=shown
+        )
+    level.state = state
 
 
 def _state_file_of(
@@ -405,11 +665,36 @@ def _child_names(
     return names
 
 
-def _decode_file(storage: Storage, path: str, codec: Codec) -> Any:
+def _decode_file(
+    storage: Storage,
+    path: str,
+    codec: Codec,
+    raw: bytes | None,
+    options: RestoreOptions,
+    *,
+    allowed: set[type] | frozenset[type] = frozenset(),
+    allow_subclasses_of: type | None = None,
+) -> Any:
+    """Decode one file (from ``raw`` if step 1 kept its bytes); errors name the file."""
     shown = storage.display(path)
     try:
-        with storage.open_read(path) as stream:
-            return codec.load(stream)
+        with _open_source(storage, path, raw) as stream:
+            if not options.safe:
+                return codec.load(stream)
+            load_restricted = getattr(codec, "load_restricted", None)
+            if load_restricted is None:
+                raise UnsafeCheckpointError(
+                    f"{shown}: the {codec.name!r} format has no restricted loader, so it "
+                    "cannot be loaded with safe=True.",
+                    path=shown,
+                )
+            return load_restricted(
+                stream, allowed=allowed, allow_subclasses_of=allow_subclasses_of, source=shown
+            )
+    except CheckpointError as exc:
+        if exc.path is None:
+            exc.path = shown
+        raise
     except (ImportError, AttributeError) as exc:
         raise IncompatibleCheckpointError(
             f"Cannot load {shown}: it refers to code this Python environment lacks ({exc}).",
@@ -439,6 +724,12 @@ def _decode_file(storage: Storage, path: str, codec: Codec) -> Any:
         raise
 
 
+def _open_source(storage: Storage, path: str, raw: bytes | None) -> Any:
+    if raw is not None:
+        return io.BytesIO(raw)
+    return storage.open_read(path)
+
+
 # --------------------------------------------------------------------------- apply
 
 
@@ -458,7 +749,10 @@ def _apply_level(session: _RestoreSession, obj: Checkpointable, level: Level) ->
             continue
         child = level.children.get(name)
         if (child is None or child.deferred) and level.record is None and name in level.subdirs:
-            child = read_level(session.storage, session.storage.join(level.path, name), comp)
+            child_dir = session.storage.join(level.path, name)
+            _check_restorable(session, obj, name, comp, child_dir)
+            child = read_level(session, child_dir, comp)
+            decode_tree(session, child)
         if child is not None:
             _apply_component(session, comp, child)
 
@@ -476,7 +770,8 @@ def _apply_component(session: _RestoreSession, comp: Any, level: Level) -> None:
     if uses_ckptable_method(comp, "restore_from_path"):
         _apply_level(session, comp, level)
         return
-    session.prepared[level.path] = level
+    if level.codec is not None:  # decoded: a ckptable restore it reaches takes it as is
+        session.prepared[level.path] = level
     try:
         # Code other than ckptable's own restore gets a filesystem object, as from RLlib.
         comp.restore_from_path(

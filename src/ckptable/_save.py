@@ -18,18 +18,19 @@ record under the ``"ckptable"`` key), ``class_and_ctor_args.pkl``, ``state.pkl``
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import json
 import os
 import pickle
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from ckptable._commit import staged_directory
+from ckptable._commit import Staging, staged_directory
 from ckptable._components import uses_ckptable_method, validate_component_name
 from ckptable._formats import Codec, get_codec
 from ckptable._layout import (
@@ -39,6 +40,7 @@ from ckptable._layout import (
     RECORD_KEY,
     checkpoint_file_names,
 )
+from ckptable._manifest import HashingWriter, checksum_of, preferred_algorithm, seal_directory
 from ckptable._storage import LocalStorage, Storage, new_temporary_path, resolve_storage
 from ckptable._version import package_version
 from ckptable.errors import CheckpointError, StateEncodingError
@@ -46,7 +48,7 @@ from ckptable.errors import CheckpointError, StateEncodingError
 if TYPE_CHECKING:
     from ckptable._checkpointable import Checkpointable
 
-__all__ = ["save_checkpointable"]
+__all__ = ["save_checkpointable", "save_through_override"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +56,24 @@ class _SaveSession:
     """The outermost save in progress: where its staging tree is and how it encodes."""
 
     storage: Storage
-    staging_root: str
+    staging: Staging
     codec: Codec
     #: The checkpoint path being written, as the user will see it (for error messages).
     target: str
+    #: Checksum algorithm of the manifests.
+    algorithm: str = dataclasses.field(default_factory=preferred_algorithm)
+
+    @property
+    def staging_root(self) -> str:
+        return self.staging.root
 
     def owns(self, storage: Storage, path: str) -> bool:
+        """True if ``path`` is the staging tree or inside it."""
         if not _same_storage(storage, self.storage):
             return False
-        return path.startswith(self.storage.join(self.staging_root, ""))
+        return path == self.staging_root or path.startswith(
+            self.storage.join(self.staging_root, "")
+        )
 
     def owns_plain_path(self, path: Any, filesystem: Any) -> bool:
         """Fast check for the nested calls this session makes itself: a local path string
@@ -71,7 +82,7 @@ class _SaveSession:
             isinstance(self.storage, LocalStorage)
             and isinstance(path, str)
             and path.startswith(self.staging_root)
-            and path[len(self.staging_root) : len(self.staging_root) + 1] == os.sep
+            and path[len(self.staging_root) : len(self.staging_root) + 1] in ("", os.sep)
             and (filesystem is None or filesystem is self.storage.user_filesystem())
         )
 
@@ -83,6 +94,30 @@ class _SaveSession:
         """Where ``path`` is, for messages: the checkpoint and the component path."""
         component = self.component_path(path)
         return f"component {component!r} of {self.target}" if component else self.target
+
+    def shown(self, path: str) -> str:
+        """A staging path as the user will find it once published."""
+        relative = path[len(self.staging_root) + 1 :]
+        return self.storage.join(self.target, relative) if relative else self.target
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a whole file and record its size and checksum for the manifest."""
+        self.storage.write_bytes(path, data)
+        self.staging.files[path] = (len(data), checksum_of(self.algorithm, data))
+
+    @contextlib.contextmanager
+    def open_write(self, path: str) -> Iterator[HashingWriter]:
+        """A stream that checksums what it writes; recorded for the manifest on close."""
+        with self.storage.open_write(path) as raw:
+            writer = HashingWriter(raw, self.algorithm)
+            yield writer
+        self.staging.files[path] = (writer.size, writer.hexdigest())
+
+    def seal(self, directory: str, *, rebuild: bool = False) -> None:
+        """Write the manifest of a finished level (the root's last of all)."""
+        seal_directory(
+            self.storage, directory, self.algorithm, self.staging.files, self.shown, rebuild
+        )
 
 
 _PYTHON_VERSION = platform.python_version()
@@ -107,6 +142,7 @@ def save_checkpointable(
     filesystem: Any,
     use_msgpack: bool,
     format: str | None,
+    durable: bool = True,
 ) -> str:
     """``Checkpointable.save_to_path``: see there."""
     session = _current_save.get()
@@ -114,25 +150,83 @@ def save_checkpointable(
         _write_level(session, obj, path, state)
         return str(path)
     if path is None:
-        path = new_temporary_path()
-        filesystem = None
+        path, filesystem = new_temporary_path(), None
     storage, fs_path = resolve_storage(path, filesystem)
     if session is not None and session.owns(storage, fs_path):
         _write_level(session, obj, fs_path, state)
         return storage.display(fs_path)
+    codec = get_codec(format or ("msgpack" if use_msgpack else "cloudpickle"))
 
+    def write(session: _SaveSession) -> None:
+        _write_level(session, obj, session.staging_root, state)
+
+    return _save_outermost(obj, path, storage, fs_path, codec, durable, write)
+
+
+def save_through_override(
+    obj: Checkpointable, method: Callable[..., Any], path: Any, kwargs: dict[str, Any]
+) -> str:
+    """Run a subclass's own ``save_to_path`` inside a staging session.
+
+    A subclass that overrides ``save_to_path`` may write files of its own before or after
+    calling ``super().save_to_path``. Called from outside any save, the override runs
+    with the staging directory as ``path``, so that those files are part of the atomic,
+    checksummed tree too; nested calls (a component's override) just run.
+    """
+    session = _current_save.get()
+    filesystem = kwargs.get("filesystem")
+    if session is not None and (
+        session.owns_plain_path(path, filesystem)
+        or (path is not None and session.owns(*resolve_storage(path, filesystem)))
+    ):
+        return method(obj, path, **kwargs)  # type: ignore[no-any-return]
+    if path is None:
+        path, filesystem = new_temporary_path(), None
+        kwargs = {**kwargs, "filesystem": None}
+    storage, fs_path = resolve_storage(path, filesystem)
+    format = kwargs.get("format")
+    codec = get_codec(format or ("msgpack" if kwargs.get("use_msgpack") else "cloudpickle"))
+
+    def write(session: _SaveSession) -> None:
+        method(obj, storage.display(session.staging_root), **kwargs)
+        # Whatever the override wrote around its super() call: checksum it too.
+        session.seal(session.staging_root, rebuild=True)
+
+    return _save_outermost(
+        obj, path, storage, fs_path, codec, bool(kwargs.get("durable", True)), write
+    )
+
+
+def _save_outermost(
+    obj: Checkpointable,
+    path: Any,
+    storage: Storage,
+    fs_path: str,
+    codec: Codec,
+    durable: bool,
+    write: Callable[[_SaveSession], None],
+) -> str:
+    """Stage, write (``write``), make durable and publish one whole checkpoint."""
     # A URI is returned as given (host, port and query kept); a local path made absolute.
     shown = storage.display(fs_path) if isinstance(storage, LocalStorage) else os.fspath(path)
     if isinstance(storage, LocalStorage) and os.path.islink(fs_path):
         fs_path = os.path.realpath(fs_path)  # replace the checkpoint the link points to
-    codec = get_codec(format or ("msgpack" if use_msgpack else "cloudpickle"))
-    with staged_directory(storage, fs_path, checkpoint_file_names(obj)) as staging:
-        session = _SaveSession(storage, staging, codec, target=shown)
-        token = _current_save.set(session)
-        try:
-            _write_level(session, obj, staging, state)
-        finally:
-            _current_save.reset(token)
+    try:
+        with staged_directory(
+            storage, fs_path, checkpoint_file_names(obj), durable=durable
+        ) as staging:
+            session = _SaveSession(storage, staging, codec, target=shown)
+            token = _current_save.set(session)
+            try:
+                write(session)
+            finally:
+                _current_save.reset(token)
+    except OSError as exc:
+        raise CheckpointError(
+            f"Saving the checkpoint {shown} failed: {exc}. Nothing was published; the "
+            "checkpoint that was there before (if any) is unchanged.",
+            path=shown,
+        ) from exc
     return shown
 
 
@@ -172,20 +266,24 @@ def _write_level(
         metadata_file = getattr(comp, "METADATA_FILE_NAME", DEFAULT_METADATA_FILE)
         if metadata_file != DEFAULT_METADATA_FILE:
             metadata_files[name] = metadata_file
+        comp_dir = storage.join(directory, name)
         comp.save_to_path(
-            storage.join(directory, name),
+            comp_dir,
             filesystem=_filesystem_for(storage, comp),
             state=level_state.pop(name, None),
             use_msgpack=session.codec.name == "msgpack",
         )
+        if not uses_ckptable_method(comp, "save_to_path"):
+            # Its own code wrote (some of) the level: checksum what is there now.
+            session.seal(comp_dir, rebuild=True)
         saved.append(name)
 
     _write_metadata(session, obj, directory, saved, metadata_files)
     _write_class_and_ctor_args(session, obj, directory)
     state_file = storage.join(directory, obj.STATE_FILE_NAME + session.codec.suffix)
     try:
-        with storage.open_write(state_file) as stream:
-            session.codec.dump(level_state, stream)
+        with session.open_write(state_file) as stream:
+            session.codec.dump(level_state, stream)  # type: ignore[arg-type]
     except (TypeError, ValueError, AttributeError, RecursionError, pickle.PicklingError) as exc:
         raise StateEncodingError(
             f"Cannot encode the state of {type(obj).__name__} ({session.describe(directory)}) "
@@ -193,6 +291,7 @@ def _write_level(
             path=session.target,
             component=session.component_path(directory),
         ) from exc
+    session.seal(directory)
 
 
 def _check_components(
@@ -274,7 +373,7 @@ def _write_metadata(
             path=session.target,
             component=session.component_path(directory),
         ) from exc
-    session.storage.write_bytes(session.storage.join(directory, obj.METADATA_FILE_NAME), payload)
+    session.write_bytes(session.storage.join(directory, obj.METADATA_FILE_NAME), payload)
 
 
 def _write_class_and_ctor_args(session: _SaveSession, obj: Checkpointable, directory: str) -> None:
@@ -288,6 +387,4 @@ def _write_class_and_ctor_args(session: _SaveSession, obj: Checkpointable, direc
             path=session.target,
             component=session.component_path(directory),
         ) from exc
-    session.storage.write_bytes(
-        session.storage.join(directory, obj.CLASS_AND_CTOR_ARGS_FILE_NAME), payload
-    )
+    session.write_bytes(session.storage.join(directory, obj.CLASS_AND_CTOR_ARGS_FILE_NAME), payload)

@@ -15,9 +15,13 @@ The hierarchy::
     │                                    directory name (empty, '..', 'a/b', NUL, ...)
     ├── StateEncodingError               also a TypeError: a state (or constructor
     │                                    arguments) the format cannot encode
-    ├── UnsafeCheckpointError            loading would run code outside the allowlist
+    ├── UnsafeCheckpointError            loading would run code outside the allowlist,
+    │                                    or the checkpoint holds a symlink or special file
     ├── ActorCheckpointError             Ray actor components failed to save/restore
     └── TransferError                    moving a directory between nodes failed
+
+One warning: ``UnverifiedCheckpointWarning`` (a ``UserWarning``), when a checkpoint
+without ckptable's manifest (written by RLlib) is restored without an integrity check.
 
 The ``ValueError`` and ``TypeError`` bases keep ``except ValueError`` / ``except
 TypeError`` working for code written against RLlib, which raises those in these places.
@@ -36,6 +40,7 @@ __all__ = [
     "TransferError",
     "UnknownComponentError",
     "UnsafeCheckpointError",
+    "UnverifiedCheckpointWarning",
 ]
 
 
@@ -93,3 +98,12 @@ class ActorCheckpointError(CheckpointError):
 
 class TransferError(CheckpointError):
     """Moving a checkpoint directory between nodes failed."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint without ckptable's manifest (written by RLlib or another tool) was
+    restored without an integrity check."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
