@@ -24,7 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from ckptable import Checkpointable, UnknownComponentError, get_checkpoint_info
+from ckptable import (
+    Checkpointable,
+    CorruptCheckpointError,
+    UnknownComponentError,
+    get_checkpoint_info,
+    verify_checkpoint,
+)
 
 
 class Layer(Checkpointable):
@@ -219,6 +225,25 @@ def main() -> None:
         )
         from_msgpack = Model.from_checkpoint(mp_path)
         check("msgpack round trip", states_equal(from_msgpack.get_state(), saved_state))
+
+        # 6. Integrity: every file is checksummed; a flipped bit is found before loading.
+        report = verify_checkpoint(path)
+        print(f"verified {report.levels} levels, {report.files} files, {report.bytes} bytes")
+        safe = Model(seed=7)
+        safe.restore_from_path(path, safe=True)  # restricted unpickler: plain data only
+        check("restore with safe=True", states_equal(safe.get_state(), saved_state))
+        state_file = os.path.join(path, "decoder", "state.pkl")
+        with open(state_file, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 0x01]))
+        try:
+            Model(seed=7).restore_from_path(path)
+        except CorruptCheckpointError as exc:
+            print(f"a flipped bit raises {type(exc).__name__}: {exc}")
+        else:
+            check("a flipped bit raises CorruptCheckpointError", False)
 
     print("OK")
 

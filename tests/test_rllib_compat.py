@@ -200,9 +200,29 @@ def test_rllib_written_tree_restores_into_ckptable_object(
     dst = getattr(CK, cls_name)()
     assert differs(dst.get_state(), src.get_state())
 
-    dst.restore_from_path(path)
+    with pytest.warns(ckptable.UnverifiedCheckpointWarning, match="without an integrity check"):
+        dst.restore_from_path(path)
 
     assert_same(dst.get_state(), src.get_state())
+
+
+def test_rllib_written_checkpoint_verifies_as_unverified_and_still_refuses_links(
+    tmp_path: Path,
+) -> None:
+    """No manifest: every file is read (so an unreadable one still fails) and every level
+    is reported unverified; symlinks are refused as in ckptable's own checkpoints."""
+    src = build(RL.Root, 3)
+    path = Path(src.save_to_path(tmp_path / "rllib"))
+    report = ckptable.verify_checkpoint(path)
+    directories = [path, *(p for p in path.rglob("*") if p.is_dir())]
+    assert not report.verified
+    assert sorted(report.unverified) == sorted(str(d) for d in directories)
+    assert report.files == sum(1 for p in path.rglob("*") if p.is_file())
+    state = next(path.rglob("state.pkl"))
+    state.unlink()
+    state.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ckptable.UnsafeCheckpointError, match="symlink"):
+        CK.Root().restore_from_path(path)
 
 
 # --------------------------------------------------------------------------- ckptable → RLlib

@@ -346,12 +346,20 @@ class SafeUnpickler(pickle._Unpickler):
             found = _lookup_subclass(module, name, self._allow_subclasses_of)
             if found is not None:
                 return found
+        where = self._source or "the pickle"
+        if module.split(".")[0] == "cloudpickle":
+            raise UnsafeCheckpointError(
+                f"Refusing to load {where}: it holds code pickled by value "
+                f"('{module}.{name}'), a class or function defined in __main__, a notebook "
+                "or a function body, which cloudpickle stores as code. Safe mode never "
+                "loads code: define the class in an importable module and save again.",
+                path=self._source or None,
+            )
         raise UnsafeCheckpointError(
-            f"Refusing to load the global '{module}.{name}' named in "
-            f"{self._source or 'the pickle'}: it is not on ckptable's allowlist of safe "
-            "classes, and unpickling it could run arbitrary code. If you trust this "
-            f"checkpoint and that class, call ckptable.add_safe_classes({module}.{name}) "
-            "before loading.",
+            f"Refusing to load the global '{module}.{name}' named in {where}: it is not "
+            "on ckptable's allowlist of safe classes, and unpickling it could run "
+            "arbitrary code. If you trust this checkpoint and that class, call "
+            f"ckptable.add_safe_classes({module}.{name}) before loading.",
             path=self._source or None,
         )
 
