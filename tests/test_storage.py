@@ -84,7 +84,9 @@ def test_home_relative_paths_are_expanded(tmp_path: Path, monkeypatch: pytest.Mo
     assert Model.from_checkpoint("~/ckpt").epoch == 9
 
 
-def test_a_subtree_over_an_object_store_writes_in_place_not_by_rename() -> None:
+def test_pyarrow_filesystems_write_in_place_with_the_manifest_as_commit_record() -> None:
+    """Only the local fast path stages and renames: it alone has the locks and
+    O_NOFOLLOW that staging and leftover recovery rest on."""
     s3 = pyarrow.fs.S3FileSystem(anonymous=True, region="us-east-1")
 
     assert (
@@ -92,7 +94,8 @@ def test_a_subtree_over_an_object_store_writes_in_place_not_by_rename() -> None:
     )
     assert PyArrowStorage(s3).can_rename_dirs is False
     local_subtree = pyarrow.fs.SubTreeFileSystem("/tmp", pyarrow.fs.LocalFileSystem())
-    assert PyArrowStorage(local_subtree).can_rename_dirs is True
+    assert PyArrowStorage(local_subtree).can_rename_dirs is False
+    assert LocalStorage.can_rename_dirs is True
 
 
 def test_components_with_their_own_save_get_a_pyarrow_filesystem_as_from_rllib(

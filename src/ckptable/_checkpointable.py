@@ -88,7 +88,9 @@ class Checkpointable(abc.ABC):
 
         Raises:
             CheckpointError: if writing fails (disk full, permissions, ...); nothing is
-                published and the previous checkpoint at ``path`` is unchanged.
+                published and the previous checkpoint at ``path`` is unchanged (on
+                object stores, which cannot rename directories, the previous checkpoint
+                is deleted first and nothing is left that restores as one).
         """
         return save_checkpointable(
             self,

@@ -20,7 +20,9 @@ failure comes after step 2, for instance an fsync error of the parent directory,
 checkpoint is in place and the save still reports the error).
 
 **Leftovers.** A save holds an exclusive ``flock`` on its staging directory until it
-ends; the kernel drops it when the process dies. The next save of the same target (and a
+ends; the kernel drops it when the process dies. (The directory is created under a
+``.ckptable-creating-`` name, locked, then renamed, so it never shows unlocked under its
+staging name.) The next save of the same target (and a
 restore that finds the target missing) removes staging directories nobody holds, and
 moves an old tree back where a two-step publish died between its steps. Removal never
 follows symlinks.
@@ -57,6 +59,10 @@ logger = logging.getLogger("ckptable")
 STAGING_MARKER = ".ckptable-staging-"
 #: Part of the name of an old tree moved aside by a two-step publish.
 OLD_MARKER = ".ckptable-old-"
+#: A staging directory for the instant between its creation and its lock.
+CREATING_MARKER = ".ckptable-creating-"
+#: Age after which a directory left between creation and lock counts as abandoned.
+CREATING_MAX_AGE_SECONDS = 600.0
 #: Above this many files, one ``syncfs`` beats an ``fsync`` per file.
 SYNCFS_MIN_FILES = 32
 
@@ -115,9 +121,14 @@ def staged_directory(
     staging = Staging(storage.join(parent, f".{name}{STAGING_MARKER}{token}"))
     if parent and storage.kind(parent, follow_symlinks=True) != "dir":
         storage.makedirs(parent)
-    with _parent_lock(storage, parent):
-        storage.mkdir(staging.root)
-        lock = storage.lock_directory(staging.root)
+    lock = _create_locked(storage, storage.join(parent, f".{name}{CREATING_MARKER}{token}"))
+    try:
+        storage.rename(storage.join(parent, f".{name}{CREATING_MARKER}{token}"), staging.root)
+    except BaseException:
+        storage.unlock(lock)
+        with contextlib.suppress(OSError):
+            storage.remove_tree(storage.join(parent, f".{name}{CREATING_MARKER}{token}"))
+        raise
     try:
         try:
             yield staging
@@ -196,22 +207,23 @@ def _remove_quietly(storage: Storage, path: str) -> None:
     cleans, never an error (the checkpoint is published)."""
     try:
         storage.remove_tree(path)
+    except FileNotFoundError:
+        pass  # a concurrent save's leftover scan removed it first
     except OSError as exc:
         logger.warning("Could not remove %s (%s); the next save will.", path, exc)
 
 
-@contextlib.contextmanager
-def _parent_lock(storage: Storage, parent: str) -> Iterator[None]:
-    """Serialise creating-and-locking a staging directory with the leftover scan, so that
-    a scan never takes a just-created directory for an abandoned one."""
+def _create_locked(storage: Storage, path: str) -> object:
+    """Create the directory ``path`` and lock it; the caller then renames it to its
+    staging name, so a leftover scan never sees a staging directory before its lock
+    (the lock belongs to the directory, not the name). Where the filesystem has no
+    locks (ENOLCK, ENOTSUP, ...), the save goes on without one: its leftovers are then
+    never taken for abandoned ones, only those of crashed saves that had a lock."""
+    storage.mkdir(path)
     try:
-        handle = storage.lock_directory(parent, blocking=True)
+        return storage.lock_directory(path)
     except OSError:
-        handle = None  # a parent we cannot lock (read-only, odd filesystem): go without
-    try:
-        yield
-    finally:
-        storage.unlock(handle)
+        return None
 
 
 def recover_leftovers(storage: Storage, target: str) -> None:
@@ -229,21 +241,26 @@ def recover_leftovers(storage: Storage, target: str) -> None:
     except (FileNotFoundError, NotADirectoryError):
         return
     staging_prefix, old_prefix = f".{name}{STAGING_MARKER}", f".{name}{OLD_MARKER}"
-    if not any(e.startswith((staging_prefix, old_prefix)) for e in entries):
+    creating_prefix = f".{name}{CREATING_MARKER}"
+    prefixes = (staging_prefix, old_prefix, creating_prefix)
+    if not any(e.startswith(prefixes) for e in entries):
         return
-    with _parent_lock(storage, parent):
-        entries = storage.listdir(parent)
-        for entry in sorted(e for e in entries if e.startswith(old_prefix)):
-            old = storage.join(parent, entry)
-            sibling = staging_prefix + entry[len(old_prefix) :]
-            if sibling in entries and not storage.is_abandoned(storage.join(parent, sibling)):
-                continue  # its save is between the two renames right now
-            if storage.kind(target) is None:
-                logger.warning("Repairing %s from an interrupted save.", storage.display(target))
+    for entry in sorted(e for e in entries if e.startswith(old_prefix)):
+        old = storage.join(parent, entry)
+        sibling = staging_prefix + entry[len(old_prefix) :]
+        if sibling in entries and not storage.is_abandoned(storage.join(parent, sibling)):
+            continue  # its save is between the two renames right now
+        if storage.kind(target) is None and entries[entry] == "dir":
+            logger.warning("Repairing %s from an interrupted save.", storage.display(target))
+            with contextlib.suppress(FileNotFoundError):  # another process repaired it
                 storage.rename(old, target)
-            else:
-                _remove_quietly(storage, old)
-        for entry in sorted(e for e in entries if e.startswith(staging_prefix)):
-            path = storage.join(parent, entry)
-            if storage.is_abandoned(path):
-                _remove_quietly(storage, path)
+        else:
+            _remove_quietly(storage, old)
+    for entry in sorted(e for e in entries if e.startswith(staging_prefix)):
+        path = storage.join(parent, entry)
+        if storage.is_abandoned(path):
+            _remove_quietly(storage, path)
+    for entry in sorted(e for e in entries if e.startswith(creating_prefix)):
+        path = storage.join(parent, entry)
+        if storage.age_seconds(path) > CREATING_MAX_AGE_SECONDS:
+            _remove_quietly(storage, path)

@@ -287,14 +287,26 @@ def verify_checkpoint(path: Any, filesystem: Any = None) -> VerifyReport:
         UnsafeCheckpointError: the checkpoint holds a symlink or special file.
     """
     storage, root = resolve_storage(path, filesystem)
-    return verify_tree(storage, root)
+    try:
+        return verify_tree(storage, root)
+    except OSError as exc:
+        shown = storage.display(root)
+        raise CorruptCheckpointError(
+            f"Cannot read the checkpoint {shown}: {exc}", path=shown
+        ) from exc
 
 
 def verify_tree(
-    storage: Storage, root: str, expected_manifest: tuple[str, str] | None = None
+    storage: Storage,
+    root: str,
+    expected_manifest: tuple[str, str] | None = None,
+    *,
+    read_unverified: bool = True,
 ) -> VerifyReport:
     """``verify_checkpoint`` on a resolved storage path; ``expected_manifest``: the
-    parent manifest's ``(algorithm, checksum)`` of the root's manifest."""
+    parent manifest's ``(algorithm, checksum)`` of the root's manifest.
+    ``read_unverified=False`` lists levels without a manifest but does not read their
+    files (a restore reads them anyway; their byte count is then 0)."""
     if storage.kind(root, follow_symlinks=True) != "dir":
         recover_leftovers(storage, root)
         if storage.kind(root, follow_symlinks=True) != "dir":
@@ -324,7 +336,9 @@ def verify_tree(
         unverified.append(storage.display(directory))
         for name, kind in sorted(entries.items()):
             path = storage.join(directory, name)
-            if kind == "file":
+            if kind == "file" and not read_unverified:
+                counts["files"] += 1
+            elif kind == "file":
                 try:
                     size, _ = hash_file(storage, path, "crc32")
                 except OSError as exc:

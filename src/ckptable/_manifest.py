@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
-from ckptable._layout import DEFAULT_METADATA_FILE, read_metadata_file, record_of
+from ckptable._layout import read_metadata_file, record_of
 from ckptable._storage import EntryKind, Storage
 from ckptable.errors import (
     CheckpointError,
@@ -196,6 +196,8 @@ class LevelManifest:
             document = json.loads(data)
             body = document["ckptable_manifest"]
             stored_crc = document["crc32"]
+            if not isinstance(body, dict):
+                raise TypeError("the manifest body is not an object")
         except (ValueError, TypeError, KeyError) as exc:
             raise CorruptCheckpointError(
                 f"The manifest {shown} is unreadable ({exc}).", path=shown
@@ -245,11 +247,21 @@ def refuse_special_entries(storage: Storage, directory: str, entries: dict[str, 
 def require_manifest_unless_foreign(
     storage: Storage, directory: str, record: dict[str, Any] | None, entries: dict[str, Any]
 ) -> None:
-    """A level ckptable wrote has a manifest; without one, its save never finished."""
-    if record is None and entries.get(DEFAULT_METADATA_FILE) == "file":
-        record = record_of(
-            read_metadata_file(storage, storage.join(directory, DEFAULT_METADATA_FILE))
-        )
+    """A level ckptable wrote has a manifest; without one, its save never finished.
+
+    ``record``: ckptable's record from the level's metadata, if the caller read it;
+    otherwise every JSON file of the level is looked at (a class may rename its metadata
+    file, as RLlib's Algorithm does).
+    """
+    if record is None:
+        for name in sorted(entries):
+            if name.endswith(".json") and entries[name] == "file" and name != MANIFEST_FILE:
+                try:
+                    record = record_of(read_metadata_file(storage, storage.join(directory, name)))
+                except CorruptCheckpointError:
+                    continue  # not JSON: not ckptable's metadata
+                if record is not None:
+                    break
     if record is not None:
         shown = storage.display(directory)
         raise CorruptCheckpointError(
@@ -396,7 +408,10 @@ def build_manifest(
         if name == MANIFEST_FILE:
             continue
         if kind == "file":
-            files[name] = known.get(path) or hash_file(storage, path, algorithm)
+            entry = known.get(path)
+            if entry is None or (rebuild and not _unchanged(storage, path, entry)):
+                entry = known[path] = hash_file(storage, path, algorithm)
+            files[name] = entry
         elif kind == "dir":
             sub_manifest = storage.join(path, MANIFEST_FILE)
             if rebuild or sub_manifest not in known:
@@ -409,6 +424,20 @@ def build_manifest(
                 path=shown(path),
             )
     return LevelManifest(algorithm, files, dirs)
+
+
+#: On rebuilding, files ckptable wrote up to this size are checksummed again; larger
+#: ones only if their size changed (a save override may rewrite a file after ckptable
+#: checksummed it: small metadata files, typically).
+_RECHECK_BYTES = 1 << 20
+
+
+def _unchanged(storage: Storage, path: str, entry: tuple[int, str]) -> bool:
+    """Whether a file ckptable wrote (and checksummed) can be taken as unchanged."""
+    try:
+        return entry[0] > _RECHECK_BYTES and storage.size(path) == entry[0]
+    except OSError:
+        return False
 
 
 def seal_directory(

@@ -199,14 +199,55 @@ def restore_checkpointable(
         _restore_component_path(obj, storage, root, component, options, kwargs)
         return
     session = _RestoreSession(storage, kwargs, options)
-    level = read_level(session, root, obj)
-    decode_tree(session, level)
+    level = _read_consistently(session, root, obj)
     session.warn_unverified()
     token = _current_restore.set(session)
     try:
         _apply_level(session, obj, level)
     finally:
         _current_restore.reset(token)
+
+
+#: Reads of a checkpoint that a concurrent save replaces are repeated up to this often.
+_READ_ATTEMPTS = 10
+
+
+def _read_consistently(session: _RestoreSession, root: str, obj: Any) -> Level:
+    """Steps 1 and 2, repeated if a concurrent save replaced the checkpoint meanwhile.
+
+    A save swaps whole trees and never changes a published file, so a read that starts
+    and ends on the same root directory (same device and inode) read one checkpoint;
+    one that did not may hold files of two, or report a "mismatch" that is only the
+    swap: it is read again.
+    """
+    storage = session.storage
+    for attempt in range(_READ_ATTEMPTS):
+        before = storage.identity(root)
+        session.unverified.clear()
+        session.keep_budget = _KEEP_TOTAL_BYTES
+        try:
+            try:
+                level = read_level(session, root, obj)
+                decode_tree(session, level)
+            except OSError as exc:
+                shown = storage.display(root)
+                raise CorruptCheckpointError(
+                    f"Cannot read the checkpoint {shown}: {exc}", path=shown
+                ) from exc
+        except CheckpointError:
+            if before is None or storage.identity(root) == before:
+                raise
+            if attempt == _READ_ATTEMPTS - 1:
+                raise
+            continue
+        if before is None or storage.identity(root) == before:
+            return level
+    shown = storage.display(root)
+    raise CheckpointError(
+        f"The checkpoint {shown} was replaced {_READ_ATTEMPTS} times while it was being "
+        "read (concurrent saves); try again.",
+        path=shown,
+    )
 
 
 def construct_from_checkpoint(
@@ -356,7 +397,7 @@ def _restore_component_path(
         # refuse safe mode, which that code cannot honour.
         _refuse_foreign_in_safe_mode(options, comp, storage.display(root), component)
         if options.verify:
-            report = verify_tree(storage, root)
+            report = verify_tree(storage, root, read_unverified=False)
             if report.unverified:
                 session = _RestoreSession(
                     storage, kwargs, options, unverified=list(report.unverified)
@@ -454,7 +495,14 @@ def read_level(
         require_manifest_unless_foreign(storage, directory, record, entries)
         session.unverified.append(storage.display(directory))
 
-    codec, state_name = _state_file_of(storage, directory, obj, metadata, record, entries)
+    try:
+        codec, state_name = _state_file_of(storage, directory, obj, metadata, record, entries)
+    except CorruptCheckpointError:
+        if not read_ahead:
+            raise
+        # Verified (if it has a manifest) but not in ckptable's layout: a component with
+        # file names of its own, or code of its own. Read when the component appears.
+        return Level(directory, metadata, None, {}, deferred=True)
 
     comps: dict[str, Any] = {}
     if obj is not None and callable(getattr(obj, "get_checkpointable_components", None)):
@@ -468,11 +516,33 @@ def read_level(
         expected = (manifest.algorithm, manifest.dirs[name]) if manifest else None
         if child_obj is None and record is None:
             children[name] = _read_ahead(session, child_dir, expected)
+        elif child_obj is None:
+            # Listed by ckptable but not (yet) a component: created by set_state.
+            hint = (record or {}).get("component_metadata_files", {}).get(name)
+            children[name] = read_level(
+                session,
+                child_dir,
+                None,
+                hint if isinstance(hint, str) else None,
+                expected,
+                read_ahead=True,
+            )
         else:
             hint = (record or {}).get("component_metadata_files", {}).get(name)
             children[name] = read_level(
                 session, child_dir, child_obj, hint if isinstance(hint, str) else None, expected
             )
+    if manifest is not None:
+        # Directories the manifest pins that no component reads (written by a save
+        # override, say): verified too, so that nothing in the tree goes unchecked.
+        for name, digest in manifest.dirs.items():
+            if name not in children:
+                verify_tree(
+                    storage,
+                    storage.join(directory, name),
+                    (manifest.algorithm, digest),
+                    read_unverified=False,
+                )
     subdirs = frozenset(name for name, kind in entries.items() if kind == "dir")
     return Level(
         directory,
@@ -494,7 +564,7 @@ def _check_foreign_level(
     reads its files itself: they are only verified here, whole subtree, not decoded."""
     storage = session.storage
     if session.options.verify:
-        report = verify_tree(storage, directory, expected_manifest)
+        report = verify_tree(storage, directory, expected_manifest, read_unverified=False)
         session.unverified.extend(report.unverified)
     else:
         refuse_special_entries(storage, directory, storage.listdir(directory))
@@ -549,7 +619,12 @@ def _read_ahead(
     """
     try:
         return read_level(session, directory, None, None, expected_manifest, read_ahead=True)
+    except UnsafeCheckpointError:
+        raise
     except CheckpointError:
+        storage = session.storage
+        if expected_manifest is not None or storage.kind(storage.join(directory, MANIFEST_FILE)):
+            raise  # a verified level that fails is damaged, not foreign
         return Level(directory, None, None, {}, deferred=True)
 
 
@@ -744,13 +819,16 @@ def _apply_level(session: _RestoreSession, obj: Checkpointable, level: Level) ->
 
     before_names = {name for name, _ in before}
     after = list(obj.get_checkpointable_components())
-    for name, comp in after:
-        if name in before_names:
-            continue
+    late = [(name, comp) for name, comp in after if name not in before_names]
+    for name, comp in late:
+        # Components created by set_state: checked like the others (safe mode refuses
+        # one that restores itself with its own code) before any of them is restored.
+        if name in level.children or name in level.subdirs:
+            _check_restorable(session, obj, name, comp, session.storage.join(level.path, name))
+    for name, comp in late:
         child = level.children.get(name)
-        if (child is None or child.deferred) and level.record is None and name in level.subdirs:
+        if (child is None or child.deferred) and name in level.subdirs:
             child_dir = session.storage.join(level.path, name)
-            _check_restorable(session, obj, name, comp, child_dir)
             child = read_level(session, child_dir, comp)
             decode_tree(session, child)
         if child is not None:

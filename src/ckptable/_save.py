@@ -174,6 +174,8 @@ def save_through_override(
     checksummed tree too; nested calls (a component's override) just run.
     """
     session = _current_save.get()
+    # The session flushes, not the override: code written for RLlib takes no durable=.
+    durable = bool(kwargs.pop("durable", True))
     filesystem = kwargs.get("filesystem")
     if session is not None and (
         session.owns_plain_path(path, filesystem)
@@ -192,9 +194,7 @@ def save_through_override(
         # Whatever the override wrote around its super() call: checksum it too.
         session.seal(session.staging_root, rebuild=True)
 
-    return _save_outermost(
-        obj, path, storage, fs_path, codec, bool(kwargs.get("durable", True)), write
-    )
+    return _save_outermost(obj, path, storage, fs_path, codec, durable, write)
 
 
 def _save_outermost(

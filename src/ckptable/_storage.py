@@ -15,18 +15,23 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import functools
 import os
 import posixpath
 import shutil
 import stat
 import tempfile
+import time
 import urllib.parse
 import uuid
 from typing import IO, Any, Literal, Protocol
 
 from ckptable.errors import CheckpointError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; saves then run without staging locks
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "EntryKind",
@@ -53,6 +58,7 @@ class Storage(Protocol):
     def display(self, path: str) -> str: ...
     def kind(self, path: str, *, follow_symlinks: bool = False) -> EntryKind: ...
     def listdir(self, path: str) -> dict[str, EntryKind]: ...
+    def size(self, path: str) -> int: ...
     def makedirs(self, path: str) -> None: ...
     def mkdir(self, path: str) -> None: ...
     def write_bytes(self, path: str, data: bytes) -> None: ...
@@ -76,6 +82,15 @@ class Storage(Protocol):
         ...
 
     def unlock(self, handle: Any) -> None: ...
+    def age_seconds(self, path: str) -> float:
+        """Seconds since ``path`` last changed (0 where the storage cannot tell)."""
+        ...
+
+    def identity(self, path: str) -> Any:
+        """What ``path`` is now (device, inode, change time); None where the storage cannot tell.
+        A restore compares it before and after reading, to notice a concurrent save."""
+        ...
+
     def is_abandoned(self, path: str) -> bool:
         """True if nobody holds the lock of ``path`` (its writer finished or died); False
         where the storage cannot tell."""
@@ -108,6 +123,9 @@ class LocalStorage:
         except (FileNotFoundError, NotADirectoryError):
             return None
         return _kind_of_mode(mode)
+
+    def size(self, path: str) -> int:
+        return os.stat(path, follow_symlinks=False).st_size
 
     def listdir(self, path: str) -> dict[str, EntryKind]:
         with os.scandir(path) as it:
@@ -160,11 +178,31 @@ class LocalStorage:
         return _renameat2_exchange(a, b)
 
     def fsync(self, path: str) -> None:
+        if os.name == "nt" and os.path.isdir(path):
+            return  # Windows cannot open a directory to flush it
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
         try:
-            os.fsync(fd)
+            if _FULLFSYNC is not None:
+                fcntl.fcntl(fd, _FULLFSYNC)  # macOS: fsync alone stops at the drive cache
+            else:
+                os.fsync(fd)
         finally:
             os.close(fd)
+
+    def age_seconds(self, path: str) -> float:
+        try:
+            return time.time() - os.stat(path, follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def identity(self, path: str) -> Any:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        # The change time tells a directory from a later one that reuses its inode number
+        # (saves delete old trees, and new staging directories get their numbers).
+        return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
     def syncfs(self, path: str) -> bool:
         """``syncfs(2)``: one flush for thousands of files (an fsync each costs a journal
@@ -183,7 +221,9 @@ class LocalStorage:
 
     def lock_directory(self, path: str, *, blocking: bool = False) -> Any:
         """``flock`` on the directory; raises ``BlockingIOError`` if held and not
-        ``blocking``."""
+        ``blocking``; None where there is no ``flock`` (Windows)."""
+        if fcntl is None:
+            return None
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -197,6 +237,8 @@ class LocalStorage:
             os.close(handle)  # closing the descriptor releases the flock
 
     def is_abandoned(self, path: str) -> bool:
+        if fcntl is None:
+            return False  # no locks: cannot tell a running save from a crashed one
         try:
             fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _DIRECTORY)
         except FileNotFoundError:
@@ -207,6 +249,8 @@ class LocalStorage:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False  # a save in progress holds it
+        except OSError:
+            return False  # a filesystem without locks: cannot tell
         finally:
             os.close(fd)
         return True
@@ -231,6 +275,7 @@ def _pyarrow_local_filesystem() -> Any:
 
 # O_EXCL: a save never writes into an existing file. O_NOFOLLOW: a checkpoint file is
 # never read through a symlink.
+_FULLFSYNC = getattr(fcntl, "F_FULLFSYNC", None) if fcntl is not None else None
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
@@ -298,9 +343,11 @@ class PyArrowStorage:
     def __init__(self, filesystem: Any, uri_prefix: str = "") -> None:
         self.filesystem = filesystem
         self.uri_prefix = uri_prefix
-        # Object stores have no directory rename: the commit step writes in place there.
-        base = getattr(filesystem, "base_fs", filesystem)  # a SubTreeFileSystem's base
-        self.can_rename_dirs = base.type_name in {"local", "mock"}
+        # Object stores have no directory rename: the commit step writes in place there,
+        # the root manifest last. Filesystems that could rename (a SubTreeFileSystem over
+        # the local disk) are treated the same: without flock and O_NOFOLLOW here, the
+        # staging-and-recovery scheme could not tell a crashed save from a running one.
+        self.can_rename_dirs = False
 
     def join(self, base: str, *names: str) -> str:
         return "/".join([base.rstrip("/"), *names]) if base else "/".join(names)
@@ -325,6 +372,9 @@ class PyArrowStorage:
         if info.type == pyarrow.fs.FileType.Directory:
             return "dir"
         return "other"
+
+    def size(self, path: str) -> int:
+        return int(self.filesystem.get_file_info(path).size)
 
     def listdir(self, path: str) -> dict[str, EntryKind]:
         import pyarrow.fs
@@ -372,6 +422,12 @@ class PyArrowStorage:
         return True
 
     def lock_directory(self, path: str, *, blocking: bool = False) -> Any:
+        return None
+
+    def age_seconds(self, path: str) -> float:
+        return 0.0
+
+    def identity(self, path: str) -> Any:
         return None
 
     def unlock(self, handle: Any) -> None:
