@@ -16,8 +16,8 @@ process, by swapping ckptable's checksum factories for a no-op (see ``checksums`
 
 Method (as ``bench_core.py``): every repeat runs all implementations back to back in a
 rotating order; each timed call starts after deleting the previous checkpoints, then
-``gc.collect()`` and ``os.sync()``, all untimed; every restore is checked against the
-original arrays; medians are reported.
+``gc.collect()``, ``os.sync()`` and a memory pre-warm (see ``prewarm``), all untimed;
+every restore is checked against the original arrays; medians are reported.
 
 Run from the repository root::
 
@@ -60,6 +60,7 @@ from bench_core import (
     check_restored,
     check_saved,
     cpu_check,
+    format_bytes,
     format_ratio,
     format_seconds,
     machine_facts,
@@ -290,28 +291,50 @@ def read_manifest(directory: str) -> _manifest.LevelManifest:
 # --------------------------------------------------------------------------- timing
 
 
-class Deletions:
-    """Checkpoints to delete, done just before the next timed call's ``gc``/``sync``:
-    never inside a timing, and flushed by that ``sync`` before the timing starts."""
+class Untimed:
+    """What runs before each timed call, untimed: delete the checkpoints no longer needed
+    (never inside a timing: on this VM's ext4, deleting files can slow the file creation
+    that follows), collect garbage, flush dirty pages, and pre-warm memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, sync: bool, prewarm_bytes: int) -> None:
+        self.sync = sync
+        self.prewarm_bytes = prewarm_bytes
         self.paths: list[str] = []
 
-    def add(self, path: str) -> None:
+    def delete_later(self, path: str) -> None:
         self.paths.append(path)
 
-    def run(self) -> None:
+    def delete(self) -> None:
         while self.paths:
             shutil.rmtree(self.paths.pop(), ignore_errors=True)
 
+    def prepare(self) -> None:
+        self.delete()
+        gc.collect()
+        if self.sync:
+            os.sync()  # start with no dirty pages from earlier ops (and the deletions)
+        if self.prewarm_bytes:
+            prewarm(self.prewarm_bytes)
 
-def timed(fn: Callable[[], Any], *, deletions: Deletions, sync: bool) -> tuple[float, Any]:
-    """Delete what is pending, collect garbage, flush the page cache (all untimed); then
-    run ``fn`` once and return its wall time and result."""
-    deletions.run()
-    gc.collect()
-    if sync:
-        os.sync()
+
+def prewarm(nbytes: int) -> None:
+    """Touch and free ``nbytes`` of memory, so the timed call's allocations (page cache,
+    arrays) reuse pages the hypervisor backs.
+
+    The reference VM reports free memory to the host (virtio-balloon free page
+    reporting): memory freed and left idle for about 2 s is handed back, and touching
+    it again cost 1-3 s per GiB instead of 0.15 s. Without this, a save of 1 GiB took
+    0.3 s or 3-4 s depending on which pages it got (whichever implementation it was).
+    numpy advises huge pages for large arrays, as the large folios of the page cache
+    want; touching 4 KiB pages (an ``mmap``) did not help.
+    """
+    buffer = np.ones(nbytes // 8, dtype=np.float64)
+    del buffer
+
+
+def timed(fn: Callable[[], Any], untimed: Untimed) -> tuple[float, Any]:
+    """``untimed.prepare()``; then run ``fn`` once and return its wall time and result."""
+    untimed.prepare()
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
@@ -335,10 +358,8 @@ def run_round(
     subjects: Subjects,
     round_dir: str,
     shift: int,
-    deletions: Deletions,
+    untimed: Untimed,
     info: RunInfo,
-    *,
-    sync: bool,
 ) -> dict[tuple[str, str], float]:
     """Every save, then every restore, each in rotated order; returns their times."""
     times: dict[tuple[str, str], float] = {}
@@ -346,34 +367,33 @@ def run_round(
     for save in rotated(SAVES, shift):
         run = subjects.save(save, paths[save.label])
         with checksums(save.checksum if save.kind == "ckptable" else "default"):
-            seconds, _ = timed(run, deletions=deletions, sync=sync)
+            seconds, _ = timed(run, untimed)
         files = subjects.check_save(save, paths[save.label], info.default_algorithm)
         if save.label == "ck-durable":
             info.files = files
         if save.label not in KEPT:
-            deletions.add(paths[save.label])
+            untimed.delete_later(paths[save.label])
         times["save", save.label] = seconds
     for restore in rotated(RESTORES, shift):
         run = subjects.restore(restore, paths[restore.source])
-        seconds, (step, got) = timed(run, deletions=deletions, sync=sync)
+        seconds, (step, got) = timed(run, untimed)
         check_restored(restore.name, "restore", step, got, subjects.payloads)
         del run, step, got
         times["restore", restore.label] = seconds
     for label in KEPT:
-        deletions.add(paths[label])
+        untimed.delete_later(paths[label])
     return times
 
 
-def run(subjects: Subjects, run_dir: str, repeats: int, info: RunInfo, *, sync: bool) -> Samples:
+def run(subjects: Subjects, run_dir: str, repeats: int, info: RunInfo, untimed: Untimed) -> Samples:
     """One untimed warm-up round, then ``repeats`` timed rounds in rotating order."""
     samples: Samples = {("save", s.label): [] for s in SAVES}
     samples.update({("restore", r.label): [] for r in RESTORES})
-    deletions = Deletions()
     for r in range(repeats + 1):
         warm_up = r == 0
         round_dir = os.path.join(run_dir, f"r{r}")
         os.mkdir(round_dir)
-        times = run_round(subjects, round_dir, r - 1, deletions, info, sync=sync)
+        times = run_round(subjects, round_dir, r - 1, untimed, info)
         if not warm_up:
             for key, seconds in times.items():
                 samples[key].append(seconds)
@@ -385,7 +405,7 @@ def run(subjects: Subjects, run_dir: str, repeats: int, info: RunInfo, *, sync: 
         print(
             f"[{'warm-up' if warm_up else f'{r}/{repeats}'}] {shown}", file=sys.stderr, flush=True
         )
-    deletions.run()
+    untimed.delete()
     return samples
 
 
@@ -404,6 +424,7 @@ class Report:
     checksum_seconds: dict[str, float]
     gauge: tuple[float, float]
     sync: bool
+    prewarm_bytes: int
 
     def median(self, op: str, label: str) -> float:
         return statistics.median(self.samples[op, label])
@@ -588,7 +609,14 @@ METHOD_TEXT = """\
   checkpoints no longer needed are deleted (on this VM's ext4, deleting files can slow
   file creation that follows, so never inside a timing), then `gc.collect()`{sync}.
   Every restore is compared with the original arrays. GB/s is 10^9 bytes of array data
-  per second."""
+  per second.{prewarm}"""
+
+PREWARM_TEXT = """
+- Pre-warm: right before each timed call, {size} of memory (a numpy array) is touched
+  and freed, so that the call gets memory the hypervisor backs. This VM hands memory
+  left free for about 2 s back to the host (free page reporting), and touching it again
+  cost 1-3 s per GiB instead of 0.15 s; without the pre-warm a 1 GiB save to ext4 took
+  0.3 s or 3-4 s depending on the pages it got, whatever the implementation."""
 
 
 def markdown_section(title: str, report: Report, facts: Sequence[tuple[str, str]]) -> str:
@@ -599,6 +627,9 @@ def markdown_section(title: str, report: Report, facts: Sequence[tuple[str, str]
     )
     checksum_rows = report.overhead_rows("save", CHECKSUM_PAIRS, budget=True)
     sync = " and `os.sync()`" if report.sync else ""
+    prewarm = (
+        PREWARM_TEXT.format(size=format_bytes(report.prewarm_bytes)) if report.prewarm_bytes else ""
+    )
     return f"""## {title}
 
 Generated by `benchmarks/bench_durability.py` (see `benchmarks/README.md`): what
@@ -620,7 +651,7 @@ checksum alone, over the arrays in memory: {report.checksum_text()}.
 
 Median wall time; ratios of medians against the two plain-I/O baselines.
 
-{markdown_table(SAVE_HEADERS, report.save_rows(), left=1)}
+{markdown_table(SAVE_HEADERS, report.save_rows(), left=2)}
 
 ### Checksum overhead on save
 
@@ -636,7 +667,7 @@ Median wall time; ratios of medians against the two plain-I/O baselines.
 
 ### Method
 
-{METHOD_TEXT.format(sync=sync)}
+{METHOD_TEXT.format(sync=sync, prewarm=prewarm)}
 """
 
 
@@ -666,7 +697,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-sync", action="store_true", help="do not os.sync() before each timed op"
     )
+    parser.add_argument(
+        "--prewarm-mib",
+        type=int,
+        default=None,
+        help="MiB of memory to touch and free before each timed op (default: 2 x --mib; "
+        "0: none); see prewarm()",
+    )
     args = parser.parse_args(argv)
+    if args.prewarm_mib is not None and args.prewarm_mib < 0:
+        parser.error("--prewarm-mib must not be negative")
     for flag in ("mib", "leaves", "repeats"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be positive")
@@ -693,12 +733,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in dict.fromkeys([default_algorithm, "crc32"])
     }
     info = RunInfo(default_algorithm)
+    prewarm_mib = 2 * args.mib if args.prewarm_mib is None else args.prewarm_mib
+    untimed = Untimed(sync=sync, prewarm_bytes=prewarm_mib << 20)
 
     run_dir = tempfile.mkdtemp(prefix="ckptable-durability-", dir=args.dir)
     print(f"{workload.description} under {run_dir}", file=sys.stderr, flush=True)
     gauge_before = statistics.median(cpu_check() for _ in range(3))
     try:
-        samples = run(subjects, run_dir, args.repeats, info, sync=sync)
+        samples = run(subjects, run_dir, args.repeats, info, untimed)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     gauge = (gauge_before, statistics.median(cpu_check() for _ in range(3)))
@@ -714,6 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checksum_seconds=checksum_seconds,
         gauge=gauge,
         sync=sync,
+        prewarm_bytes=untimed.prewarm_bytes,
     )
     print_report(report)
 

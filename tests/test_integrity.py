@@ -326,3 +326,33 @@ def test_size_mismatch_is_reported_as_truncation(saved: Path) -> None:
     os.truncate(state, state.stat().st_size - 5)
     with pytest.raises(CorruptCheckpointError, match="truncated"):
         verify_checkpoint(saved)
+
+
+def test_big_arrays_are_checksummed_in_parallel_chunks_correctly(
+    tmp_path: Path, unpickle_calls: list[int]
+) -> None:
+    """Arrays above the pipeline threshold are checksummed on a helper thread chunk by
+    chunk while written (and while read back): the result must equal a checksum of the
+    whole file, and a flip in any chunk is still found."""
+    import xxhash
+
+    tree = Node({"big": Leaf(6_000_000, scale=0.25)}, name="root")  # 24 MB of float32
+    tree.save_to_path(tmp_path / "big")
+    state = tmp_path / "big" / "big" / "state.pkl"
+    manifest = json.loads((tmp_path / "big" / "big" / MANIFEST_FILE).read_text())
+    size, digest = manifest["ckptable_manifest"]["files"]["state.pkl"]
+    data = state.read_bytes()
+    assert size == len(data) > 20_000_000
+    assert digest == xxhash.xxh3_64(data).hexdigest()
+    verify_checkpoint(tmp_path / "big")
+    for offset in (10, len(data) // 3, len(data) - 10):
+        flip = bytearray(data)
+        flip[offset] ^= 0x80
+        state.write_bytes(bytes(flip))
+        with pytest.raises(CorruptCheckpointError, match="checksum"):
+            Node({"big": Leaf(6_000_000)}, name="root").restore_from_path(tmp_path / "big")
+        assert unpickle_calls == []
+    state.write_bytes(data)
+    restored = Node({"big": Leaf(6_000_000)}, name="root")
+    restored.restore_from_path(tmp_path / "big")
+    assert (restored.children["big"].weights == tree.children["big"].weights).all()

@@ -24,9 +24,12 @@ Use ``safe=True`` on restore for checkpoints you do not trust.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
+import os
+import threading
 import zlib
 from collections.abc import Callable
 from typing import IO, Any, Protocol
@@ -128,8 +131,36 @@ def checksum_of(algorithm: str, data: Any) -> str:
     return checksum.hexdigest()
 
 
+#: Buffers at least this big are checksummed on a helper thread while they are written.
+_PARALLEL_BYTES = 4 << 20
+#: Chunk size of that pipeline: small enough that hash and write overlap well.
+_PIPELINE_CHUNK = 8 << 20
+
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_pid = -1
+_executor_lock = threading.Lock()
+
+
+def _checksum_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The helper threads that checksum big buffers (recreated after a fork)."""
+    global _executor, _executor_pid
+    with _executor_lock:
+        if _executor is None or _executor_pid != os.getpid():
+            _executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="ckptable-checksum"
+            )
+            _executor_pid = os.getpid()
+        return _executor
+
+
 class HashingWriter:
     """A write-only binary stream that checksums and counts what passes through.
+
+    A big buffer (pickle hands over each numpy array's memory whole) is cut into 8 MiB
+    chunks; each chunk is checksummed on a helper thread while the calling thread writes
+    it, one chunk after another so the checksum sees the bytes in order. Both xxhash and
+    zlib release the GIL, so on the page cache the checksum costs next to nothing instead
+    of a pass over the data of its own.
 
     ``write`` always writes the whole buffer: an unbuffered ``FileIO`` may write less
     than asked (Linux caps one ``write(2)`` at about 2 GiB), and pickle ignores the count.
@@ -145,14 +176,27 @@ class HashingWriter:
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         total = len(view)
-        self._checksum.update(view)
+        if total < _PARALLEL_BYTES:
+            self._checksum.update(view)
+            self._write_all(view)
+        else:
+            executor = _checksum_executor()
+            for start in range(0, total, _PIPELINE_CHUNK):
+                chunk = view[start : start + _PIPELINE_CHUNK]
+                pending = executor.submit(self._checksum.update, chunk)
+                try:
+                    self._write_all(chunk)
+                finally:
+                    pending.result()
+        self.size += total
+        return total
+
+    def _write_all(self, view: memoryview) -> None:
         while view:
             written = self._raw.write(view)
             if written is None or written <= 0:
                 raise OSError(f"Short write: the stream accepted {written} bytes.")
             view = view[written:]
-        self.size += total
-        return total
 
     def flush(self) -> None:
         self._raw.flush()
@@ -346,16 +390,9 @@ def read_verified(
     shown = storage.display(path)
     checksum = new_checksum(algorithm, path=shown)
     chunks: list[bytes] = []
-    read = 0
     try:
         with storage.open_read(path) as stream:
-            while chunk := stream.read(_CHUNK):
-                read += len(chunk)
-                if read > size:
-                    break
-                checksum.update(chunk)
-                if keep:
-                    chunks.append(chunk)
+            read = _read_checksummed(stream, checksum, size, chunks if keep else None)
     except OSError as exc:
         raise CorruptCheckpointError(f"Cannot read {shown}: {exc}", path=shown) from exc
     if read != size:
@@ -376,12 +413,37 @@ def read_verified(
 def hash_file(storage: Storage, path: str, algorithm: str) -> tuple[int, str]:
     """Size and checksum of a file written by code other than ckptable's own writers."""
     checksum = new_checksum(algorithm)
-    size = 0
     with storage.open_read(path) as stream:
-        while chunk := stream.read(_CHUNK):
-            size += len(chunk)
-            checksum.update(chunk)
+        size = _read_checksummed(stream, checksum, None, None)
     return size, checksum.hexdigest()
+
+
+def _read_checksummed(
+    stream: IO[bytes], checksum: Checksum, limit: int | None, keep: list[bytes] | None
+) -> int:
+    """Read ``stream`` to its end (or just past ``limit`` bytes) into ``checksum``;
+    returns the bytes read. The checksum of one chunk runs on a helper thread while the
+    next chunk is read (both release the GIL)."""
+    read = 0
+    pending: concurrent.futures.Future[None] | None = None
+    try:
+        while chunk := stream.read(_CHUNK):
+            read += len(chunk)
+            if limit is not None and read > limit:
+                break
+            if pending is not None:
+                pending.result()
+            if len(chunk) >= _PARALLEL_BYTES:
+                pending = _checksum_executor().submit(checksum.update, chunk)
+            else:
+                pending = None
+                checksum.update(chunk)
+            if keep is not None:
+                keep.append(chunk)
+    finally:
+        if pending is not None:
+            pending.result()
+    return read
 
 
 def build_manifest(
