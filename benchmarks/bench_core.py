@@ -79,7 +79,7 @@ AUTO_CLEANUP = {"wide": "end", "big": "repeat"}
 #: File name of a leaf's payload in the plain-I/O baseline.
 PLAIN_FILE = "payload.bin"
 #: The files of one level (directory) in RLlib's layout, in the order plain-layout writes.
-LAYOUT_FILES = ("metadata.json", "class_and_ctor_args.pkl", "state.pkl")
+LAYOUT_FILES = ("metadata.json", "class_and_ctor_args.pkl", "state.pkl", ".ckptable-manifest.json")
 #: Index of ``state.pkl`` in ``LAYOUT_FILES``.
 STATE_INDEX = 2
 ROOT_STEP = 12345
@@ -223,11 +223,11 @@ LevelFiles = tuple[bytes, ...]  # the contents of LAYOUT_FILES of one level, in 
 class LayoutImplementation:
     """The layout's floor: RLlib's on-disk layout written and read with plain file I/O.
 
-    Per level (the root, then each leaf) a directory with the three ``LAYOUT_FILES``,
+    Per level (the root, then each leaf) a directory with the four ``LAYOUT_FILES``,
     holding exactly the bytes ckptable writes for the same tree: at setup, untimed,
     ckptable saves the tree once to ``template_dir`` and every file is read into memory.
     The timed save is then only ``mkdir`` and open/write/close; the timed restore only
-    open/read of the three files of every level.
+    open/read of the four files of every level.
     """
 
     label = "plain-layout"
@@ -292,7 +292,7 @@ def layout_write(
 
 
 def layout_read(path: str, names: Sequence[str]) -> list[LevelFiles]:
-    """The three files of the root and of every leaf, read back with ``read()``."""
+    """The files of the root and of every leaf, read back with ``read()``."""
     levels: list[LevelFiles] = []
     for directory in (path, *(os.path.join(path, name) for name in names)):
         files = []
@@ -707,16 +707,22 @@ Median wall time per operation. **RLlib / ckptable** is ckptable's speed-up over
 
 - **plain I/O**: the same payload bytes, one file per leaf (`<leaf>/payload.bin`).
   **ckptable / plain** is ckptable's cost relative to putting just the data on disk.
-- **plain, RLlib layout**: RLlib's on-disk layout, which both ckptable and RLlib write:
-  per level (the root and each leaf) a directory with `metadata.json`,
-  `class_and_ctor_args.pkl` and `state.pkl`, holding exactly the bytes ckptable writes
+- **plain, RLlib layout**: RLlib's on-disk layout, which both ckptable and RLlib write,
+  plus ckptable's manifest: per level (the root and each leaf) a directory with
+  `metadata.json`, `class_and_ctor_args.pkl`, `state.pkl` and `.ckptable-manifest.json`,
+  holding exactly the bytes ckptable writes
   (taken from a ckptable checkpoint of the same tree made before the timing). Only the
   file I/O is timed: `mkdir` and open/write/close per file; open/read for both restore
   rows. It is the layout's own file I/O; neither implementation can go below it.
   **ckptable / plain layout** is ckptable's overhead above that floor (building, encoding
   and decoding the states and metadata, constructing the objects). On wide trees the
-  layout has three files per leaf, so on a disk where file creation dominates this floor
-  is well above plain I/O's."""
+  layout has four files per leaf, so on a disk where file creation dominates this floor
+  is well above plain I/O's.
+
+ckptable runs with its defaults: every file checksummed into the manifests, and the tree
+flushed to disk (`syncfs`, or `fsync` per file for small trees) before it is published
+(`durable=True`). RLlib and the plain baselines never flush. `bench_durability.py`
+measures the flush and the checksums on their own."""
 
 OPERATIONS_TEXT = """\
 - `save_to_path`: save the whole tree to a new directory.
@@ -724,8 +730,8 @@ OPERATIONS_TEXT = """\
 - `from_checkpoint`: `Root.from_checkpoint(path)`, constructing the tree and restoring it.
 - plain I/O: `mkdir` plus open/write/close of each payload; for both restore rows, reading
   every file back with `read()` (arrays wrap the bytes read with `np.frombuffer`).
-- plain, RLlib layout: `mkdir` per level plus open/write/close of its three files; for
-  both restore rows, reading the three files of every level back with `read()` (the
+- plain, RLlib layout: `mkdir` per level plus open/write/close of its four files; for
+  both restore rows, reading the four files of every level back with `read()` (the
   check compares every file read, including the `state.pkl` payload bytes)."""
 
 
