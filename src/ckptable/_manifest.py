@@ -232,28 +232,40 @@ class LevelManifest:
             "files": {name: [size, digest] for name, (size, digest) in sorted(self.files.items())},
             "dirs": dict(sorted(self.dirs.items())),
         }
-        canonical = _canonical(body)
-        document = {"ckptable_manifest": body, "crc32": f"{zlib.crc32(canonical):08x}"}
-        # No trailing newline: every byte matters, so any truncation breaks the JSON.
-        return json.dumps(document, indent=1, sort_keys=True).encode("ascii")
+        body_bytes = json.dumps(body, indent=1, sort_keys=True).encode("ascii")
+        # One JSON document; the CRC covers the body's exact bytes, so checking it needs
+        # no re-encoding. No trailing newline: any truncation breaks the document.
+        return b"".join(
+            (_PREFIX, body_bytes, _SUFFIX_START, b"%08x" % zlib.crc32(body_bytes), _SUFFIX_END)
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes, shown: str) -> LevelManifest:
         """Parse and self-check a manifest file's bytes (``shown`` names it in errors)."""
-        try:
-            document = json.loads(data)
-            body = document["ckptable_manifest"]
-            stored_crc = document["crc32"]
-            if not isinstance(body, dict):
-                raise TypeError("the manifest body is not an object")
-        except (ValueError, TypeError, KeyError) as exc:
+        suffix_length = len(_SUFFIX_START) + 8 + len(_SUFFIX_END)
+        body_bytes = data[len(_PREFIX) : len(data) - suffix_length]
+        stored_crc = data[len(data) - suffix_length + len(_SUFFIX_START) : -len(_SUFFIX_END)]
+        if not (
+            data.startswith(_PREFIX)
+            and data.endswith(_SUFFIX_END)
+            and data[len(data) - suffix_length :].startswith(_SUFFIX_START)
+        ):
             raise CorruptCheckpointError(
-                f"The manifest {shown} is unreadable ({exc}).", path=shown
-            ) from exc
-        if f"{zlib.crc32(_canonical(body)):08x}" != stored_crc:
+                f"The manifest {shown} is unreadable (not a ckptable manifest, or truncated).",
+                path=shown,
+            )
+        if b"%08x" % zlib.crc32(body_bytes) != stored_crc:
             raise CorruptCheckpointError(
                 f"The manifest {shown} is damaged (its own checksum does not match).", path=shown
             )
+        try:
+            body = json.loads(body_bytes)
+            if not isinstance(body, dict):
+                raise TypeError("the manifest body is not an object")
+        except (ValueError, TypeError) as exc:
+            raise CorruptCheckpointError(
+                f"The manifest {shown} is unreadable ({exc}).", path=shown
+            ) from exc
         version = body.get("version")
         if not isinstance(version, int) or version > MANIFEST_VERSION:
             raise IncompatibleCheckpointError(
@@ -272,8 +284,10 @@ class LevelManifest:
         return cls(algorithm, files, dirs)
 
 
-def _canonical(body: Any) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
+#: A manifest file is ``{"ckptable_manifest": <body>, "crc32": "<crc of body bytes>"}``.
+_PREFIX = b'{"ckptable_manifest": '
+_SUFFIX_START = b', "crc32": "'
+_SUFFIX_END = b'"}'
 
 
 # --------------------------------------------------------------------------- checking a level
