@@ -170,6 +170,11 @@ class Checkpointable(abc.ABC):
                 allowlist), and its constructor arguments only allowlisted types.
             **kwargs: Keyword arguments naming constructor parameters override the
                 stored constructor arguments; the others go on to ``restore_from_path``.
+                (``verify`` and ``safe`` are ckptable's own: a constructor parameter of
+                either name cannot be overridden here.)
+
+        The class file is verified and decoded before the constructor runs; the state
+        files are verified by the restore that follows, before any ``set_state``.
 
         Raises:
             IncompatibleCheckpointError: if the stored class is not a subclass of ``cls``.
