@@ -121,13 +121,14 @@ def staged_directory(
     staging = Staging(storage.join(parent, f".{name}{STAGING_MARKER}{token}"))
     if parent and storage.kind(parent, follow_symlinks=True) != "dir":
         storage.makedirs(parent)
-    lock = _create_locked(storage, storage.join(parent, f".{name}{CREATING_MARKER}{token}"))
+    creating = storage.join(parent, f".{name}{CREATING_MARKER}{token}")
+    lock = _create_locked(storage, creating)
     try:
-        storage.rename(storage.join(parent, f".{name}{CREATING_MARKER}{token}"), staging.root)
+        storage.rename(creating, staging.root)
     except BaseException:
         storage.unlock(lock)
         with contextlib.suppress(OSError):
-            storage.remove_tree(storage.join(parent, f".{name}{CREATING_MARKER}{token}"))
+            storage.remove_tree(creating)
         raise
     try:
         try:
