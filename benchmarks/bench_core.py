@@ -911,6 +911,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be positive")
+    check_section_args(parser, args)
+    return args
+
+
+def check_section_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--section`` adds to an existing ``--out`` page under a one-line title."""
     if args.section is not None:
         if not args.out:
             parser.error("--section needs --out")
@@ -918,7 +924,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--section: {args.out} does not exist (write it without --section)")
         if not args.section.strip() or "\n" in args.section:
             parser.error("--section: give a one-line title")
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

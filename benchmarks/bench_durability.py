@@ -59,6 +59,7 @@ from bench_core import (
     add_section,
     check_restored,
     check_saved,
+    check_section_args,
     cpu_check,
     format_bytes,
     format_ratio,
@@ -710,13 +711,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag in ("mib", "leaves", "repeats"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be positive")
-    if args.section is not None:
-        if not args.out:
-            parser.error("--section needs --out")
-        if not Path(args.out).is_file():
-            parser.error(f"--section: {args.out} does not exist")
-        if not args.section.strip() or "\n" in args.section:
-            parser.error("--section: give a one-line title")
+    check_section_args(parser, args)
     return args
 
 
