@@ -307,17 +307,23 @@ def refuse_special_entries(storage: Storage, directory: str, entries: dict[str, 
 
 
 def require_manifest_unless_foreign(
-    storage: Storage, directory: str, record: dict[str, Any] | None, entries: dict[str, Any]
+    storage: Storage,
+    directory: str,
+    record: dict[str, Any] | None,
+    entries: dict[str, Any],
+    read_already: str | None = None,
 ) -> None:
     """A level ckptable wrote has a manifest; without one, its save never finished.
 
-    ``record``: ckptable's record from the level's metadata, if the caller read it;
-    otherwise every JSON file of the level is looked at (a class may rename its metadata
-    file, as RLlib's Algorithm does).
+    ``record``: ckptable's record from the level's metadata file ``read_already``, if
+    the caller read it; without a record, the level's other JSON files are looked at (a
+    class may rename its metadata file, as RLlib's Algorithm does).
     """
     if record is None:
         for name in sorted(entries):
-            if name.endswith(".json") and entries[name] == "file" and name != MANIFEST_FILE:
+            if name in (MANIFEST_FILE, read_already):
+                continue
+            if name.endswith(".json") and entries[name] == "file":
                 try:
                     record = record_of(read_metadata_file(storage, storage.join(directory, name)))
                 except CorruptCheckpointError:

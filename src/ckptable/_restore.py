@@ -492,7 +492,9 @@ def read_level(
         )
     record = record_of(metadata)
     if session.options.verify and manifest is None:
-        require_manifest_unless_foreign(storage, directory, record, entries)
+        require_manifest_unless_foreign(
+            storage, directory, record, entries, meta_name if metadata is not None else None
+        )
         session.unverified.append(storage.display(directory))
 
     try:
