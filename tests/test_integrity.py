@@ -297,11 +297,12 @@ def test_an_unreadable_leftover_in_a_level_is_refused(saved: Path) -> None:
         blank_three_level_tree().restore_from_path(saved)
 
 
-def test_large_files_are_verified_then_read_again(
+def test_large_files_are_verified_before_they_are_decoded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unpickle_calls: list[int]
 ) -> None:
-    """Files too big to keep in memory are checksummed in a first pass and decoded in
-    a second: a flip in the middle is still found first."""
+    """Files too big to keep in memory whole are checksummed in the pass that reads them
+    for decoding (their skeleton kept, see test_big_arrays): a flip in the middle is
+    still found before anything is unpickled."""
     from ckptable import _restore
 
     monkeypatch.setattr(_restore, "_KEEP_FILE_BYTES", 1024)

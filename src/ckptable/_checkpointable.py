@@ -110,6 +110,7 @@ class Checkpointable(abc.ABC):
         filesystem: Any = None,
         verify: bool = True,
         safe: bool = False,
+        mmap: bool = False,
         **kwargs: Any,
     ) -> None:
         """Restore ``self``, or one of its components, from the checkpoint at ``path``.
@@ -130,6 +131,11 @@ class Checkpointable(abc.ABC):
                 containers, numbers, strings, numpy arrays, the classes of the objects
                 being restored and classes given to ``ckptable.add_safe_classes``;
                 anything else raises ``UnsafeCheckpointError`` before it runs.
+            mmap: Map big arrays (1 MiB and more, in pickle files on the local disk)
+                from their files as read-only arrays instead of reading them: the restore
+                costs next to nothing, pages are read when used. With ``verify``, all
+                but the arrays' bytes is verified (``verify_checkpoint`` checks those).
+                Byte strings of 1 MiB or more come back as read-only ``memoryview``.
             **kwargs: Passed on to the components' ``restore_from_path`` calls.
 
         Raises:
@@ -144,7 +150,7 @@ class Checkpointable(abc.ABC):
             path,
             component=component,
             filesystem=filesystem,
-            options=RestoreOptions(verify=verify, safe=safe),
+            options=RestoreOptions(verify=verify, safe=safe, mmap=mmap),
             kwargs=kwargs,
         )
 
@@ -156,6 +162,7 @@ class Checkpointable(abc.ABC):
         *,
         verify: bool = True,
         safe: bool = False,
+        mmap: bool = False,
         **kwargs: Any,
     ) -> _C:
         """Build a new object from the checkpoint at ``path`` and restore its state.
@@ -168,10 +175,11 @@ class Checkpointable(abc.ABC):
             safe: As in ``restore_from_path``; the class file may then name only
                 ``cls`` or a subclass of it that is already imported (plus the
                 allowlist), and its constructor arguments only allowlisted types.
+            mmap: As in ``restore_from_path``.
             **kwargs: Keyword arguments naming constructor parameters override the
                 stored constructor arguments; the others go on to ``restore_from_path``.
-                (``verify`` and ``safe`` are ckptable's own: a constructor parameter of
-                either name cannot be overridden here.)
+                (``verify``, ``safe`` and ``mmap`` are ckptable's own: a constructor
+                parameter of any of these names cannot be overridden here.)
 
         The class file is verified and decoded before the constructor runs; the state
         files are verified by the restore that follows, before any ``set_state``.
@@ -180,7 +188,7 @@ class Checkpointable(abc.ABC):
             IncompatibleCheckpointError: if the stored class is not a subclass of ``cls``.
         """
         return construct_from_checkpoint(
-            cls, path, filesystem, RestoreOptions(verify=verify, safe=safe), kwargs
+            cls, path, filesystem, RestoreOptions(verify=verify, safe=safe, mmap=mmap), kwargs
         )
 
     @abc.abstractmethod

@@ -74,6 +74,8 @@ class Staging:
     root: str
     #: Path → (size, checksum) of every file written (filled by the save pipeline).
     files: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
+    #: Path → checksum of a big pickle file's skeleton (see ``_pickle_scan``).
+    skeletons: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def check_target(storage: Storage, target: str, checkpoint_files: Iterable[str]) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "CloudpickleCodec",
     "Codec",
     "MsgpackCodec",
+    "accepts_buffers",
     "codec_for_suffix",
     "get_codec",
     "register_codec",
@@ -72,8 +73,11 @@ class CloudpickleCodec:
 
         cloudpickle.dump(state, stream, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def load(self, stream: IO[bytes]) -> Any:
-        return pickle.load(stream)
+    #: Restores may pass the big byte payloads separately (see ``_pickle_scan``).
+    accepts_buffers = True
+
+    def load(self, stream: IO[bytes], *, buffers: Iterable[Any] | None = None) -> Any:
+        return pickle.load(stream, buffers=buffers)
 
     def load_restricted(
         self,
@@ -82,12 +86,17 @@ class CloudpickleCodec:
         allowed: Iterable[object] = (),
         allow_subclasses_of: type | None = None,
         source: str = "",
+        buffers: Iterable[Any] | None = None,
     ) -> Any:
         """``load`` for ``safe=True``: only allowlisted globals may be named."""
         from ckptable._safe import safe_pickle_load
 
         return safe_pickle_load(
-            stream, allowed=allowed, allow_subclasses_of=allow_subclasses_of, source=source
+            stream,
+            allowed=allowed,
+            allow_subclasses_of=allow_subclasses_of,
+            source=source,
+            buffers=buffers,
         )
 
 
@@ -180,6 +189,12 @@ def register_codec(codec: Codec, *, clobber: bool = False) -> None:
         if taken:
             raise ValueError(f"Suffix {suffix!r} is used by codec {taken[0]!r} already.")
     _REGISTRY[name] = codec
+
+
+def accepts_buffers(codec: Codec) -> bool:
+    """Whether ``codec.load`` takes ``buffers=`` (pickle's out-of-band buffers): its big
+    files can be read in one verified pass, or memory-mapped."""
+    return bool(getattr(codec, "accepts_buffers", False))
 
 
 def get_codec(name: str) -> Codec:

@@ -224,14 +224,19 @@ class LevelManifest:
     files: dict[str, tuple[int, str]]
     #: Subdirectory name → checksum of the subdirectory's manifest file.
     dirs: dict[str, str]
+    #: Big pickle file name → checksum of its skeleton (every byte but the big byte
+    #: payloads): what ``mmap=True`` verifies without reading the payloads.
+    skeletons: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        body = {
+        body: dict[str, Any] = {
             "version": MANIFEST_VERSION,
             "algorithm": self.algorithm,
             "files": {name: [size, digest] for name, (size, digest) in sorted(self.files.items())},
             "dirs": dict(sorted(self.dirs.items())),
         }
+        if self.skeletons:
+            body["skeletons"] = dict(sorted(self.skeletons.items()))
         body_bytes = json.dumps(body, indent=1, sort_keys=True).encode("ascii")
         # One JSON document; the CRC covers the body's exact bytes, so checking it needs
         # no re-encoding. No trailing newline: any truncation breaks the document.
@@ -277,11 +282,12 @@ class LevelManifest:
             files = {str(n): (int(s), str(d)) for n, (s, d) in body["files"].items()}
             dirs = {str(n): str(d) for n, d in body["dirs"].items()}
             algorithm = str(body["algorithm"])
+            skeletons = {str(n): str(d) for n, d in body.get("skeletons", {}).items()}
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise CorruptCheckpointError(
                 f"The manifest {shown} is malformed ({exc}).", path=shown
             ) from exc
-        return cls(algorithm, files, dirs)
+        return cls(algorithm, files, dirs, {n: d for n, d in skeletons.items() if n in files})
 
 
 #: A manifest file is ``{"ckptable_manifest": <body>, "crc32": "<crc of body bytes>"}``.
@@ -485,6 +491,7 @@ def build_manifest(
     known: dict[str, tuple[int, str]],
     shown: Callable[[str], str],
     rebuild: bool = False,
+    skeletons: dict[str, str] | None = None,
 ) -> LevelManifest:
     """The manifest of a finished level, as the directory is now.
 
@@ -495,8 +502,10 @@ def build_manifest(
     every directory of the tree gets one. ``rebuild`` rebuilds the manifests of all
     subdirectories too (a component's own code may have written after ckptable sealed).
     """
+    skeletons = {} if skeletons is None else skeletons
     files: dict[str, tuple[int, str]] = {}
     dirs: dict[str, str] = {}
+    level_skeletons: dict[str, str] = {}
     for name, kind in sorted(storage.listdir(directory).items()):
         path = storage.join(directory, name)
         if name == MANIFEST_FILE:
@@ -505,11 +514,14 @@ def build_manifest(
             entry = known.get(path)
             if entry is None or (rebuild and not _unchanged(storage, path, entry)):
                 entry = known[path] = hash_file(storage, path, algorithm)
+                skeletons.pop(path, None)  # rewritten by a component's own code
             files[name] = entry
+            if path in skeletons:
+                level_skeletons[name] = skeletons[path]
         elif kind == "dir":
             sub_manifest = storage.join(path, MANIFEST_FILE)
             if rebuild or sub_manifest not in known:
-                seal_directory(storage, path, algorithm, known, shown, rebuild)
+                seal_directory(storage, path, algorithm, known, shown, rebuild, skeletons)
             dirs[name] = known[sub_manifest][1]
         else:
             raise CheckpointError(
@@ -517,7 +529,7 @@ def build_manifest(
                 "a checkpoint may hold only regular files and directories.",
                 path=shown(path),
             )
-    return LevelManifest(algorithm, files, dirs)
+    return LevelManifest(algorithm, files, dirs, level_skeletons)
 
 
 #: On rebuilding, files ckptable wrote up to this size are checksummed again; larger
@@ -541,10 +553,11 @@ def seal_directory(
     known: dict[str, tuple[int, str]],
     shown: Callable[[str], str],
     rebuild: bool = False,
+    skeletons: dict[str, str] | None = None,
 ) -> None:
     """Write ``directory``'s manifest (building those of its subdirectories as needed) and
     record the manifest's own size and checksum in ``known``."""
-    manifest = build_manifest(storage, directory, algorithm, known, shown, rebuild)
+    manifest = build_manifest(storage, directory, algorithm, known, shown, rebuild, skeletons)
     data = manifest.to_bytes()
     path = storage.join(directory, MANIFEST_FILE)
     if known.pop(path, None) is not None or storage.kind(path) is not None:

@@ -48,7 +48,7 @@ from ckptable._components import (
     uses_ckptable_method,
     validate_component_name,
 )
-from ckptable._formats import Codec, codec_for_suffix, get_codec
+from ckptable._formats import Codec, accepts_buffers, codec_for_suffix, get_codec
 from ckptable._info import stored_class_name, verify_tree
 from ckptable._layout import (
     DEFAULT_CLASS_FILE,
@@ -66,7 +66,8 @@ from ckptable._manifest import (
     refuse_special_entries,
     require_manifest_unless_foreign,
 )
-from ckptable._storage import Storage, resolve_storage
+from ckptable._pickle_scan import ScannedPickle, map_pickle, read_pickle_verified
+from ckptable._storage import LocalStorage, Storage, resolve_storage
 from ckptable.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -110,8 +111,9 @@ class Level:
     #: The state file and its codec (decoded in step 2).
     state_file: str = ""
     codec: Codec | None = None
-    #: The state file's bytes if step 1 read and kept them (small files).
-    raw_state: bytes | None = None
+    #: The state file's bytes if step 1 read and kept them (small files), or its pickle
+    #: split into skeleton and big payloads (big files: see ``_pickle_scan``).
+    raw_state: bytes | ScannedPickle | None = None
     #: Read for a component the object does not have (yet): a decode failure defers it.
     read_ahead: bool = False
 
@@ -123,10 +125,12 @@ class Level:
 
 @dataclasses.dataclass(frozen=True)
 class RestoreOptions:
-    """How a restore reads: ``verify`` against manifests, ``safe`` restricted decoding."""
+    """How a restore reads: ``verify`` against manifests, ``safe`` restricted decoding,
+    ``mmap`` big arrays mapped from their files instead of read."""
 
     verify: bool = True
     safe: bool = False
+    mmap: bool = False
 
 
 #: Step 1 keeps files up to this size in memory for step 2 (saving a second read) ...
@@ -187,6 +191,7 @@ def restore_checkpointable(
 ) -> None:
     """``Checkpointable.restore_from_path``: see there."""
     storage, root = resolve_storage(path, filesystem)
+    _check_mmap(storage, root, options)
     session = _current_restore.get()
     if component is None and session is not None:
         level = session.prepared.pop(root, None)
@@ -260,6 +265,7 @@ def construct_from_checkpoint(
     ``restore_from_path``.
     """
     storage, root = resolve_storage(path, filesystem)
+    _check_mmap(storage, root, options)
     _require_directory(storage, root)
     class_file = storage.join(
         root, getattr(cls, "CLASS_AND_CTOR_ARGS_FILE_NAME", DEFAULT_CLASS_FILE)
@@ -303,7 +309,7 @@ def _non_default(options: RestoreOptions) -> dict[str, bool]:
     default = RestoreOptions()
     return {
         name: value
-        for name in ("verify", "safe")
+        for name in ("verify", "safe", "mmap")
         if (value := getattr(options, name)) != getattr(default, name)
     }
 
@@ -341,6 +347,16 @@ def _parse_class_record(info: Any, shown: str) -> tuple[type, list[Any], dict[st
     if not isinstance(ctor, type):
         raise CorruptCheckpointError(f"{shown} names {ctor!r}, which is not a class.", path=shown)
     return ctor, force_list(args), ctor_kwargs
+
+
+def _check_mmap(storage: Storage, root: str, options: RestoreOptions) -> None:
+    if options.mmap and not isinstance(storage, LocalStorage):
+        shown = storage.display(root)
+        raise CheckpointError(
+            f"mmap=True maps files of the local disk; {shown} is not on it (copy the "
+            "checkpoint to a local directory first, or restore without mmap).",
+            path=shown,
+        )
 
 
 def _require_directory(storage: Storage, root: str) -> None:
@@ -480,9 +496,10 @@ def read_level(
 
     manifest = None
     raw: dict[str, bytes] = {}
+    big: dict[str, tuple[int, str]] = {}
     if session.options.verify and (MANIFEST_FILE in entries or expected_manifest):
         manifest = read_manifest(storage, directory, expected_manifest)
-        raw = _verify_files(session, directory, manifest, entries)
+        raw, big = _verify_files(session, directory, manifest, entries)
 
     meta_name = getattr(obj, "METADATA_FILE_NAME", None) or metadata_file or DEFAULT_METADATA_FILE
     metadata = None
@@ -504,7 +521,9 @@ def read_level(
             raise
         # Verified (if it has a manifest) but not in ckptable's layout: a component with
         # file names of its own, or code of its own. Read when the component appears.
+        _verify_big_files(session, directory, manifest, big, None)
         return Level(directory, metadata, None, {}, deferred=True)
+    prepared = _verify_big_files(session, directory, manifest, big, (state_name, codec))
 
     comps: dict[str, Any] = {}
     if obj is not None and callable(getattr(obj, "get_checkpointable_components", None)):
@@ -554,7 +573,7 @@ def read_level(
         subdirs=subdirs,
         state_file=state_name,
         codec=codec,
-        raw_state=raw.get(state_name),
+        raw_state=prepared if prepared is not None else raw.get(state_name),
         read_ahead=read_ahead,
     )
 
@@ -578,22 +597,58 @@ def _verify_files(
     directory: str,
     manifest: LevelManifest,
     entries: dict[str, Any],
-) -> dict[str, bytes]:
-    """Check the listing and every file of a level; return the small files' bytes."""
+) -> tuple[dict[str, bytes], dict[str, tuple[int, str]]]:
+    """Check the listing and every small file of a level.
+
+    Returns the small files' bytes, and the big files (name → manifest entry), left for
+    ``_verify_big_files`` once the state file is known: that one is verified as it is
+    read for decoding.
+    """
     storage = session.storage
     check_listing(storage, directory, manifest, entries)
     kept: dict[str, bytes] = {}
+    big: dict[str, tuple[int, str]] = {}
     for name, expected in manifest.files.items():
+        if (session.options.mmap and name in manifest.skeletons) or not session.keep(expected[0]):
+            big[name] = expected
+            continue
         data = read_verified(
-            storage,
-            storage.join(directory, name),
-            expected,
-            manifest.algorithm,
-            keep=session.keep(expected[0]),
+            storage, storage.join(directory, name), expected, manifest.algorithm, keep=True
         )
         if data is not None:
             kept[name] = data
-    return kept
+    return kept, big
+
+
+def _verify_big_files(
+    session: _RestoreSession,
+    directory: str,
+    manifest: LevelManifest | None,
+    big: dict[str, tuple[int, str]],
+    state_file: tuple[str, Codec] | None,
+) -> ScannedPickle | None:
+    """Verify the big files of a level; the state file (a pickle) in the same pass that
+    reads it for decoding, its big arrays straight into their final memory (or mapped,
+    with ``mmap=True``). Returns that state file's scan, if it was scanned."""
+    if manifest is None:
+        return None
+    storage = session.storage
+    prepared = None
+    for name, expected in big.items():
+        path = storage.join(directory, name)
+        if state_file is not None and name == state_file[0] and accepts_buffers(state_file[1]):
+            prepared = read_pickle_verified(
+                storage,
+                path,
+                expected,
+                manifest.algorithm,
+                skeleton=manifest.skeletons.get(name),
+                mmap=session.options.mmap,
+                skeleton_limit=_KEEP_TOTAL_BYTES,
+            )
+        else:
+            read_verified(storage, path, expected, manifest.algorithm, keep=False)
+    return prepared
 
 
 def _check_restorable(
@@ -639,6 +694,8 @@ def decode_tree(session: _RestoreSession, level: Level) -> None:
     if level.codec is None:
         return
     path = session.storage.join(level.path, level.state_file)
+    if level.raw_state is None and session.options.mmap and accepts_buffers(level.codec):
+        level.raw_state = map_pickle(session.storage, path)  # unverified: mapped as is
     try:
         state = _decode_file(
             session.storage,
@@ -746,18 +803,22 @@ def _decode_file(
     storage: Storage,
     path: str,
     codec: Codec,
-    raw: bytes | None,
+    raw: bytes | ScannedPickle | None,
     options: RestoreOptions,
     *,
     allowed: set[type] | frozenset[type] = frozenset(),
     allow_subclasses_of: type | None = None,
 ) -> Any:
-    """Decode one file (from ``raw`` if step 1 kept its bytes); errors name the file."""
+    """Decode one file (from ``raw`` if step 1 kept its bytes or scanned it); errors name
+    the file."""
     shown = storage.display(path)
+    extra: dict[str, Any] = {}
+    if isinstance(raw, ScannedPickle):
+        extra["buffers"] = iter(raw.buffers)
     try:
         with _open_source(storage, path, raw) as stream:
             if not options.safe:
-                return codec.load(stream)
+                return codec.load(stream, **extra)
             load_restricted = getattr(codec, "load_restricted", None)
             if load_restricted is None:
                 raise UnsafeCheckpointError(
@@ -766,7 +827,11 @@ def _decode_file(
                     path=shown,
                 )
             return load_restricted(
-                stream, allowed=allowed, allow_subclasses_of=allow_subclasses_of, source=shown
+                stream,
+                allowed=allowed,
+                allow_subclasses_of=allow_subclasses_of,
+                source=shown,
+                **extra,
             )
     except CheckpointError as exc:
         if exc.path is None:
@@ -801,7 +866,9 @@ def _decode_file(
         raise
 
 
-def _open_source(storage: Storage, path: str, raw: bytes | None) -> Any:
+def _open_source(storage: Storage, path: str, raw: bytes | ScannedPickle | None) -> Any:
+    if isinstance(raw, ScannedPickle):
+        return raw.open()
     if raw is not None:
         return io.BytesIO(raw)
     return storage.open_read(path)

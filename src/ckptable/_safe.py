@@ -295,8 +295,9 @@ class SafeUnpickler(pickle._Unpickler):
         allowed: Iterable[object] = (),
         allow_subclasses_of: type | None = None,
         source: str = "",
+        buffers: Iterable[Any] | None = None,
     ) -> None:
-        super().__init__(stream)
+        super().__init__(stream, buffers=buffers)
         self.memo = _Memo()
         self._allowed = {_key_of(obj): obj for obj in allowed}
         if allow_subclasses_of is not None and not isinstance(allow_subclasses_of, type):
@@ -491,10 +492,15 @@ def safe_pickle_load(
     allowed: Iterable[object] = (),
     allow_subclasses_of: type | None = None,
     source: str = "",
+    buffers: Iterable[Any] | None = None,
 ) -> Any:
     """``pickle.load(stream)`` through :class:`SafeUnpickler` (see there for the args)."""
     return SafeUnpickler(
-        stream, allowed=allowed, allow_subclasses_of=allow_subclasses_of, source=source
+        stream,
+        allowed=allowed,
+        allow_subclasses_of=allow_subclasses_of,
+        source=source,
+        buffers=buffers,
     ).load()
 
 

@@ -41,6 +41,7 @@ from ckptable._layout import (
     checkpoint_file_names,
 )
 from ckptable._manifest import HashingWriter, checksum_of, preferred_algorithm, seal_directory
+from ckptable._pickle_scan import PAYLOAD_MIN_BYTES, skeleton_checksum
 from ckptable._storage import LocalStorage, Storage, new_temporary_path, resolve_storage
 from ckptable._version import package_version
 from ckptable.errors import CheckpointError, StateEncodingError
@@ -106,17 +107,31 @@ class _SaveSession:
         self.staging.files[path] = (len(data), checksum_of(self.algorithm, data))
 
     @contextlib.contextmanager
-    def open_write(self, path: str) -> Iterator[HashingWriter]:
-        """A stream that checksums what it writes; recorded for the manifest on close."""
+    def open_write(self, path: str, *, pickled: bool = False) -> Iterator[HashingWriter]:
+        """A stream that checksums what it writes; recorded for the manifest on close.
+
+        ``pickled``: the file is a pickle; if it is big, its skeleton's checksum is
+        recorded too (what a memory-mapped restore verifies).
+        """
         with self.storage.open_write(path) as raw:
             writer = HashingWriter(raw, self.algorithm)
             yield writer
         self.staging.files[path] = (writer.size, writer.hexdigest())
+        if pickled and writer.size >= PAYLOAD_MIN_BYTES and isinstance(self.storage, LocalStorage):
+            skeleton = skeleton_checksum(self.storage, path, self.algorithm)
+            if skeleton is not None:
+                self.staging.skeletons[path] = skeleton
 
     def seal(self, directory: str, *, rebuild: bool = False) -> None:
         """Write the manifest of a finished level (the root's last of all)."""
         seal_directory(
-            self.storage, directory, self.algorithm, self.staging.files, self.shown, rebuild
+            self.storage,
+            directory,
+            self.algorithm,
+            self.staging.files,
+            self.shown,
+            rebuild,
+            self.staging.skeletons,
         )
 
 
@@ -282,7 +297,8 @@ def _write_level(
     _write_class_and_ctor_args(session, obj, directory)
     state_file = storage.join(directory, obj.STATE_FILE_NAME + session.codec.suffix)
     try:
-        with session.open_write(state_file) as stream:
+        pickled = getattr(session.codec, "accepts_buffers", False)
+        with session.open_write(state_file, pickled=pickled) as stream:
             session.codec.dump(level_state, stream)  # type: ignore[arg-type]
     except (TypeError, ValueError, AttributeError, RecursionError, pickle.PicklingError) as exc:
         raise StateEncodingError(

@@ -1,0 +1,489 @@
+"""Read a pickle file in one pass, its big byte payloads straight into their final memory.
+
+Pickle protocol 5 writes a numpy array's memory in-band as one opcode (``BYTEARRAY8``,
+or ``BINBYTES`` for a read-only array) *outside* any frame, right where the array's
+reconstruction call needs it; RLlib reads such a ``state.pkl`` with a plain
+``pickle.load``. Verifying before decoding used to mean reading a big file twice (once
+for the checksum, once for pickle). This module walks the file's top-level opcodes
+instead: everything outside the big payloads (the *skeleton*: a few KiB of frames) is
+kept, each big payload is read with ``readinto`` directly into the ``bytearray`` that
+becomes the array's memory, and the whole file is checksummed on the way. Once the
+checksum matched, ``pickle.loads(skeleton, buffers=payloads)`` builds the state, with
+``NEXT_BUFFER`` opcodes in the places of the payloads: one read, no second copy, and no
+pickle opcode is run before the file is known to be intact.
+
+The same walk, with seeks instead of reads, maps the payloads from the file
+(``mmap=True``) and computes the skeleton's own checksum, which the manifest records at
+save time so that a mapped restore can still verify everything pickle will run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import mmap
+import os
+import pickle
+import pickletools
+from typing import IO, Any, Literal
+
+from ckptable._manifest import Checksum, _checksum_executor, new_checksum, read_verified
+from ckptable._storage import LocalStorage, Storage
+from ckptable.errors import CorruptCheckpointError
+
+__all__ = [
+    "PAYLOAD_MIN_BYTES",
+    "ScanError",
+    "ScannedPickle",
+    "map_pickle",
+    "read_pickle_verified",
+    "scan_pickle",
+    "skeleton_checksum",
+]
+
+#: Payloads of at least this many bytes are read into (or mapped as) buffers of their
+#: own; smaller ones stay in the skeleton (copying them costs nothing worth saving).
+PAYLOAD_MIN_BYTES = 1 << 20
+
+_CHUNK = 8 << 20
+_PROTO = pickle.PROTO[0]
+_FRAME = pickle.FRAME[0]
+_STOP = pickle.STOP[0]
+_NEXT_BUFFER = pickle.NEXT_BUFFER
+#: Opcode → size of its length field, for the payload opcodes pickle writes unframed.
+_PAYLOAD_OPS = {
+    pickle.BYTEARRAY8[0]: 8,
+    pickle.BINBYTES8[0]: 8,
+    pickle.BINBYTES[0]: 4,
+    pickle.BINUNICODE8[0]: 8,
+    pickle.BINUNICODE[0]: 4,
+}
+#: Of those, the one whose payload becomes a buffer: ``BYTEARRAY8``, what protocol 5
+#: writes for a writable array's memory (the buffer *is* the ``bytearray`` pickle would
+#: make, or, mapped, a read-only ``memoryview``). Byte strings stay in the skeleton:
+#: ``bytes`` values, read-only arrays and arrays pickled by copy (non-contiguous ones,
+#: whose ``__setstate__`` takes only ``bytes``) need a real ``bytes`` object.
+_AS_BUFFER = {pickle.BYTEARRAY8[0]}
+
+Mode = Literal["read", "map", "skeleton"]
+
+
+class ScanError(ValueError):
+    """The file is not a pickle the walk understands (truncated, or not a pickle)."""
+
+
+@dataclasses.dataclass
+class ScannedPickle:
+    """A pickle file split into its skeleton and its big payloads, ready to decode."""
+
+    #: The pickle stream with each big payload replaced by a ``NEXT_BUFFER`` opcode,
+    #: in the pieces it was read in (joining them would copy it once more).
+    skeleton: list[bytes]
+    #: The payloads, in stream order: ``bytearray`` (read) or ``memoryview`` (mapped).
+    buffers: list[Any]
+    #: Bytes of the whole file the walk covered.
+    size: int
+
+    def open(self) -> io.RawIOBase:
+        """The skeleton as a binary stream, for ``load(stream, buffers=self.buffers)``."""
+        return _PiecesReader(self.skeleton)
+
+
+class _PiecesReader(io.RawIOBase):
+    """A read-only stream over a list of byte strings, without joining them."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        super().__init__()
+        self._pieces = pieces
+        self._index = 0
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(view) and self._index < len(self._pieces):
+            piece = self._pieces[self._index]
+            n = min(len(piece) - self._offset, len(view) - filled)
+            view[filled : filled + n] = piece[self._offset : self._offset + n]
+            filled += n
+            self._offset += n
+            if self._offset == len(piece):
+                self._index, self._offset = self._index + 1, 0
+        return filled
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            rest = [self._pieces[self._index][self._offset :], *self._pieces[self._index + 1 :]]
+            self._index, self._offset = len(self._pieces), 0
+            return b"".join(rest)
+        if self._index < len(self._pieces) and self._offset == 0:
+            piece = self._pieces[self._index]
+            if len(piece) <= size:  # the common case: pickle asks for a frame, whole
+                self._index += 1
+                return piece
+        buffer = bytearray(size)
+        return bytes(buffer[: self.readinto(buffer)])
+
+
+class _OrderedChecksum:
+    """A checksum fed in file order, big chunks on a helper thread while the next is read."""
+
+    def __init__(self, checksum: Checksum | None) -> None:
+        self._checksum = checksum
+        self._pending: concurrent.futures.Future[None] | None = None
+
+    @property
+    def inactive(self) -> bool:
+        return self._checksum is None
+
+    def update(self, data: Any) -> None:
+        if self._checksum is None:
+            return
+        self.wait()
+        self._checksum.update(data)
+
+    def update_behind(self, data: Any) -> None:
+        """Checksum ``data`` on a helper thread; the caller must not change it meanwhile."""
+        if self._checksum is None:
+            return
+        self.wait()
+        self._pending = _checksum_executor().submit(self._checksum.update, data)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+
+class _Walk:
+    """State of one walk over a pickle stream (see :func:`scan_pickle`)."""
+
+    def __init__(
+        self,
+        stream: IO[bytes],
+        mode: Mode,
+        checksum: _OrderedChecksum,
+        skeleton_checksum: Checksum | None,
+        mapped: mmap.mmap | None,
+        skeleton_limit: int | None,
+    ) -> None:
+        self.stream = stream
+        self.mode = mode
+        self.checksum = checksum
+        self.skeleton_checksum = skeleton_checksum
+        self.mapped = mapped
+        self.skeleton_limit = skeleton_limit
+        self.keep = mode != "skeleton"
+        self.parts: list[bytes] = []
+        self.kept = 0
+        self.buffers: list[Any] = []
+        self.position = 0
+
+    # -- reading -----------------------------------------------------------------------
+
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` skeleton bytes (checksummed, kept)."""
+        data = _read_exactly(self.stream, n)
+        self.position += n
+        self.skeleton(data)
+        return data
+
+    def readline(self) -> bytes:
+        data = self.stream.readline()
+        if not data.endswith(b"\n"):
+            raise ScanError("the pickle ends inside a text argument")
+        self.position += len(data)
+        self.skeleton(data)
+        return data
+
+    def skeleton(self, data: bytes) -> None:
+        self.checksum.update(data)
+        if self.skeleton_checksum is not None:
+            self.skeleton_checksum.update(data)
+        if self.keep:
+            self.kept += len(data)
+            if self.skeleton_limit is not None and self.kept > self.skeleton_limit:
+                self.keep = False  # too big to hold: checksum on, the caller reads again
+                self.parts.clear()
+            else:
+                self.parts.append(data)
+
+    def payload_into_skeleton(self, n: int) -> None:
+        while n:
+            data = _read_exactly(self.stream, min(n, _CHUNK))
+            self.position += len(data)
+            n -= len(data)
+            self.skeleton(data)
+
+    def payload_into_buffer(self, n: int) -> None:
+        """Read ``n`` payload bytes into a new ``bytearray`` (checksummed behind)."""
+        buffer = bytearray(n)
+        view = memoryview(buffer)
+        readinto = getattr(self.stream, "readinto", None)
+        start = 0
+        while start < n:
+            chunk = view[start : start + _CHUNK]
+            filled = 0
+            while filled < len(chunk):
+                if readinto is not None:
+                    got = readinto(chunk[filled:])
+                else:
+                    data = self.stream.read(len(chunk) - filled)
+                    got = len(data)
+                    chunk[filled : filled + got] = data
+                if not got:
+                    raise ScanError("the pickle ends inside a byte payload")
+                filled += got
+            self.checksum.update_behind(chunk)
+            start += len(chunk)
+        self.position += n
+        self.buffers.append(buffer)
+
+    def payload_mapped(self, n: int) -> None:
+        assert self.mapped is not None or self.mode == "skeleton"
+        if self.mapped is not None:
+            if self.position + n > len(self.mapped):
+                raise ScanError("the pickle ends inside a byte payload")
+            self.buffers.append(memoryview(self.mapped)[self.position : self.position + n])
+        self.stream.seek(n, io.SEEK_CUR)
+        self.position += n
+
+    # -- the walk ----------------------------------------------------------------------
+
+    def run(self) -> bool:
+        """Walk to STOP or the end; False if the stream is not a framed (protocol 4+)
+        pickle. Frames are kept whole, unparsed: pickle writes big payloads outside them."""
+        head = self.read(2)
+        if head[0] != _PROTO or head[1] < 4:
+            return False
+        # (BYTEARRAY8 exists from protocol 5 on, as NEXT_BUFFER does.)
+        as_buffer = _AS_BUFFER
+        while True:
+            byte = self.stream.read(1)
+            if not byte:
+                break  # the STOP opcode was inside the last frame (pickle checks it)
+            self.position += 1
+            self.skeleton(byte)
+            opcode = byte[0]
+            if opcode == _FRAME:
+                self.payload_into_skeleton(int.from_bytes(self.read(8), "little"))
+            elif opcode in _PAYLOAD_OPS:
+                self.payload(opcode, as_buffer)
+            elif opcode == _STOP:
+                break
+            else:
+                self.other(opcode)
+        if self.stream.read(1):
+            raise ScanError("bytes follow the pickle's STOP opcode")
+        return True
+
+    def payload(self, opcode: int, as_buffer: set[int]) -> None:
+        length_field = _read_exactly(self.stream, _PAYLOAD_OPS[opcode])
+        n = int.from_bytes(length_field, "little")
+        if opcode not in as_buffer or n < PAYLOAD_MIN_BYTES:
+            self.position += len(length_field)
+            self.skeleton(length_field)
+            self.payload_into_skeleton(n)
+            return
+        # The opcode and its length are part of the file's checksum, and of the
+        # skeleton's; the skeleton kept for decoding holds NEXT_BUFFER in their place.
+        self.position += len(length_field)
+        self.checksum.update(length_field)
+        if self.skeleton_checksum is not None:
+            self.skeleton_checksum.update(length_field)
+        if self.keep and self.parts:
+            self.parts[-1] = _NEXT_BUFFER  # replaces the opcode byte just read
+        if self.mode == "read":
+            self.payload_into_buffer(n)
+        else:
+            self.payload_mapped(n)
+
+    def other(self, opcode: int) -> None:
+        """Any other opcode outside a frame: parse its argument with pickletools' readers."""
+        try:
+            op = pickletools.code2op[chr(opcode)]  # type: ignore[attr-defined]
+        except KeyError:
+            raise ScanError(f"unknown pickle opcode {opcode:#04x}") from None
+        if op.arg is not None:
+            op.arg.reader(_Reader(self))
+
+
+class _Reader:
+    """What pickletools' argument readers need (``read``, ``readline``), on the walk."""
+
+    def __init__(self, walk: _Walk) -> None:
+        self._walk = walk
+
+    def read(self, n: int) -> bytes:
+        return self._walk.read(n)
+
+    def readline(self) -> bytes:
+        return self._walk.readline()
+
+
+def _read_exactly(stream: IO[bytes], n: int) -> bytes:
+    data = stream.read(n)
+    while len(data) < n:
+        more = stream.read(n - len(data))
+        if not more:
+            raise ScanError("the pickle is truncated")
+        data += more
+    return data
+
+
+def scan_pickle(
+    stream: IO[bytes],
+    mode: Mode,
+    *,
+    checksum: Checksum | None = None,
+    skeleton_checksum: Checksum | None = None,
+    mapped: mmap.mmap | None = None,
+    skeleton_limit: int | None = None,
+) -> ScannedPickle | None:
+    """Walk the pickle in ``stream`` (at its start) once.
+
+    Modes:
+        ``read``: big ``BYTEARRAY8`` payloads are read into buffers; ``checksum`` sees
+            every byte of the file in order.
+        ``map``: big byte payloads become slices of ``mapped`` (the file mapped) and are
+            seeked over, unread; only the skeleton is checksummed.
+        ``skeleton``: like ``map`` without keeping anything: for ``skeleton_checksum``.
+
+    Returns None if the stream is not a framed pickle (protocol 4 or later) or if (in
+    ``read`` and ``map`` modes) its skeleton grew past ``skeleton_limit`` bytes (then
+    the checksum still covers the whole file): the caller decodes the file the ordinary
+    way.
+
+    Raises:
+        ScanError: the stream is truncated or not a pickle.
+    """
+    ordered = _OrderedChecksum(checksum)
+    walk = _Walk(stream, mode, ordered, skeleton_checksum, mapped, skeleton_limit)
+    try:
+        try:
+            complete = walk.run()
+        except IndexError:
+            raise ScanError("the pickle is truncated") from None
+        except (ValueError, UnicodeDecodeError) as exc:  # pickletools' readers
+            if isinstance(exc, ScanError):
+                raise
+            raise ScanError(f"malformed pickle ({exc})") from exc
+        if not complete:
+            _drain(stream, ordered)
+            return None
+    finally:
+        ordered.wait()
+    if not walk.keep and mode != "skeleton":
+        return None
+    return ScannedPickle(walk.parts, walk.buffers, walk.position)
+
+
+def _drain(stream: IO[bytes], checksum: _OrderedChecksum) -> None:
+    """Checksum the rest of a stream the walk does not understand."""
+    if checksum.inactive:
+        return
+    while chunk := stream.read(_CHUNK):
+        checksum.update(chunk)
+
+
+def skeleton_checksum(storage: Storage, path: str, algorithm: str) -> str | None:
+    """The checksum of the skeleton of the pickle file at ``path`` (seeks over the big
+    payloads: a few small reads). None if the file is not a framed pickle."""
+    checksum = new_checksum(algorithm)
+    with storage.open_read(path) as stream:
+        try:
+            walked = scan_pickle(stream, "skeleton", skeleton_checksum=checksum)
+        except ScanError:
+            return None
+    return None if walked is None else checksum.hexdigest()
+
+
+def read_pickle_verified(
+    storage: Storage,
+    path: str,
+    expected: tuple[int, str],
+    algorithm: str,
+    *,
+    skeleton: str | None,
+    mmap: bool,
+    skeleton_limit: int,
+) -> ScannedPickle | None:
+    """Verify the pickle file at ``path`` against its manifest entry, and scan it.
+
+    With ``mmap`` (and a recorded ``skeleton`` checksum, on the local disk) only the
+    skeleton is read and verified and the payloads are mapped, unread. Otherwise the whole
+    file is read once and checked, its big payloads into their own buffers. Returns None
+    if the file is verified but could not be scanned (not a framed pickle, or a skeleton
+    over ``skeleton_limit`` bytes): the decoder then reads it the ordinary way.
+
+    Raises:
+        CorruptCheckpointError: the file's size or checksum differs from the manifest's.
+    """
+    size, digest = expected
+    shown = storage.display(path)
+    if mmap and skeleton is not None and isinstance(storage, LocalStorage):
+        checksum = new_checksum(algorithm, path=shown)
+        mapped = _map_file(storage, path, size, shown)
+        with storage.open_read(path) as stream:
+            try:
+                scanned = scan_pickle(
+                    stream, "map", skeleton_checksum=checksum, mapped=mapped,
+                    skeleton_limit=skeleton_limit,
+                )  # fmt: skip
+            except ScanError as exc:
+                raise _corrupt(shown, f"unreadable ({exc})") from exc
+        if checksum.hexdigest() != skeleton:
+            raise _corrupt(shown, f"its pickle skeleton's {algorithm} checksum differs")
+        return scanned
+    checksum = new_checksum(algorithm, path=shown)
+    try:
+        with storage.open_read(path) as stream:
+            scanned = scan_pickle(stream, "read", checksum=checksum, skeleton_limit=skeleton_limit)
+    except ScanError:
+        # Not what the walk expects (the checksum decides whether it is damaged):
+        read_verified(storage, path, expected, algorithm, keep=False)
+        return None
+    except OSError as exc:
+        raise _corrupt(shown, f"unreadable ({exc})") from exc
+    if scanned is not None and scanned.size != size:
+        raise _corrupt(shown, f"{scanned.size} bytes; the manifest records {size}")
+    if checksum.hexdigest() != digest:
+        # Also a file the walk stopped early in: compare sizes for the message.
+        read_verified(storage, path, expected, algorithm, keep=False)
+        raise _corrupt(shown, f"its {algorithm} checksum differs from the manifest's")
+    return scanned
+
+
+def map_pickle(storage: Storage, path: str) -> ScannedPickle | None:
+    """Scan an unverified pickle file for ``mmap=True``: big payloads mapped, unread.
+    None where mapping is not possible (not on the local disk, not a framed pickle)."""
+    if not isinstance(storage, LocalStorage):
+        return None
+    shown = storage.display(path)
+    mapped = _map_file(storage, path, None, shown)
+    if mapped is None:
+        return None
+    with storage.open_read(path) as stream:
+        try:
+            return scan_pickle(stream, "map", mapped=mapped)
+        except ScanError as exc:
+            raise _corrupt(shown, f"unreadable ({exc})") from exc
+
+
+def _map_file(storage: LocalStorage, path: str, size: int | None, shown: str) -> mmap.mmap | None:
+    """The file mapped read-only (None if empty); its size checked against ``size``."""
+    with storage.open_read(path) as stream:
+        actual = os.fstat(stream.fileno()).st_size
+        if size is not None and actual != size:
+            raise _corrupt(shown, f"{actual} bytes; the manifest records {size}")
+        if actual == 0:
+            return None
+        return mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _corrupt(shown: str, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{shown} is corrupt: {what}.", path=shown)
