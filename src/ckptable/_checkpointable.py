@@ -18,6 +18,7 @@ from ckptable._components import check_component, get_subcomponents
 from ckptable._restore import RestoreOptions, construct_from_checkpoint, restore_checkpointable
 from ckptable._save import save_checkpointable, save_through_override
 from ckptable._version import package_version
+from ckptable.errors import IncompatibleCheckpointError
 
 __all__ = ["Checkpointable"]
 
@@ -42,6 +43,11 @@ class Checkpointable(abc.ABC):
     CLASS_AND_CTOR_ARGS_FILE_NAME = "class_and_ctor_args.pkl"
     #: JSON file holding ``get_metadata()`` plus ckptable's own record.
     METADATA_FILE_NAME = "metadata.json"
+    #: Version of the state layout ``get_state`` returns, recorded with each save. Raise
+    #: it when the layout changes and implement ``upgrade_state``: older checkpoints
+    #: are upgraded as they are restored; newer ones are refused. Checkpoints without
+    #: a recorded version (RLlib's) count as version 1.
+    STATE_VERSION: int = 1
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Wrap a subclass's own ``save_to_path`` so that, called from outside any save,
@@ -214,6 +220,25 @@ class Checkpointable(abc.ABC):
     @abc.abstractmethod
     def get_ctor_args_and_kwargs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The ``(args, kwargs)`` that rebuild ``self`` from its class."""
+
+    def upgrade_state(self, state: StateDict, from_version: int) -> StateDict:
+        """Turn a state saved at ``from_version`` into one of ``STATE_VERSION``.
+
+        Called on restore, for every level saved with an older ``STATE_VERSION``, after
+        all files are read and before any ``set_state``: a failure leaves the object
+        as it was. ``state`` holds this level's own keys only (components have their
+        own versions). The default refuses: a class that raises its version must say
+        how to upgrade.
+
+        Raises:
+            IncompatibleCheckpointError: the default, always.
+        """
+        cls = type(self)
+        raise IncompatibleCheckpointError(
+            f"The checkpoint holds state version {from_version} of "
+            f"{cls.__module__}.{cls.__qualname__}, which is at version "
+            f"{cls.STATE_VERSION} and defines no upgrade_state() to upgrade it."
+        )
 
     def get_metadata(self) -> dict[str, Any]:
         """JSON-serializable facts written to ``METADATA_FILE_NAME``; not needed to restore.

@@ -116,6 +116,8 @@ class Level:
     raw_state: bytes | ScannedPickle | None = None
     #: Read for a component the object does not have (yet): a decode failure defers it.
     read_ahead: bool = False
+    #: ``upgrade_state`` has run on ``state`` (or was not needed).
+    upgraded: bool = False
 
     @property
     def record(self) -> dict[str, Any] | None:
@@ -206,6 +208,7 @@ def restore_checkpointable(
     session = _RestoreSession(storage, kwargs, options)
     level = _read_consistently(session, root, obj)
     session.warn_unverified()
+    upgrade_tree(session, obj, level)
     token = _current_restore.set(session)
     try:
         _apply_level(session, obj, level)
@@ -508,6 +511,8 @@ def read_level(
             storage, storage.join(directory, meta_name), raw.get(meta_name)
         )
     record = record_of(metadata)
+    if obj is not None:
+        _check_state_version(storage, directory, obj, record)
     if session.options.verify and manifest is None:
         require_manifest_unless_foreign(
             storage, directory, record, entries, meta_name if metadata is not None else None
@@ -879,6 +884,7 @@ def _open_source(storage: Storage, path: str, raw: bytes | ScannedPickle | None)
 
 def _apply_level(session: _RestoreSession, obj: Checkpointable, level: Level) -> None:
     """Restore ``obj`` from an already decoded level: children, then ``obj``, then late ones."""
+    _upgrade_level(session, obj, level)  # done already unless the component came late
     before = list(obj.get_checkpointable_components())
     for name, comp in before:
         child = level.children.get(name)
@@ -911,6 +917,79 @@ def _apply_level(session: _RestoreSession, obj: Checkpointable, level: Level) ->
             type(obj).__name__,
             ", ".join(sorted(unused)),
         )
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def _stored_state_version(storage: Storage, directory: str, record: dict[str, Any] | None) -> int:
+    """The ``STATE_VERSION`` a level was saved with (1 if none is recorded: RLlib's)."""
+    version = (record or {}).get("state_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        shown = storage.display(directory)
+        raise CorruptCheckpointError(
+            f"The metadata of {shown} records a bad state version {version!r}.", path=shown
+        )
+    return version
+
+
+def _check_state_version(
+    storage: Storage, directory: str, obj: Any, record: dict[str, Any] | None
+) -> None:
+    """Refuse a level saved by newer code than ``obj``'s class (before anything is set)."""
+    stored = _stored_state_version(storage, directory, record)
+    cls = type(obj)
+    current = getattr(cls, "STATE_VERSION", 1)
+    if stored > current:
+        shown = storage.display(directory)
+        raise IncompatibleCheckpointError(
+            f"{shown} holds state version {stored} of {cls.__module__}.{cls.__qualname__}, "
+            f"newer than version {current} this code knows: restore it with the newer code.",
+            path=shown,
+        )
+
+
+def upgrade_tree(session: _RestoreSession, obj: Any, level: Level) -> None:
+    """Run ``upgrade_state`` on every decoded level of ``obj``'s tree saved at an older
+    ``STATE_VERSION``: all of them before the first ``set_state``."""
+    if level.deferred or not is_ckptable_object(obj):
+        return
+    comps = dict(obj.get_checkpointable_components())
+    for name, child in level.children.items():
+        if name in comps:
+            upgrade_tree(session, comps[name], child)
+    _upgrade_level(session, obj, level)
+
+
+def _upgrade_level(session: _RestoreSession, obj: Any, level: Level) -> None:
+    if level.upgraded or level.deferred or level.codec is None:
+        return
+    storage = session.storage
+    _check_state_version(storage, level.path, obj, level.record)
+    stored = _stored_state_version(storage, level.path, level.record)
+    current = getattr(type(obj), "STATE_VERSION", 1)
+    if stored < current:
+        shown = storage.display(level.path)
+        try:
+            upgraded = obj.upgrade_state(level.state, stored)
+        except CheckpointError as exc:
+            if exc.path is None:
+                exc.path = shown
+            raise
+        except Exception as exc:
+            raise IncompatibleCheckpointError(
+                f"{type(obj).__name__}.upgrade_state failed to upgrade {shown} from state "
+                f"version {stored} to {current}: {type(exc).__name__}: {exc}",
+                path=shown,
+            ) from exc
+        if not isinstance(upgraded, dict):
+            raise CheckpointError(
+                f"{type(obj).__name__}.upgrade_state returned {type(upgraded).__name__}, "
+                f"not a state dict (upgrading {shown}).",
+                path=shown,
+            )
+        level.state = upgraded
+    level.upgraded = True
 
 
 def _apply_component(session: _RestoreSession, comp: Any, level: Level) -> None:

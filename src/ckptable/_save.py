@@ -142,6 +142,18 @@ _current_save: contextvars.ContextVar[_SaveSession | None] = contextvars.Context
 )
 
 
+def _declared_state_version(obj: Any, session: _SaveSession, directory: str) -> int:
+    version = getattr(type(obj), "STATE_VERSION", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(
+            f"{type(obj).__name__}.STATE_VERSION ({session.describe(directory)}) is "
+            f"{version!r}; it must be an int of at least 1.",
+            path=session.target,
+            component=session.component_path(directory),
+        )
+    return version
+
+
 def _same_storage(a: Storage, b: Storage) -> bool:
     if isinstance(a, LocalStorage) or isinstance(b, LocalStorage):
         return isinstance(a, LocalStorage) and isinstance(b, LocalStorage)
@@ -373,6 +385,7 @@ def _write_metadata(
         "state_file": obj.STATE_FILE_NAME + session.codec.suffix,
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "components": saved,
+        "state_version": _declared_state_version(obj, session, directory),
         # Components that rename their metadata file (as RLlib's Algorithm does): the
         # restore reads their levels before their objects exist (created in set_state).
         "component_metadata_files": metadata_files,
