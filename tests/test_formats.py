@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import ckptable
-from ckptable import get_codec, register_codec, registered_codecs
+from ckptable import CorruptCheckpointError, get_codec, register_codec, registered_codecs
 from ckptable._formats import _REGISTRY
-from trees import Model, trained_model
+from trees import Leaf, Model, trained_model
 
 
 class JsonCodec:
@@ -120,3 +120,66 @@ def test_unencodable_state_names_the_component(tmp_path: Path) -> None:
     with pytest.raises(ckptable.CheckpointError, match="optimizer.*msgpack"):
         model.save_to_path(tmp_path / "ckpt", use_msgpack=True)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- hostile msgpack
+
+
+def _msgpack_level(tmp_path: Path, payload: bytes) -> Path:
+    """A checkpoint whose root state file is ``payload`` (resealed: only the decoder
+    stands between the bytes and memory)."""
+    from helpers import reseal
+
+    Leaf().save_to_path(tmp_path / "ckpt", use_msgpack=True)
+    (tmp_path / "ckpt" / "state.msgpack").write_bytes(payload)
+    reseal(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xdd\xff\xff\xff\xff",  # an array of 4 billion items
+        b"\xdf\xff\xff\xff\xff",  # a map of 4 billion pairs
+        b"\xc6\xff\xff\xff\xff" + b"x" * 10,  # 4 GiB of bytes
+        b"\xdb\xff\xff\xff\xff" + b"x" * 10,  # a 4 GiB string
+        b"\xc9\xff\xff\xff\xff\x01",  # a 4 GiB extension value
+        b"\x81\xa1a" + b"\x91" * 100_000 + b"\xc0",  # nested 100,000 deep
+        bytes(range(256)) * 4,  # garbage
+        b"",
+    ],
+    ids=["array", "map", "bin", "str", "ext", "deep", "garbage", "empty"],
+)
+def test_hostile_msgpack_fails_fast_without_memory(tmp_path: Path, payload: bytes) -> None:
+    import tracemalloc
+
+    path = _msgpack_level(tmp_path, payload)
+    target = Leaf()
+    before = target.get_state()
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptCheckpointError, match=r"state\.msgpack"):
+            target.restore_from_path(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+    assert str(target.get_state()) == str(before)
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_a_msgpack_array_claiming_a_huge_shape_fails_fast(tmp_path: Path, safe: bool) -> None:
+    import tracemalloc
+
+    import msgpack
+
+    fake = {b"nd": True, b"type": "<f8", b"kind": b"", b"shape": [1 << 40], b"data": b"x" * 8}
+    path = _msgpack_level(tmp_path, msgpack.packb({"weights": fake}, use_bin_type=True))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ckptable.CheckpointError, match=r"state\.msgpack"):
+            Leaf().restore_from_path(path, safe=safe)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20

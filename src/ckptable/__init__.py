@@ -7,6 +7,7 @@ component, and rebuild a fresh object from a checkpoint alone.
 
 from ckptable._checkpointable import Checkpointable
 from ckptable._components import check_component, get_subcomponents
+from ckptable._convert import convert_checkpoint
 from ckptable._formats import Codec, get_codec, register_codec, registered_codecs
 from ckptable._info import VerifyReport, get_checkpoint_info, verify_checkpoint
 from ckptable._safe import add_safe_classes
@@ -42,6 +43,7 @@ __all__ = [
     "__version__",
     "add_safe_classes",
     "check_component",
+    "convert_checkpoint",
     "get_checkpoint_info",
     "get_codec",
     "get_subcomponents",

@@ -26,10 +26,11 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import io
 import pickle
 import types
 from collections.abc import Callable, Iterable, Mapping
-from typing import IO, Any, Protocol, runtime_checkable
+from typing import IO, Any, Protocol, cast, runtime_checkable
 
 from ckptable.errors import CheckpointError
 
@@ -40,6 +41,7 @@ __all__ = [
     "accepts_buffers",
     "codec_for_suffix",
     "get_codec",
+    "locate_unencodable",
     "register_codec",
     "registered_codecs",
     "unpatched_msgpack",
@@ -189,6 +191,37 @@ def register_codec(codec: Codec, *, clobber: bool = False) -> None:
         if taken:
             raise ValueError(f"Suffix {suffix!r} is used by codec {taken[0]!r} already.")
     _REGISTRY[name] = codec
+
+
+def locate_unencodable(codec: Codec, state: Any, path: str = "state") -> str:
+    """The key path (``state['a'][0]``) of the innermost value ``codec`` cannot encode.
+
+    Called after an encoding failed, to say where: each container's items are tried on
+    their own and the first failing one is followed down. Returns ``path`` itself if
+    every item encodes (the container as a whole does not: a dict key, say).
+    """
+    if isinstance(state, dict):
+        items: Iterable[tuple[str, Any]] = ((f"{path}[{k!r}]", v) for k, v in state.items())
+    elif isinstance(state, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(state))
+    else:
+        return path
+    for item_path, value in items:
+        try:
+            codec.dump(value, cast(IO[bytes], _Discard()))
+        except Exception:
+            return locate_unencodable(codec, value, item_path)
+    return path
+
+
+class _Discard(io.RawIOBase):
+    """A sink for trial encodings."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return memoryview(data).nbytes
 
 
 def accepts_buffers(codec: Codec) -> bool:

@@ -25,14 +25,14 @@ import json
 import os
 import pickle
 import platform
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
 from ckptable._commit import Staging, staged_directory
 from ckptable._components import uses_ckptable_method, validate_component_name
-from ckptable._formats import Codec, get_codec
+from ckptable._formats import Codec, get_codec, locate_unencodable
 from ckptable._layout import (
     CHECKPOINT_VERSION,
     DEFAULT_METADATA_FILE,
@@ -49,7 +49,7 @@ from ckptable.errors import CheckpointError, StateEncodingError
 if TYPE_CHECKING:
     from ckptable._checkpointable import Checkpointable
 
-__all__ = ["save_checkpointable", "save_through_override"]
+__all__ = ["publish_tree", "save_checkpointable", "save_through_override"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +187,7 @@ def save_checkpointable(
     def write(session: _SaveSession) -> None:
         _write_level(session, obj, session.staging_root, state)
 
-    return _save_outermost(obj, path, storage, fs_path, codec, durable, write)
+    return publish_tree(path, storage, fs_path, codec, durable, checkpoint_file_names(obj), write)
 
 
 def save_through_override(
@@ -221,27 +221,29 @@ def save_through_override(
         # Whatever the override wrote around its super() call: checksum it too.
         session.seal(session.staging_root, rebuild=True)
 
-    return _save_outermost(obj, path, storage, fs_path, codec, durable, write)
+    return publish_tree(path, storage, fs_path, codec, durable, checkpoint_file_names(obj), write)
 
 
-def _save_outermost(
-    obj: Checkpointable,
+def publish_tree(
     path: Any,
     storage: Storage,
     fs_path: str,
     codec: Codec,
     durable: bool,
+    checkpoint_files: Iterable[str],
     write: Callable[[_SaveSession], None],
 ) -> str:
-    """Stage, write (``write``), make durable and publish one whole checkpoint."""
+    """Stage, write (``write``), make durable and publish one whole checkpoint.
+
+    ``checkpoint_files``: the file names that mark a checkpoint level, which may be
+    replaced (anything else at ``fs_path`` is refused).
+    """
     # A URI is returned as given (host, port and query kept); a local path made absolute.
     shown = storage.display(fs_path) if isinstance(storage, LocalStorage) else os.fspath(path)
     if isinstance(storage, LocalStorage) and os.path.islink(fs_path):
         fs_path = os.path.realpath(fs_path)  # replace the checkpoint the link points to
     try:
-        with staged_directory(
-            storage, fs_path, checkpoint_file_names(obj), durable=durable
-        ) as staging:
+        with staged_directory(storage, fs_path, checkpoint_files, durable=durable) as staging:
             session = _SaveSession(storage, staging, codec, target=shown)
             token = _current_save.set(session)
             try:
@@ -312,10 +314,18 @@ def _write_level(
         pickled = getattr(session.codec, "accepts_buffers", False)
         with session.open_write(state_file, pickled=pickled) as stream:
             session.codec.dump(level_state, stream)  # type: ignore[arg-type]
-    except (TypeError, ValueError, AttributeError, RecursionError, pickle.PicklingError) as exc:
+    except (
+        TypeError,
+        ValueError,
+        AttributeError,
+        RecursionError,
+        OverflowError,
+        pickle.PicklingError,
+    ) as exc:
+        where = locate_unencodable(session.codec, level_state)
         raise StateEncodingError(
             f"Cannot encode the state of {type(obj).__name__} ({session.describe(directory)}) "
-            f"with {session.codec.name}: {exc}",
+            f"with {session.codec.name}: {where} cannot be encoded ({exc}).",
             path=session.target,
             component=session.component_path(directory),
         ) from exc
