@@ -156,7 +156,7 @@ def _convert_level(
                 src_storage.open_read(src_path) as source,
                 session.open_write(dst_storage.join(dst_dir, name)) as target,
             ):
-                shutil.copyfileobj(source, target, 8 << 20)  # type: ignore[misc]
+                shutil.copyfileobj(source, target, 8 << 20)
     session.seal(dst_dir)
 
 
