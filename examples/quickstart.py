@@ -28,6 +28,7 @@ from ckptable import (
     Checkpointable,
     CorruptCheckpointError,
     UnknownComponentError,
+    convert_checkpoint,
     get_checkpoint_info,
     verify_checkpoint,
 )
@@ -225,6 +226,17 @@ def main() -> None:
         )
         from_msgpack = Model.from_checkpoint(mp_path)
         check("msgpack round trip", states_equal(from_msgpack.get_state(), saved_state))
+
+        # 5b. Convert a whole checkpoint between formats, and map big arrays (mmap=True):
+        #     arrays come back read-only, mapped from the files instead of read.
+        converted = convert_checkpoint(path, os.path.join(tmp, "ckpt-converted"))
+        print(f"converted to {get_checkpoint_info(converted)['format']}: {converted}")
+        check(
+            "convert_checkpoint round trip",
+            states_equal(Model.from_checkpoint(converted).get_state(), saved_state),
+        )
+        mapped = Model.from_checkpoint(path, mmap=True)
+        check("restore with mmap=True", states_equal(mapped.get_state(), saved_state))
 
         # 6. Integrity: every file is checksummed; a flipped bit is found before loading.
         report = verify_checkpoint(path)
