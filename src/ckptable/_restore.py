@@ -614,7 +614,9 @@ def _verify_files(
     kept: dict[str, bytes] = {}
     big: dict[str, tuple[int, str]] = {}
     for name, expected in manifest.files.items():
-        if (session.options.mmap and name in manifest.skeletons) or not session.keep(expected[0]):
+        # Pickles with a recorded skeleton hold big arrays: read in the one pass that
+        # verifies them, straight into the arrays (not kept as bytes, then copied).
+        if name in manifest.skeletons or not session.keep(expected[0]):
             big[name] = expected
             continue
         data = read_verified(
