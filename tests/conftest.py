@@ -2,14 +2,69 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from helpers import assert_states_equal
+from s3_server import ACCESS_KEY, BUCKET, REGION, SECRET_KEY, S3Server, offline_aws_environment
 
 
 @pytest.fixture
 def states_equal() -> Any:
     """``assert_states_equal(actual, expected)``: numpy-aware deep equality."""
     return assert_states_equal
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A local S3-compatible server (moto's) with the bucket ``BUCKET``, for the session.
+
+    The AWS variables it sets stay set for the rest of the session, so that no client
+    made afterwards looks for real credentials or the instance-metadata service.
+    """
+    from s3_server import start_server
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in offline_aws_environment().items():
+            patch.setenv(name, value)
+        server = start_server()
+        try:
+            server.create_bucket(BUCKET)
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def pyarrow_s3(s3_server: S3Server) -> Any:
+    """``pyarrow.fs.S3FileSystem`` on the test server."""
+    import pyarrow.fs
+
+    return pyarrow.fs.S3FileSystem(
+        endpoint_override=s3_server.endpoint_override,
+        scheme="http",
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        region=REGION,
+    )
+
+
+@pytest.fixture(scope="session")
+def s3fs_s3(s3_server: S3Server) -> Any:
+    """``s3fs.S3FileSystem`` (fsspec) on the test server."""
+    import s3fs
+
+    return s3fs.S3FileSystem(
+        key=ACCESS_KEY,
+        secret=SECRET_KEY,
+        client_kwargs={"endpoint_url": s3_server.endpoint_url, "region_name": REGION},
+    )
+
+
+@pytest.fixture
+def s3_prefix(s3_server: S3Server) -> str:
+    """A fresh ``bucket/prefix`` no other test uses (the bucket lives for the session)."""
+    return f"{BUCKET}/{uuid.uuid4().hex}"

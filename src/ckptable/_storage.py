@@ -1,9 +1,12 @@
-"""Where checkpoint files live: the local disk (fast path) or a ``pyarrow.fs`` filesystem.
+"""Where checkpoint files live: the local disk (fast path), a ``pyarrow.fs`` filesystem or
+an fsspec filesystem.
 
-Both pipelines talk to a :class:`Storage` and never to ``os`` or ``pyarrow`` directly.
-``resolve_storage(path, filesystem)`` picks one the way RLlib does: an explicit
+Both pipelines talk to a :class:`Storage` and never to ``os``, ``pyarrow`` or ``fsspec``
+directly. ``resolve_storage(path, filesystem)`` picks one the way RLlib does: an explicit
 ``filesystem`` wins; otherwise a URI's scheme decides (``file://`` and plain paths are
-local; any other scheme goes to ``pyarrow.fs.FileSystem.from_uri``).
+local; other schemes go to ``pyarrow.fs.FileSystem.from_uri``, and those pyarrow does not
+know, such as ``memory://``, to fsspec). Local filesystem objects of either library take
+the local fast path too.
 
 A storage says whether it can rename directories (``can_rename_dirs``): the commit step
 stages beside the target and renames where it can, and writes in place elsewhere.
@@ -20,6 +23,7 @@ import os
 import posixpath
 import shutil
 import stat
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -35,6 +39,7 @@ except ImportError:  # Windows: no flock; saves then run without staging locks
 
 __all__ = [
     "EntryKind",
+    "FsspecStorage",
     "LocalStorage",
     "PyArrowStorage",
     "Storage",
@@ -334,20 +339,16 @@ def _renameat2_exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), a, None, b)
 
 
-class PyArrowStorage:
-    """Any ``pyarrow.fs.FileSystem`` (S3, GCS, HDFS, a SubTreeFileSystem, ...).
+class _RemoteStorage:
+    """What the storages other than the local disk share: ``/``-separated paths, no
+    directory rename, no locks, nothing to flush (closing a stream commits it, as an
+    object store's PUT does)."""
 
-    Paths are the filesystem-relative paths pyarrow uses (``bucket/key`` for S3).
-    """
-
-    def __init__(self, filesystem: Any, uri_prefix: str = "") -> None:
-        self.filesystem = filesystem
-        self.uri_prefix = uri_prefix
-        # Object stores have no directory rename: the commit step writes in place there,
-        # the root manifest last. Filesystems that could rename (a SubTreeFileSystem over
-        # the local disk) are treated the same: without flock and O_NOFOLLOW here, the
-        # staging-and-recovery scheme could not tell a crashed save from a running one.
-        self.can_rename_dirs = False
+    # Object stores have no directory rename: the commit step writes in place there,
+    # the root manifest last. Filesystems that could rename (a SubTreeFileSystem over
+    # the local disk) are treated the same: without flock and O_NOFOLLOW here, the
+    # staging-and-recovery scheme could not tell a crashed save from a running one.
+    can_rename_dirs = False
 
     def join(self, base: str, *names: str) -> str:
         return "/".join([base.rstrip("/"), *names]) if base else "/".join(names)
@@ -355,8 +356,47 @@ class PyArrowStorage:
     def split(self, path: str) -> tuple[str, str]:
         return posixpath.split(path.rstrip("/"))
 
+    def exchange(self, a: str, b: str) -> bool:
+        return False
+
+    def fsync(self, path: str) -> None:
+        pass  # closing an output stream commits it (an object store's PUT)
+
+    def syncfs(self, path: str) -> bool:
+        return True
+
+    def lock_directory(self, path: str, *, blocking: bool = False) -> Any:
+        return None
+
+    def unlock(self, handle: Any) -> None:
+        pass
+
+    def age_seconds(self, path: str) -> float:
+        return 0.0
+
+    def identity(self, path: str) -> Any:
+        return None
+
+    def is_abandoned(self, path: str) -> bool:
+        return False
+
+
+class PyArrowStorage(_RemoteStorage):
+    """Any ``pyarrow.fs.FileSystem`` (S3, GCS, HDFS, a SubTreeFileSystem, ...).
+
+    Paths are the filesystem-relative paths pyarrow uses (``bucket/key`` for S3).
+    """
+
+    def __init__(self, filesystem: Any, uri_prefix: str = "", uri_query: str = "") -> None:
+        self.filesystem = filesystem
+        self.uri_prefix = uri_prefix
+        # A URI's query (``?endpoint_override=...&scheme=http``) is part of every path
+        # shown: a component's own ``save_to_path`` is called with a shown path, and must
+        # open the same store with it, not the default endpoint.
+        self.uri_query = uri_query
+
     def display(self, path: str) -> str:
-        return self.uri_prefix + path
+        return self.uri_prefix + path + self.uri_query
 
     def kind(self, path: str, *, follow_symlinks: bool = False) -> EntryKind:
         return self._kind(self.filesystem.get_file_info(path))
@@ -412,38 +452,125 @@ class PyArrowStorage:
     def rename(self, src: str, dst: str) -> None:
         self.filesystem.move(src, dst)
 
-    def exchange(self, a: str, b: str) -> bool:
-        return False
-
-    def fsync(self, path: str) -> None:
-        pass  # closing an output stream commits it (an object store's PUT)
-
-    def syncfs(self, path: str) -> bool:
-        return True
-
-    def lock_directory(self, path: str, *, blocking: bool = False) -> Any:
-        return None
-
-    def age_seconds(self, path: str) -> float:
-        return 0.0
-
-    def identity(self, path: str) -> Any:
-        return None
-
-    def unlock(self, handle: Any) -> None:
-        pass
-
-    def is_abandoned(self, path: str) -> bool:
-        return False
-
     def user_filesystem(self) -> Any:
         return self.filesystem
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (PyArrowStorage, (self.filesystem, self.uri_prefix))
+        return (PyArrowStorage, (self.filesystem, self.uri_prefix, self.uri_query))
+
+
+class FsspecStorage(_RemoteStorage):
+    """Any fsspec filesystem: s3fs, gcsfs, adlfs, the ``memory://`` filesystem, ...
+
+    Paths are the filesystem's own, without protocol (``bucket/key`` for s3fs, ``/a/b``
+    for the memory filesystem). On an object store a directory is a prefix that has
+    objects under it: it exists once a file is written below it.
+    """
+
+    def __init__(self, filesystem: Any, *, wrapper: Any = None) -> None:
+        self.filesystem = filesystem
+        # The pyarrow filesystem handed to components (see user_filesystem); the user's
+        # own when they passed a PyFileSystem over this fsspec filesystem.
+        self._wrapper = wrapper
+        # s3fs, gcsfs and adlfs (the filesystems with split_path) have buckets at the top
+        # and no directories below: making one is a no-op there, and fsspec's makedirs
+        # would create a missing bucket, which a save must never do.
+        self._bucketed = callable(getattr(filesystem, "split_path", None))
+
+    def display(self, path: str) -> str:
+        return str(self.filesystem.unstrip_protocol(path))
+
+    def kind(self, path: str, *, follow_symlinks: bool = False) -> EntryKind:
+        try:
+            info = self.filesystem.info(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return _fsspec_kind(info, follow_symlinks)
+
+    def size(self, path: str) -> int:
+        return int(self.filesystem.size(path))
+
+    def listdir(self, path: str) -> dict[str, EntryKind]:
+        # Listed afresh, not from the listings cache of s3fs and its kind: another
+        # process (a save on another worker) may have rewritten the prefix since.
+        self.filesystem.invalidate_cache(path)
+        own = path.rstrip("/")
+        entries: dict[str, EntryKind] = {}
+        for info in self.filesystem.ls(path, detail=True):
+            name = info["name"].rstrip("/")
+            if name == own:
+                # The directory's own marker object (``dir/``, as pyarrow's create_dir
+                # writes on S3) is no entry of it; a file lists itself.
+                if info["name"].endswith("/") or info.get("type") == "directory":
+                    continue
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+            entries[posixpath.basename(name)] = _fsspec_kind(info, False)
+        return entries
+
+    def makedirs(self, path: str) -> None:
+        if not self._bucketed:
+            self.filesystem.makedirs(path, exist_ok=True)
+
+    def mkdir(self, path: str) -> None:
+        if not self._bucketed:
+            self.filesystem.mkdir(path, create_parents=False)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        self.filesystem.pipe_file(path, data)
+
+    def read_bytes(self, path: str) -> bytes:
+        return bytes(self.filesystem.cat_file(path))
+
+    def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        return self.filesystem.open(path, "wb")  # type: ignore[no-any-return]
+
+    def open_read(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        return self.filesystem.open(path, "rb")  # type: ignore[no-any-return]
+
+    def remove_tree(self, path: str) -> None:
+        kind = self.kind(path)
+        if kind == "dir":
+            self.filesystem.rm(path, recursive=True)
+        elif kind is not None:
+            self.filesystem.rm_file(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        self.filesystem.mv(src, dst, recursive=True)
+
+    def user_filesystem(self) -> Any:
+        """A ``pyarrow.fs.PyFileSystem`` over the fsspec filesystem where pyarrow is
+        installed: components written for RLlib call pyarrow's methods (``create_dir``,
+        ``open_output_stream``) on the filesystem they get, and ckptable's own methods
+        unwrap it again. Without pyarrow, the fsspec filesystem itself."""
+        if self._wrapper is None:
+            try:
+                import pyarrow.fs
+            except ImportError:
+                self._wrapper = self.filesystem
+            else:
+                self._wrapper = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.filesystem))
+        return self._wrapper
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # fsspec filesystems pickle themselves (their constructor arguments).
+        return (FsspecStorage, (self.filesystem,))
+
+
+def _fsspec_kind(info: dict[str, Any], follow_symlinks: bool) -> EntryKind:
+    if info.get("islink") and not follow_symlinks:
+        return "other"  # as on the local disk: a checkpoint is never read through a link
+    kind = info.get("type")
+    if kind == "file":
+        return "file"
+    if kind == "directory":
+        return "dir"
+    return "other"
 
 
 _LOCAL = LocalStorage()
+
+#: Installs both libraries a checkpoint URI may need.
+_CLOUD_HINT = "pip install 'ckptable[cloud]'"
 
 
 def _is_pyarrow_filesystem(obj: object) -> bool:
@@ -451,39 +578,144 @@ def _is_pyarrow_filesystem(obj: object) -> bool:
     return module.startswith("pyarrow")
 
 
+def _is_fsspec_filesystem(obj: object) -> bool:
+    # Whoever made an fsspec filesystem imported fsspec: no import needed to check.
+    fsspec = sys.modules.get("fsspec")
+    return fsspec is not None and isinstance(obj, fsspec.AbstractFileSystem)
+
+
 def resolve_storage(path: Any, filesystem: Any = None) -> tuple[Storage, str]:
-    """Map a user's ``path`` (str, ``os.PathLike`` or URI) and ``filesystem`` to a storage.
+    """Map a user's ``path`` (str, ``os.PathLike`` or URI) and ``filesystem`` (a
+    ``pyarrow.fs.FileSystem``, an fsspec filesystem or None) to a storage.
 
     Returns:
         The storage and the path in that storage's own terms (absolute for local paths).
+
+    Raises:
+        CheckpointError: for an empty path, a filesystem of neither library, or a URI
+            scheme that neither pyarrow nor fsspec knows.
+        ImportError: if the URI needs a package that is not installed (named in the
+            message, with the ``pip install`` that brings it).
     """
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     if not isinstance(path, str) or not path:
         raise CheckpointError(f"A checkpoint path must be a non-empty str or path, not {path!r}.")
     if filesystem is not None:
-        if _is_pyarrow_filesystem(filesystem):
-            if filesystem.type_name == "local":
-                return _LOCAL, os.path.abspath(_strip_file_scheme(path))
-            return PyArrowStorage(filesystem), path
-        raise CheckpointError(
-            f"filesystem={filesystem!r} is not a pyarrow.fs.FileSystem; pass a "
-            "pyarrow filesystem, or a URI as the path."
-        )
+        return _resolve_filesystem(path, filesystem)
     scheme = urllib.parse.urlsplit(path).scheme
     if not scheme or scheme == "file" or (len(scheme) == 1 and os.name == "nt"):
         return _LOCAL, os.path.abspath(_strip_file_scheme(path))
+    return _resolve_uri(path, scheme)
+
+
+def _resolve_filesystem(path: str, filesystem: Any) -> tuple[Storage, str]:
+    if _is_pyarrow_filesystem(filesystem):
+        if filesystem.type_name == "local":
+            return _LOCAL, os.path.abspath(_strip_file_scheme(path))
+        inner = _fsspec_inside(filesystem)
+        if inner is not None:
+            return _fsspec_storage(path, inner, wrapper=filesystem)
+        return PyArrowStorage(filesystem), path
+    if _is_fsspec_filesystem(filesystem):
+        return _fsspec_storage(path, filesystem)
+    raise CheckpointError(
+        f"filesystem={filesystem!r} is not a pyarrow.fs.FileSystem nor an fsspec "
+        "filesystem; pass one of those, or a URI as the path."
+    )
+
+
+def _fsspec_inside(filesystem: Any) -> Any:
+    """The fsspec filesystem a ``PyFileSystem(FSSpecHandler(fs))`` wraps, else None.
+
+    Unwrapped, so that what :meth:`FsspecStorage.user_filesystem` hands to components
+    comes back to the same kind of storage (and fsspec is called without pyarrow's
+    layer)."""
+    import pyarrow.fs
+
+    if isinstance(filesystem, pyarrow.fs.PyFileSystem) and isinstance(
+        filesystem.handler, pyarrow.fs.FSSpecHandler
+    ):
+        return filesystem.handler.fs
+    return None
+
+
+def _fsspec_storage(path: str, fs: Any, *, wrapper: Any = None) -> tuple[Storage, str]:
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        return _LOCAL, os.path.abspath(_strip_file_scheme(path))
+    return FsspecStorage(fs, wrapper=wrapper), str(fs._strip_protocol(path))
+
+
+def _resolve_uri(path: str, scheme: str) -> tuple[Storage, str]:
+    """pyarrow's filesystem for the URI if it knows the scheme (as RLlib), else fsspec's."""
     try:
         import pyarrow.fs
     except ImportError:
-        raise ImportError(
-            f"Checkpoint URIs like {path!r} need pyarrow: pip install pyarrow"
-        ) from None
+        return _resolve_fsspec_uri(path, scheme, None)
     try:
         fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
-    except Exception as exc:  # pyarrow raises ArrowInvalid, ArrowNotImplementedError, ...
+    except ImportError as exc:  # pyarrow hands hf:// and fsspec+ URIs to fsspec
+        raise ImportError(
+            f"The checkpoint URI {path!r} needs a package that is not installed: {exc}"
+        ) from exc
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError) as exc:
+        if isinstance(exc, pyarrow.ArrowInvalid) and "Unrecognized filesystem" not in str(exc):
+            raise CheckpointError(
+                f"Cannot open the filesystem of {path!r}: {exc}", path=path
+            ) from exc
+        # Not a scheme pyarrow knows (memory://, az://, ...), or one it was built without.
+        return _resolve_fsspec_uri(path, scheme, str(exc))
+    except Exception as exc:  # OSError (no libhdfs), ...
         raise CheckpointError(f"Cannot open the filesystem of {path!r}: {exc}", path=path) from exc
-    return PyArrowStorage(fs, uri_prefix=f"{scheme}://"), fs_path
+    inner = _fsspec_inside(fs)  # fsspec+memory:// and the like
+    if inner is not None:
+        return FsspecStorage(inner, wrapper=fs), fs_path
+    query = urllib.parse.urlsplit(path).query
+    storage = PyArrowStorage(fs, uri_prefix=f"{scheme}://", uri_query=f"?{query}" if query else "")
+    return storage, fs_path
+
+
+def _resolve_fsspec_uri(path: str, scheme: str, pyarrow_error: str | None) -> tuple[Storage, str]:
+    """fsspec's filesystem for the URI; ``pyarrow_error`` is why pyarrow could not (None:
+    pyarrow is not installed)."""
+    try:
+        import fsspec
+        from fsspec.registry import known_implementations
+    except ImportError:
+        if pyarrow_error is None:
+            raise ImportError(
+                f"Checkpoint URIs like {path!r} need pyarrow or fsspec: {_CLOUD_HINT}"
+            ) from None
+        raise CheckpointError(
+            f"Unknown URI scheme {scheme!r} in {path!r}: pyarrow has no filesystem for it "
+            f"({pyarrow_error}), and fsspec, which might, is not installed ({_CLOUD_HINT}).",
+            path=path,
+        ) from None
+    try:
+        fsspec.get_filesystem_class(scheme)  # ValueError if unknown, ImportError if missing
+        fs, fs_path = fsspec.core.url_to_fs(path)
+    except ImportError as exc:
+        package = known_implementations.get(scheme, {}).get("class", "").partition(".")[0]
+        hint = f"pip install {package}" if package and package != "fsspec" else str(exc)
+        if pyarrow_error is None and scheme in ("s3", "gs", "gcs", "hdfs"):
+            hint += " (or pip install pyarrow, which has this filesystem built in)"
+        raise ImportError(
+            f"The checkpoint URI {path!r} needs a package that is not installed: {hint}. "
+            f"(fsspec: {exc})"
+        ) from exc
+    except ValueError as exc:
+        if "Protocol not known" in str(exc):
+            raise CheckpointError(
+                f"Unknown URI scheme {scheme!r} in {path!r}: neither pyarrow nor fsspec has a "
+                "filesystem for it.",
+                path=path,
+            ) from exc
+        raise CheckpointError(f"Cannot open the filesystem of {path!r}: {exc}", path=path) from exc
+    except Exception as exc:  # an implementation's own errors (bad options, ...)
+        raise CheckpointError(f"Cannot open the filesystem of {path!r}: {exc}", path=path) from exc
+    return _fsspec_storage(fs_path, fs)
 
 
 def _strip_file_scheme(path: str) -> str:
