@@ -97,7 +97,25 @@ def test_msgpack_codec_never_patches_msgpack_globally(tmp_path: Path) -> None:
     Model.from_checkpoint(tmp_path / "ckpt")
 
     assert msgpack.Packer is packer and msgpack.unpackb is unpackb
-    assert not msgpack.Packer.__module__.startswith("msgpack_numpy")
+    # In a fresh interpreter (here RLlib, imported by other test modules, has patched
+    # msgpack already): after a msgpack save and restore, msgpack is still msgpack's.
+    import subprocess
+    import sys
+
+    code = (
+        "import msgpack, tempfile, os; from trees import trained_model, Model\n"
+        "d = tempfile.mkdtemp(); trained_model().save_to_path(d + '/c', use_msgpack=True)\n"
+        "Model.from_checkpoint(d + '/c')\n"
+        "print(msgpack.Packer.__module__, msgpack.unpackb.__module__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent,
+    ).stdout
+    assert "msgpack_numpy" not in out and out.startswith("msgpack")
 
 
 def test_msgpack_files_use_msgpack_numpys_encoding() -> None:

@@ -79,8 +79,8 @@ class Checkpointable(abc.ABC):
             path: Directory (or URI) to save to; a new temporary directory if None.
             state: A state to save instead of calling ``self.get_state()``. Components
                 whose name is not a key of ``state`` are not saved (as in RLlib).
-            filesystem: A ``pyarrow.fs.FileSystem`` to write with; by default inferred
-                from ``path``.
+            filesystem: A ``pyarrow.fs.FileSystem`` or an fsspec filesystem to write
+                with; by default inferred from ``path`` (a local path or a URI).
             use_msgpack: Write ``state.msgpack`` instead of ``state.pkl`` (RLlib's
                 spelling of ``format="msgpack"``).
             format: Name of a registered codec (``"cloudpickle"``, ``"msgpack"``).
@@ -129,7 +129,7 @@ class Checkpointable(abc.ABC):
                 component's own checkpoint (as in RLlib).
             component: A component path (``"a/b"``) to restore alone; the rest of
                 ``self`` is untouched. An unknown name raises ``UnknownComponentError``.
-            filesystem: A ``pyarrow.fs.FileSystem`` to read with.
+            filesystem: A ``pyarrow.fs.FileSystem`` or an fsspec filesystem to read with.
             verify: Check every file against the checkpoint's manifest (size and
                 checksum) before anything is decoded. Checkpoints written by RLlib have
                 none: they are restored unverified, with an ``UnverifiedCheckpointWarning``.
@@ -175,7 +175,7 @@ class Checkpointable(abc.ABC):
 
         Args:
             path: The checkpoint directory.
-            filesystem: A ``pyarrow.fs.FileSystem`` to read with.
+            filesystem: A ``pyarrow.fs.FileSystem`` or an fsspec filesystem to read with.
             verify: As in ``restore_from_path``; the class file is verified before it
                 is unpickled.
             safe: As in ``restore_from_path``; the class file may then name only

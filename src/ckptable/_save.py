@@ -158,7 +158,10 @@ def _same_storage(a: Storage, b: Storage) -> bool:
     if isinstance(a, LocalStorage) or isinstance(b, LocalStorage):
         return isinstance(a, LocalStorage) and isinstance(b, LocalStorage)
     fs_a, fs_b = a.user_filesystem(), b.user_filesystem()
-    return fs_a is fs_b or bool(fs_a.equals(fs_b))
+    if fs_a is fs_b:
+        return True
+    equals = getattr(fs_a, "equals", None)  # pyarrow's; fsspec filesystems compare with ==
+    return bool(equals(fs_b)) if callable(equals) else bool(fs_a == fs_b)
 
 
 def save_checkpointable(
