@@ -214,3 +214,53 @@ def test_a_parent_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=str(tmp_path / "file")):
         three_level_tree().save_to_path(tmp_path / "file" / "ckpt")
     assert os.listdir(tmp_path) == ["file"]
+
+
+def test_a_save_killed_between_mkdir_and_lock_leaves_nothing_after_the_next_save(
+    tmp_path: Path,
+) -> None:
+    """A creating directory nobody holds (its save died before locking it) is removed
+    by the next save at once; one that a running save holds is left alone."""
+    import fcntl
+
+    Leaf().save_to_path(tmp_path / "ckpt")
+    abandoned = tmp_path / ".ckpt.ckptable-creating-0123456789abcdef"
+    held = tmp_path / ".ckpt.ckptable-creating-fedcba9876543210"
+    abandoned.mkdir()
+    held.mkdir()
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        Leaf().save_to_path(tmp_path / "ckpt")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", held.name])
+    finally:
+        os.close(fd)
+    Leaf().save_to_path(tmp_path / "ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_a_save_whose_new_directory_a_concurrent_scan_removed_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instant between mkdir and lock: a concurrent save's leftover scan may remove
+    the directory; the save makes a new one."""
+    from ckptable._storage import LocalStorage
+
+    real_lock = LocalStorage.lock_directory
+    removed: list[str] = []
+
+    def scan_in_between(self: Any, path: str, *, blocking: bool = False) -> Any:
+        if "ckptable-creating-" in path and not removed:
+            os.rmdir(path)  # what the other save's scan does
+            removed.append(path)
+        return real_lock(self, path, blocking=blocking)
+
+    monkeypatch.setattr(LocalStorage, "lock_directory", scan_in_between)
+    tree = three_level_tree()
+    tree.save_to_path(tmp_path / "ckpt")
+
+    assert removed
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    restored = blank_three_level_tree()
+    restored.restore_from_path(tmp_path / "ckpt")
+    assert same_state(states_of(restored), states_of(tree))

@@ -23,9 +23,9 @@ checkpoint is in place and the save still reports the error).
 ends; the kernel drops it when the process dies. (The directory is created under a
 ``.ckptable-creating-`` name, locked, then renamed, so it never shows unlocked under its
 staging name.) The next save of the same target (and a
-restore that finds the target missing) removes staging directories nobody holds, and
-moves an old tree back where a two-step publish died between its steps. Removal never
-follows symlinks.
+restore that finds the target missing) removes staging and creating directories nobody
+holds, and moves an old tree back where a two-step publish died between its steps.
+Removal never follows symlinks.
 
 **Object stores** have no directory rename: the old checkpoint's manifest is deleted
 first, the new tree is written in place, and its root manifest, written last, is the
@@ -119,19 +119,9 @@ def staged_directory(
         return
     recover_leftovers(storage, target)
     parent, name = storage.split(target)
-    token = uuid.uuid4().hex[:16]
-    staging = Staging(storage.join(parent, f".{name}{STAGING_MARKER}{token}"))
     if parent and storage.kind(parent, follow_symlinks=True) != "dir":
         storage.makedirs(parent)
-    creating = storage.join(parent, f".{name}{CREATING_MARKER}{token}")
-    lock = _create_locked(storage, creating)
-    try:
-        storage.rename(creating, staging.root)
-    except BaseException:
-        storage.unlock(lock)
-        with contextlib.suppress(OSError):
-            storage.remove_tree(creating)
-        raise
+    token, staging, lock = _create_staging(storage, parent, name)
     try:
         try:
             yield staging
@@ -216,15 +206,52 @@ def _remove_quietly(storage: Storage, path: str) -> None:
         logger.warning("Could not remove %s (%s); the next save will.", path, exc)
 
 
-def _create_locked(storage: Storage, path: str) -> object:
-    """Create the directory ``path`` and lock it; the caller then renames it to its
-    staging name, so a leftover scan never sees a staging directory before its lock
-    (the lock belongs to the directory, not the name). Where the filesystem has no
-    locks (ENOLCK, ENOTSUP, ...), the save goes on without one: its leftovers are then
-    never taken for abandoned ones, only those of crashed saves that had a lock."""
-    storage.mkdir(path)
+#: A new staging directory is tried this often if concurrent leftover scans keep
+#: removing it before it is locked (each scan removes only unlocked, empty ones).
+_CREATE_ATTEMPTS = 5
+
+
+def _create_staging(storage: Storage, parent: str, name: str) -> tuple[str, Staging, object]:
+    """Create, lock and rename into place a new staging directory: its token, the
+    staging and the lock.
+
+    It is created as ``.<name>.ckptable-creating-<token>``, locked, then renamed, so a
+    leftover scan never sees a staging directory before its lock (the lock belongs to
+    the directory, not the name). A scan removes creating directories nobody holds
+    (a save killed between mkdir and lock leaves one); if it removes ours in the
+    instant before we locked it, the rename fails and a new one is made.
+    """
+    for attempt in range(_CREATE_ATTEMPTS):
+        token = uuid.uuid4().hex[:16]
+        staging = Staging(storage.join(parent, f".{name}{STAGING_MARKER}{token}"))
+        creating = storage.join(parent, f".{name}{CREATING_MARKER}{token}")
+        storage.mkdir(creating)
+        lock = None
+        try:
+            lock = _lock_if_supported(storage, creating)
+            storage.rename(creating, staging.root)
+        except FileNotFoundError:
+            storage.unlock(lock)
+            if attempt == _CREATE_ATTEMPTS - 1:
+                raise
+            continue
+        except BaseException:
+            storage.unlock(lock)
+            with contextlib.suppress(OSError):
+                storage.remove_tree(creating)
+            raise
+        return token, staging, lock
+    raise AssertionError("unreachable")
+
+
+def _lock_if_supported(storage: Storage, path: str) -> object:
+    """Lock ``path``. Where the filesystem has no locks (ENOLCK, ENOTSUP, ...), the save
+    goes on without one: its leftovers are then never taken for abandoned ones, only
+    those of crashed saves that had a lock."""
     try:
         return storage.lock_directory(path)
+    except FileNotFoundError:
+        raise  # removed by a leftover scan before we locked it: the caller retries
     except OSError:
         return None
 
@@ -264,6 +291,8 @@ def recover_leftovers(storage: Storage, target: str) -> None:
         if storage.is_abandoned(path):
             _remove_quietly(storage, path)
     for entry in sorted(e for e in entries if e.startswith(creating_prefix)):
+        # Empty by construction (a save writes only after the rename to staging):
+        # removed if nobody holds it, or, where locks do not exist, once it is old.
         path = storage.join(parent, entry)
-        if storage.age_seconds(path) > CREATING_MAX_AGE_SECONDS:
+        if storage.is_abandoned(path) or storage.age_seconds(path) > CREATING_MAX_AGE_SECONDS:
             _remove_quietly(storage, path)
