@@ -1,0 +1,1195 @@
+"""Storage and format benchmark: ckptable vs RLlib vs plain I/O, on disk and on S3.
+
+What: the tree of ``benchmarks/_trees.py`` holding a *big* workload (1 GiB of float32
+arrays in 4 leaves; ``--big-mib``, ``--big-leaves``) or a *wide* one (1,000 leaves of
+1 KiB; ``--leaves``, ``--leaf-bytes``) is saved and restored in both state formats
+(cloudpickle, and msgpack via ``use_msgpack=True``) on two storages: the local disk
+(``--dir``) and an S3-compatible server (moto's, on the loopback, in a child process;
+``tests/s3_server.py``), reached with one ``pyarrow.fs.S3FileSystem`` that ckptable and
+RLlib's ``Checkpointable`` both get as ``filesystem=``. Baselines: plain I/O of the same
+bytes, one file (one object on S3) per leaf: a plain write (locally also with ``fsync``)
+and a plain read. ckptable's saves run with ``durable=True`` (its default) and, locally,
+``durable=False``; its restores with ``verify=True`` (default), ``verify=False`` and
+``mmap=True``.
+
+Why: the issue "Any storage, portable formats, and big states at disk speed" sets
+targets for the local big cloudpickle case: a save within 1.1x of a plain write
+(``durable=False`` vs write; ``durable=True`` vs write+fsync), a restore within 1.1x of
+a plain read, and an ``mmap=True`` restore at least 10x faster than RLlib's restore. The
+script prints each target as PASS or FAIL with its figures, and the same measurements
+for msgpack and S3 (which have no targets), with the peak memory of every operation.
+
+Method (as ``bench_core.py`` and ``bench_durability.py``): every repeat runs all
+implementations of an operation back to back in a rotating order, after an untimed
+warm-up round; before each timed call, untimed: checkpoints no longer needed are
+deleted, ``gc.collect()``, ``os.sync()``, a memory pre-warm (see
+``bench_durability.prewarm``), freed memory handed back to the OS and the process's
+peak-RSS mark reset (see ``PeakRss``). Every restore is compared with the original data.
+Reported: medians, ratios of medians and paired ratios (the median of the per-repeat
+ratios), and the median peak extra memory of each operation.
+
+Run from the repository root::
+
+    python benchmarks/bench_storage.py --big-mib 64 --repeats 2     # quick local run
+    python benchmarks/bench_storage.py --dir /var/tmp --storages local,s3 \\
+        --s3-big-mib 256 --out docs/benchmarks.md --section "Storage and formats" \\
+        --plot docs/img/storage_formats.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import gc
+import importlib.metadata
+import importlib.util
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pyarrow
+import pyarrow.fs
+
+# The tree classes must come from an importable module (see _trees.py); this puts the
+# benchmarks directory on the path also when the script is run from elsewhere.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _trees
+from _trees import Payload, build_root, leaf_name
+from bench_core import (
+    PLAIN_FILE,
+    ROOT_STEP,
+    BenchmarkError,
+    Workload,
+    add_section,
+    check_restored,
+    check_section_args,
+    cpu_check,
+    format_bytes,
+    format_ratio,
+    format_seconds,
+    machine_facts,
+    make_big,
+    make_wide,
+    markdown_table,
+    plain_read,
+    plain_write,
+)
+from bench_durability import plain_write_fsync, prewarm, rotated, text_table
+
+REPO = Path(__file__).resolve().parent.parent
+WORKLOADS = ("big", "wide")
+FORMATS = ("cloudpickle", "msgpack")
+STORAGES = ("local", "s3")
+STORAGE_TITLES = {"local": "local disk", "s3": "S3-compatible server"}
+DEFAULT_REPEATS = {"big": 5, "wide": 7}
+DEFAULT_S3_REPEATS = 3
+DEFAULT_SECTION = "Storage and formats"
+#: The bucket the benchmark creates on its own moto server.
+BUCKET = "ckptable-bench"
+#: The ranged read of ``S3Place.request_costs``: ckptable's read size for big files.
+PROBE_RANGE = 8 << 20
+LOCAL = frozenset({"local"})
+BOTH = frozenset(STORAGES)
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One implementation of one operation (``save`` or ``restore``)."""
+
+    op: str
+    label: str
+    name: str
+    storages: frozenset[str]
+    #: ckptable's options (saves: ``durable``; restores: ``verify``, ``mmap``).
+    durable: bool = True
+    verify: bool = True
+    mmap: bool = False
+    #: Restores: the label of the save whose checkpoint they read.
+    source: str = ""
+
+    @property
+    def kind(self) -> str:
+        """``ckptable``, ``rllib``, ``plain`` or ``plain-fsync``."""
+        return "ckptable" if self.label.startswith("ck") else self.label
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.op, self.label
+
+
+SAVES = (
+    Variant("save", "ck", "ckptable", BOTH),
+    Variant("save", "ck-nondurable", "ckptable durable=False", LOCAL, durable=False),
+    Variant("save", "rllib", "RLlib", BOTH),
+    Variant("save", "plain", "plain write", BOTH),
+    Variant("save", "plain-fsync", "plain write+fsync", LOCAL),
+)
+RESTORES = (
+    Variant("restore", "ck", "ckptable", BOTH, source="ck"),
+    Variant("restore", "ck-noverify", "ckptable verify=False", BOTH, verify=False, source="ck"),
+    Variant("restore", "ck-mmap", "ckptable mmap=True", BOTH, mmap=True, source="ck"),
+    Variant("restore", "rllib", "RLlib", BOTH, source="rllib"),
+    Variant("restore", "plain", "plain read", BOTH, source="plain"),
+)
+VARIANTS = {v.key: v for v in (*SAVES, *RESTORES)}
+#: Labels in the plot's legend (one colour per label, save and restore alike).
+LEGEND = {
+    "ck": "ckptable (defaults)",
+    "ck-nondurable": "ckptable durable=False / verify=False",
+    "ck-noverify": "ckptable durable=False / verify=False",
+    "ck-mmap": "ckptable mmap=True",
+    "rllib": "RLlib",
+    "plain": "plain write / read",
+    "plain-fsync": "plain write+fsync",
+}
+COLORS = {
+    "ck": "#1f5fa8",
+    "ck-nondurable": "#6fa8dc",
+    "ck-noverify": "#6fa8dc",
+    "ck-mmap": "#0b2f5a",
+    "rllib": "#e69138",
+    "plain": "#999999",
+    "plain-fsync": "#555555",
+}
+
+
+def may_be_unsupported(variant: Variant, fmt: str, storage: str) -> bool:
+    """The combinations expected to refuse: ``mmap=True`` maps local files only, and
+    RLlib looks for ``state.msgpack`` with ``pathlib`` (on the local disk) whatever the
+    filesystem. The warm-up round tries them; if they raise, they are reported as not
+    supported. Any other exception stops the benchmark."""
+    if storage != "s3" or variant.op != "restore":
+        return False
+    return variant.label == "ck-mmap" or (variant.label == "rllib" and fmt == "msgpack")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ratio:
+    """``numerator / denominator`` of median times (lower: the numerator is faster)."""
+
+    op: str
+    numerator: str
+    denominator: str
+    storages: frozenset[str]
+    #: The issue's bound for the big cloudpickle workload on the local disk, if any:
+    #: ``("<=", 1.1)`` or ``(">=", 10.0)``.
+    target: tuple[str, float] | None = None
+
+    @property
+    def text(self) -> str:
+        num, den = VARIANTS[self.op, self.numerator], VARIANTS[self.op, self.denominator]
+        return f"{num.name} / {den.name}"
+
+
+RATIOS = (
+    Ratio("save", "ck-nondurable", "plain", LOCAL, ("<=", 1.1)),
+    Ratio("save", "ck", "plain-fsync", LOCAL, ("<=", 1.1)),
+    Ratio("save", "ck", "plain", frozenset({"s3"})),
+    Ratio("save", "rllib", "plain", BOTH),
+    Ratio("save", "rllib", "ck-nondurable", LOCAL),
+    Ratio("save", "rllib", "ck", frozenset({"s3"})),
+    Ratio("restore", "ck", "plain", BOTH, ("<=", 1.1)),
+    Ratio("restore", "ck-noverify", "plain", BOTH),
+    Ratio("restore", "rllib", "plain", BOTH),
+    Ratio("restore", "rllib", "ck", BOTH),
+    Ratio("restore", "rllib", "ck-mmap", LOCAL, (">=", 10.0)),
+)
+#: The group the issue's targets are about: (workload, format, storage).
+TARGET_GROUP = ("big", "cloudpickle", "local")
+
+
+# --------------------------------------------------------------------------- storages
+
+
+class LocalPlace:
+    """Checkpoints in a directory of the local disk."""
+
+    name = "local"
+    filesystem: Any = None
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def new_round(self, name: str) -> str:
+        path = os.path.join(self.base, name)
+        os.mkdir(path)
+        return path
+
+    def join(self, base: str, name: str) -> str:
+        return os.path.join(base, name)
+
+    def delete(self, path: str) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    def entries(self, path: str) -> set[str]:
+        return set(os.listdir(path))
+
+    def write_plain(self, path: str, names: Sequence[str], payloads: Sequence[Payload]) -> None:
+        plain_write(path, names, payloads)
+
+    def read_plain(self, path: str, names: Sequence[str], templates: Sequence[Payload]) -> Any:
+        return plain_read(path, names, templates)
+
+
+class S3Place:
+    """Checkpoints under a prefix of a bucket on the benchmark's own moto server."""
+
+    name = "s3"
+
+    def __init__(self, server: Any, filesystem: Any, prefix: str) -> None:
+        self.server = server
+        self.filesystem = filesystem
+        self.prefix = prefix
+
+    def new_round(self, name: str) -> str:
+        return f"{self.prefix}/{name}"  # object stores have no directories to make
+
+    def join(self, base: str, name: str) -> str:
+        return f"{base}/{name}"
+
+    def delete(self, path: str) -> None:
+        with contextlib.suppress(OSError):
+            self.filesystem.delete_dir(path)
+
+    def entries(self, path: str) -> set[str]:
+        infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+        return {info.base_name for info in infos}
+
+    def write_plain(self, path: str, names: Sequence[str], payloads: Sequence[Payload]) -> None:
+        """One PUT (``open_output_stream``) per leaf, holding the payload's bytes."""
+        for name, payload in zip(names, payloads, strict=True):
+            with self.filesystem.open_output_stream(f"{path}/{name}/{PLAIN_FILE}") as f:
+                f.write(payload)
+
+    def read_plain(self, path: str, names: Sequence[str], templates: Sequence[Payload]) -> Any:
+        """One GET per leaf: ``read(size)`` on ``open_input_stream``, the size known.
+
+        ``read()`` without a size would read the stream in 256 KiB requests (pyarrow
+        cannot ask a stream its size), which is no baseline at all.
+        """
+        out: list[Payload] = []
+        for name, template in zip(names, templates, strict=True):
+            nbytes = memoryview(template).nbytes
+            with self.filesystem.open_input_stream(f"{path}/{name}/{PLAIN_FILE}") as f:
+                data = f.read(nbytes)
+            if isinstance(template, np.ndarray):
+                out.append(np.frombuffer(data, template.dtype).reshape(template.shape))
+            else:
+                out.append(data)
+        return out
+
+    def request_costs(self, big_bytes: int) -> str:
+        """What moto charges per request, measured untimed before the run: the median of
+        small PUTs and GETs, and of one 8 MiB ranged GET from objects of two sizes."""
+        fs, base, small = self.filesystem, f"{self.prefix}/probe", b"x" * 1024
+        put, get = [], []
+        for i in range(20):
+            start = time.perf_counter()
+            with fs.open_output_stream(f"{base}/small{i}") as f:
+                f.write(small)
+            put.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            with fs.open_input_stream(f"{base}/small{i}") as f:
+                f.read(len(small))
+            get.append(time.perf_counter() - start)
+        ranged = {}
+        for size in dict.fromkeys([PROBE_RANGE, max(PROBE_RANGE, big_bytes)]):
+            with fs.open_output_stream(f"{base}/object") as f:
+                f.write(os.urandom(size))
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                with fs.open_input_stream(f"{base}/object") as f:
+                    f.read(PROBE_RANGE)
+                times.append(time.perf_counter() - start)
+            ranged[size] = statistics.median(times)
+        self.delete(base)
+        ranges = ", ".join(
+            f"{format_seconds(t)} from a {format_bytes(size)} object" for size, t in ranged.items()
+        )
+        return (
+            f"1 KiB PUT {format_seconds(statistics.median(put))}, 1 KiB GET "
+            f"{format_seconds(statistics.median(get))}; one {format_bytes(PROBE_RANGE)} "
+            f"ranged GET: {ranges}"
+        )
+
+    def server_peak_rss(self) -> int | None:
+        """The moto server's peak resident memory so far (``VmHWM``), in bytes."""
+        return proc_status(f"/proc/{self.server.process.pid}/status").get("VmHWM")
+
+
+Place = LocalPlace | S3Place
+
+
+def load_s3_server_module() -> ModuleType:
+    """``tests/s3_server.py``, imported by file (``tests/`` is not put on ``sys.path``)."""
+    path = REPO / "tests" / "s3_server.py"
+    spec = importlib.util.spec_from_file_location("s3_server", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["s3_server"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def open_place(storage: str, run_dir: str) -> Iterator[Place]:
+    """The local run directory, or a moto server (a child process) with a fresh bucket."""
+    if storage == "local":
+        yield LocalPlace(run_dir)
+        return
+    s3 = load_s3_server_module()
+    os.environ.update(s3.offline_aws_environment())  # no client looks for real credentials
+    server = s3.start_server()
+    try:
+        server.create_bucket(BUCKET)
+        filesystem = pyarrow.fs.S3FileSystem(
+            endpoint_override=server.endpoint_override,
+            scheme="http",
+            access_key=s3.ACCESS_KEY,
+            secret_key=s3.SECRET_KEY,
+            region=s3.REGION,
+        )
+        yield S3Place(server, filesystem, f"{BUCKET}/{uuid.uuid4().hex[:12]}")
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- subjects
+
+
+class Subjects:
+    """The workload's trees and the timed call of every variant, in one format and place."""
+
+    def __init__(self, payloads: Sequence[Payload], fmt: str, place: Place) -> None:
+        self.payloads = list(payloads)
+        self.names = [leaf_name(i, len(payloads)) for i in range(len(payloads))]
+        self.msgpack = fmt == "msgpack"
+        self.place = place
+        self.ck_root = build_root(_trees.CkRoot, payloads, step=ROOT_STEP)
+        self.rl_root = build_root(_trees.RlRoot, payloads, step=ROOT_STEP)
+
+    def save(self, variant: Variant, path: str) -> Callable[[], Any]:
+        fs, msgpack, place = self.place.filesystem, self.msgpack, self.place
+        names, payloads = self.names, self.payloads
+        if variant.kind == "ckptable":
+            root, durable = self.ck_root, variant.durable
+            return lambda: root.save_to_path(
+                path, filesystem=fs, use_msgpack=msgpack, durable=durable
+            )
+        if variant.kind == "rllib":
+            rl_root = self.rl_root
+            return lambda: rl_root.save_to_path(path, filesystem=fs, use_msgpack=msgpack)
+        if variant.kind == "plain":
+            return lambda: place.write_plain(path, names, payloads)
+        if variant.kind == "plain-fsync":
+            return lambda: plain_write_fsync(path, names, payloads)
+        raise ValueError(variant.kind)
+
+    def restore(self, variant: Variant, path: str) -> Callable[[], tuple[int | None, list[Any]]]:
+        """The timed call; it returns ``(root step, leaf payloads)`` (step None: plain)."""
+        fs, place, names, payloads = self.place.filesystem, self.place, self.names, self.payloads
+        if variant.kind == "plain":
+            return lambda: (None, place.read_plain(path, names, payloads))
+        if variant.kind == "ckptable":
+            target = _trees.CkRoot(len(payloads))
+            verify, mmap = variant.verify, variant.mmap
+
+            def restore_ckptable() -> tuple[int | None, list[Any]]:
+                target.restore_from_path(path, filesystem=fs, verify=verify, mmap=mmap)
+                return target.step, [leaf.payload for leaf in target.leaves.values()]
+
+            return restore_ckptable
+        if variant.kind == "rllib":
+            rl_target = _trees.RlRoot(len(payloads))
+
+            def restore_rllib() -> tuple[int | None, list[Any]]:
+                rl_target.restore_from_path(path, filesystem=fs)
+                return rl_target.step, [leaf.payload for leaf in rl_target.leaves.values()]
+
+            return restore_rllib
+        raise ValueError(variant.kind)
+
+    def check_saved(self, variant: Variant, path: str) -> None:
+        """Every leaf has its directory (its prefix, on S3) in the saved tree."""
+        missing = set(self.names) - self.place.entries(path)
+        if missing:
+            raise BenchmarkError(f"{variant.name}: {path} lacks {len(missing)} leaves")
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def proc_status(path: str = "/proc/self/status") -> dict[str, int]:
+    """The ``kB`` fields of a ``/proc/<pid>/status`` file, in bytes ({} if unreadable)."""
+    fields: dict[str, int] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                parts = value.split()
+                if len(parts) == 2 and parts[1] == "kB":
+                    fields[name] = int(parts[0]) * 1024
+    except OSError:
+        return {}
+    return fields
+
+
+class PeakRss:
+    """The extra memory an operation needs: the process's resident-set high-water mark
+    (``VmHWM``) after it, minus its resident set before it.
+
+    Linux resets the mark to the current resident set when ``5`` is written to
+    ``/proc/self/clear_refs``, so each operation gets its own peak in this process, with
+    no tracing overhead (tracemalloc would slow pure-Python code, and misses memory that
+    Arrow's and the AWS SDK's allocators take). It counts every allocation of every
+    thread, and pages of mapped files that are touched; not the page cache.
+    ``available`` is False where the reset is not possible (not Linux, or too old).
+    """
+
+    def __init__(self) -> None:
+        self.available = self._reset() and "VmHWM" in proc_status()
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return False
+        return True
+
+    def start(self) -> int | None:
+        """Reset the mark; return the resident set it starts from."""
+        if not self.available or not self._reset():
+            return None
+        return proc_status().get("VmRSS")
+
+    def extra(self, start: int | None) -> int | None:
+        """Peak resident set since ``start()``, above what it started from."""
+        peak = proc_status().get("VmHWM") if start is not None else None
+        return None if peak is None or start is None else max(0, peak - start)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    function = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    return function  # type: ignore[no-any-return]
+
+
+MALLOC_TRIM = _malloc_trim()
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the OS (glibc's heap, Arrow's pool), so that what the
+    next operation reuses shows in its peak rather than hiding in the baseline."""
+    pyarrow.default_memory_pool().release_unused()
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class Untimed:
+    """What runs before each timed call, untimed: pending deletions, ``gc.collect()``,
+    ``os.sync()``, the memory pre-warm, and handing freed memory back."""
+
+    def __init__(self, *, sync: bool, prewarm_bytes: int) -> None:
+        self.sync = sync
+        self.prewarm_bytes = prewarm_bytes
+        self.pending: list[Callable[[], None]] = []
+
+    def later(self, action: Callable[[], None]) -> None:
+        self.pending.append(action)
+
+    def prepare(self) -> None:
+        while self.pending:
+            self.pending.pop()()
+        gc.collect()
+        if self.sync:
+            os.sync()  # start with no dirty pages from earlier ops (and the deletions)
+        if self.prewarm_bytes:
+            prewarm(self.prewarm_bytes)
+        release_memory()
+
+
+def measure(
+    fn: Callable[[], Any], untimed: Untimed, peak: PeakRss
+) -> tuple[float, int | None, Any]:
+    """Prepare (untimed), then run ``fn`` once: wall time, peak extra memory, result."""
+    untimed.prepare()
+    start_rss = peak.start()
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    return seconds, peak.extra(start_rss), result
+
+
+@dataclasses.dataclass
+class Group:
+    """The measurements of one (workload, format, storage)."""
+
+    workload: Workload
+    fmt: str
+    storage: str
+    repeats: int
+    nbytes: int
+    variants: list[Variant]
+    times: dict[tuple[str, str], list[float]] = dataclasses.field(default_factory=dict)
+    memory: dict[tuple[str, str], list[int]] = dataclasses.field(default_factory=dict)
+    #: Variant key → why it is not supported here (its exception, from the warm-up).
+    unsupported: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        return f"{self.workload.name} {self.fmt} {self.storage}"
+
+    def supported(self, op: str) -> list[Variant]:
+        return [v for v in self.variants if v.op == op and v.key not in self.unsupported]
+
+    def has(self, op: str, label: str) -> bool:
+        return bool(self.times.get((op, label)))
+
+    def median(self, op: str, label: str) -> float:
+        return statistics.median(self.times[op, label])
+
+    def ratio(self, ratio: Ratio) -> tuple[float, float] | None:
+        """(ratio of medians, median of per-repeat ratios); None if not measured."""
+        if not (self.has(ratio.op, ratio.numerator) and self.has(ratio.op, ratio.denominator)):
+            return None
+        num, den = self.times[ratio.op, ratio.numerator], self.times[ratio.op, ratio.denominator]
+        paired = statistics.median(a / b for a, b in zip(num, den, strict=True))
+        return statistics.median(num) / statistics.median(den), paired
+
+
+def run_group(group: Group, place: Place, untimed: Untimed, peak: PeakRss) -> None:
+    """One untimed warm-up round (which also finds what is not supported), then
+    ``group.repeats`` timed rounds: every save, then every restore, in rotated order."""
+    subjects = Subjects(group.workload.payloads, group.fmt, place)
+    saves = [v for v in group.variants if v.op == "save"]
+    for r in range(group.repeats + 1):
+        warm_up = r == 0
+        round_path = place.new_round(f"{group.workload.name}-{group.fmt}-r{r}")
+        paths = {v.label: place.join(round_path, v.label) for v in saves}
+        times: dict[str, float] = {}
+        for variant in rotated(saves, r - 1):
+            seconds, extra, _ = measure(subjects.save(variant, paths[variant.label]), untimed, peak)
+            subjects.check_saved(variant, paths[variant.label])
+            times[f"save:{variant.label}"] = seconds
+            if not warm_up:
+                record(group, variant, seconds, extra)
+        for variant in rotated(group.supported("restore"), r - 1):
+            run = subjects.restore(variant, paths[variant.source])
+            try:
+                seconds, extra, (step, got) = measure(run, untimed, peak)
+            except Exception as exc:
+                if not (warm_up and may_be_unsupported(variant, group.fmt, group.storage)):
+                    raise
+                group.unsupported[variant.key] = f"{type(exc).__name__}: {first_line(exc)}"
+                continue
+            check_restored(variant.name, "restore", step, got, group.workload.payloads)
+            del run, step, got
+            times[f"restore:{variant.label}"] = seconds
+            if not warm_up:
+                record(group, variant, seconds, extra)
+        if place.name != "local" or group.workload.cleanup != "end":
+            untimed.later(lambda path=round_path: place.delete(path))
+        # else: kept until the run directory is removed, at the end of the run
+        shown = " ".join(f"{key}={format_seconds(t)}" for key, t in times.items())
+        progress = "warm-up" if warm_up else f"{r}/{group.repeats}"
+        print(f"[{group.title} {progress}] {shown}", file=sys.stderr, flush=True)
+
+
+def record(group: Group, variant: Variant, seconds: float, extra: int | None) -> None:
+    group.times.setdefault(variant.key, []).append(seconds)
+    if extra is not None:
+        group.memory.setdefault(variant.key, []).append(extra)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def verdicts(groups: Sequence[Group]) -> list[tuple[str, str]]:
+    """The issue's targets: (line, PASS/FAIL/NOT RUN) for the big cloudpickle local group.
+
+    A target passes only if both the ratio of medians and the paired ratio meet it.
+    """
+    group = next((g for g in groups if (g.workload.name, g.fmt, g.storage) == TARGET_GROUP), None)
+    out = []
+    for ratio in RATIOS:
+        if ratio.target is None:
+            continue
+        sign, bound = ratio.target
+        name = f"{ratio.op}: {ratio.text} {sign} {format_ratio(bound)}"
+        values = group.ratio(ratio) if group is not None else None
+        if values is None:
+            out.append((f"{name}: not measured (run --workloads big --formats cloudpickle)", "-"))
+            continue
+        of_medians, paired = values
+        worst = max(values) if sign == "<=" else min(values)
+        ok = worst <= bound if sign == "<=" else worst >= bound
+        medians = (
+            f"{format_seconds(group.median(ratio.op, ratio.numerator))} vs "
+            f"{format_seconds(group.median(ratio.op, ratio.denominator))}"
+        )
+        line = (
+            f"{name}: {format_ratio(of_medians)} of medians ({medians}), "
+            f"{format_ratio(paired)} paired"
+        )
+        out.append((line, "PASS" if ok else "FAIL"))
+    return out
+
+
+TIME_HEADERS = [
+    "Workload",
+    "Format",
+    "Operation",
+    "Implementation",
+    "median",
+    "min",
+    "max",
+    "GB/s",
+    "peak extra memory",
+    "x data",
+    "n",
+]
+RATIO_HEADERS = ["Workload", "Format", "Operation", "Ratio", "of medians", "paired", "target"]
+
+
+def time_rows(groups: Sequence[Group]) -> list[list[str]]:
+    rows = []
+    for group in groups:
+        for variant in group.variants:
+            cells = [group.workload.name, group.fmt, variant.op, variant.name]
+            if variant.key in group.unsupported:
+                rows.append([*cells, "not supported", "", "", "", "", "", "0"])
+                continue
+            values = group.times[variant.key]
+            median = statistics.median(values)
+            memory = group.memory.get(variant.key)
+            peak = statistics.median(memory) if memory else None
+            big = group.workload.name == "big"
+            rows.append(
+                [
+                    *cells,
+                    format_seconds(median),
+                    format_seconds(min(values)),
+                    format_seconds(max(values)),
+                    f"{group.nbytes / median / 1e9:.2f}" if big else "-",
+                    format_bytes(int(peak)) if peak is not None else "n/a",
+                    f"{peak / group.nbytes:.2f}" if big and peak is not None else "-",
+                    str(len(values)),
+                ]
+            )
+    return rows
+
+
+def ratio_rows(groups: Sequence[Group]) -> list[list[str]]:
+    rows = []
+    for group in groups:
+        for ratio in RATIOS:
+            if group.storage not in ratio.storages:
+                continue
+            values = group.ratio(ratio)
+            is_target = (group.workload.name, group.fmt, group.storage) == TARGET_GROUP
+            target = f"{ratio.target[0]} {format_ratio(ratio.target[1])}" if ratio.target else ""
+            rows.append(
+                [
+                    group.workload.name,
+                    group.fmt,
+                    ratio.op,
+                    ratio.text,
+                    format_ratio(values[0]) if values else "n/s",
+                    format_ratio(values[1]) if values else "n/s",
+                    target if is_target else "",
+                ]
+            )
+    return rows
+
+
+def format_rows(groups: Sequence[Group]) -> list[list[str]]:
+    """msgpack against cloudpickle, per implementation: time and peak-memory ratios."""
+    by_key = {(g.workload.name, g.fmt, g.storage): g for g in groups}
+    rows = []
+    for group in groups:
+        if group.fmt != "msgpack":
+            continue
+        pickled = by_key.get((group.workload.name, "cloudpickle", group.storage))
+        if pickled is None:
+            continue
+        for variant in group.variants:
+            if not (group.has(*variant.key) and pickled.has(*variant.key)):
+                continue
+            if variant.kind.startswith("plain"):
+                continue  # the same bytes in both formats
+            memory, pickled_memory = group.memory.get(variant.key), pickled.memory.get(variant.key)
+            rows.append(
+                [
+                    group.workload.name,
+                    variant.op,
+                    variant.name,
+                    format_seconds(pickled.median(*variant.key)),
+                    format_seconds(group.median(*variant.key)),
+                    format_ratio(group.median(*variant.key) / pickled.median(*variant.key)),
+                    format_bytes(int(statistics.median(pickled_memory))) if pickled_memory else "",
+                    format_bytes(int(statistics.median(memory))) if memory else "",
+                ]
+            )
+    return rows
+
+
+FORMAT_HEADERS = [
+    "Workload",
+    "Operation",
+    "Implementation",
+    "cloudpickle",
+    "msgpack",
+    "msgpack / cloudpickle",
+    "peak, cloudpickle",
+    "peak, msgpack",
+]
+
+
+@dataclasses.dataclass
+class Run:
+    """One storage's results and what the report says about them."""
+
+    storage: str
+    command: str
+    groups: list[Group]
+    facts: list[tuple[str, str]]
+    sync: bool
+    prewarm_mib: int | None
+    server_peak: int | None = None
+    #: S3: what the server charges per request (``S3Place.request_costs``).
+    server_costs: str | None = None
+
+
+def print_run(run: Run) -> None:
+    print(f"\n== {STORAGE_TITLES[run.storage]}: medians (ratios: time / time)")
+    print(text_table(TIME_HEADERS, time_rows(run.groups), left=4))
+    print()
+    print(text_table(RATIO_HEADERS, ratio_rows(run.groups), left=4))
+    rows = format_rows(run.groups)
+    if rows:
+        print()
+        print(text_table(FORMAT_HEADERS, rows, left=3))
+    for group in run.groups:
+        for key, why in group.unsupported.items():
+            print(f"not supported: {group.title} {VARIANTS[key].op} {VARIANTS[key].name}: {why}")
+    if run.server_peak is not None:
+        print(f"moto server peak RSS: {format_bytes(run.server_peak)}")
+    if run.server_costs is not None:
+        print(f"moto request costs: {run.server_costs}")
+    if run.storage == "local":
+        print()
+        for line, verdict in verdicts(run.groups):
+            print(f"TARGET {verdict}: {line}")
+
+
+METHOD_TEXT = """\
+- Each repeat runs every save, then every restore (each reading the checkpoint that its
+  save made in the same repeat), all implementations back to back in an order rotated
+  from repeat to repeat, after an untimed warm-up round. Before each timed call,
+  untimed: checkpoints no longer needed are deleted, `gc.collect()`{sync}{prewarm},
+  freed memory is handed back to the OS (`malloc_trim(0)`, Arrow's
+  `release_unused()`) and the peak-memory mark is reset. Every restored tree (and every
+  plain read-back) is compared with the original data, outside the timing.
+- **Ratios** divide times (lower: the first is faster). *of medians*: the ratio of the
+  two medians; *paired*: the median of the per-repeat ratios (both ran in the same
+  repeat), which cancels slow phases of a shared machine. A target passes only if both
+  meet it.
+- **Peak extra memory**: the process's resident-set high-water mark (`VmHWM`, reset by
+  writing `5` to `/proc/self/clear_refs` right before the call) minus its resident set
+  at that moment; median over repeats. It counts every allocation of every thread
+  (numpy, Python, Arrow's and the AWS SDK's allocators) and the pages of mapped files
+  that are touched, not the page cache, with no tracing overhead; tracemalloc was not
+  used: it slows pure-Python code and does not see Arrow's allocator. A restore's peak
+  includes the restored data it returns (for *big*, 1.00x data is a restore that makes
+  no extra copy); a save's is only what it allocates on top of the tree it saves.
+  **x data** is that peak over the workload's array bytes.
+- ckptable runs with its defaults (`durable=True`: every file and directory flushed
+  before publishing; `verify=True`: every file checked against the manifest's
+  checksums) unless the name says otherwise. `mmap=True` maps big arrays of pickle
+  files from the local disk instead of reading them (verifying all but the arrays'
+  bytes); msgpack files are never mapped (it then reads them as usual), and other
+  storages are refused."""
+
+LOCAL_TEXT = """\
+- **plain write**: `mkdir` per leaf and open/write/close of one file holding the leaf's
+  bytes; **plain write+fsync**: the same, each file fsynced before close, then the leaf
+  directories, the checkpoint directory and its parent; **plain read**: `read()` of each
+  file (arrays wrap the bytes read with `np.frombuffer`). RLlib never fsyncs.
+- Checkpoints go to fresh directories under the benchmark directory; restores read files
+  just written, from the page cache. {cleanup}"""
+
+S3_TEXT = """\
+- The server is moto's `ThreadedMotoServer` on 127.0.0.1 in a child process
+  (`tests/s3_server.py`), one bucket, plain HTTP. ckptable and RLlib get the same
+  `pyarrow.fs.S3FileSystem(endpoint_override=..., scheme="http")` as `filesystem=`.
+  ckptable writes in place on object stores (no directory rename), the root manifest
+  last; `durable=True` has nothing to flush there (a closed stream is a committed PUT).
+- **plain write**: one `open_output_stream` (PUT; multipart above pyarrow's part size)
+  per leaf holding its bytes; **plain read**: one `open_input_stream(...).read(size)`
+  per leaf, the size known (pyarrow reads a stream in 256 KiB requests when `read()`
+  gets no size).
+- Each repeat's objects are deleted (untimed) after its restores, so the server's memory
+  does not grow. Times include moto itself (Python, single process, serving from memory
+  and spooled temporary files): every request costs milliseconds, and a ranged GET
+  copies the whole object on the server (see the costs measured above), so readers that
+  fetch a big object in many ranged GETs pay for it many times over. These figures show
+  request counts and copies, not S3's speed."""
+
+
+def cleanup_text(groups: Sequence[Group]) -> str:
+    kept = sorted({g.workload.name for g in groups if g.workload.cleanup == "end"})
+    if not kept:
+        return "Each repeat's checkpoints are deleted (untimed) once its restores are done."
+    return (
+        f"The {', '.join(kept)} workload's checkpoints are kept until the run ends (on ext4, "
+        "creating files right after deleting thousands is slow: see `benchmarks/README.md`); "
+        "the others' are deleted (untimed) once their repeat's restores are done."
+    )
+
+
+def workload_lines(run: Run) -> str:
+    seen: dict[str, Group] = {}
+    for group in run.groups:
+        seen.setdefault(group.workload.name, group)
+    return "\n".join(
+        f"- **{name}**: {g.workload.description}; {g.repeats} repeats (+1 warm-up)"
+        for name, g in seen.items()
+    )
+
+
+def markdown_section(title: str, run: Run, plot: str | None) -> str:
+    fact_table = markdown_table(["", ""], [[f"**{k}**", v] for k, v in run.facts], left=2)
+    formats = ", ".join(dict.fromkeys(g.fmt for g in run.groups))
+    sync = " and `os.sync()`" if run.sync else ""
+    prewarm_text = (
+        ", a memory pre-warm (twice the workload's bytes touched and freed, as in "
+        "`bench_durability.py`)"
+        if run.prewarm_mib is None
+        else (f", a memory pre-warm ({run.prewarm_mib} MiB)" if run.prewarm_mib else "")
+    )
+    parts = [
+        f"## {title}",
+        "Generated by `benchmarks/bench_storage.py` (see `benchmarks/README.md`): ckptable, "
+        "RLlib's `Checkpointable` and plain I/O of the same bytes, saving and restoring the "
+        f"same tree in the {formats} format(s) on the {STORAGE_TITLES[run.storage]}. "
+        "Run from the repository root:",
+        f"```sh\n{run.command}\n```",
+        f"Workloads:\n\n{workload_lines(run)}",
+        fact_table,
+    ]
+    if run.storage == "local":
+        lines = "\n".join(f"- **{v}**: {line}" for line, v in verdicts(run.groups))
+        parts += [
+            "### Targets",
+            "The issue's targets, for the big workload in cloudpickle on the local disk "
+            "(a target passes only if both the ratio of medians and the paired ratio meet "
+            f"it):\n\n{lines}",
+        ]
+    parts += [
+        "### Median times and peak memory",
+        markdown_table(TIME_HEADERS, time_rows(run.groups), left=4),
+        "### Ratios",
+        markdown_table(RATIO_HEADERS, ratio_rows(run.groups), left=4),
+    ]
+    rows = format_rows(run.groups)
+    if rows:
+        parts += [
+            "### msgpack against cloudpickle",
+            "Median times and peak extra memory of the same implementation in both formats "
+            "(msgpack has no target).",
+            markdown_table(FORMAT_HEADERS, rows, left=3),
+        ]
+    unsupported = [
+        f"- {g.workload.name}, {g.fmt}: {VARIANTS[key].op} by **{VARIANTS[key].name}**: `{why}`"
+        for g in run.groups
+        for key, why in g.unsupported.items()
+    ]
+    if unsupported:
+        parts += ["### Not supported", "Raised in the warm-up round:\n\n" + "\n".join(unsupported)]
+    if run.server_costs is not None:
+        parts.append(
+            f"Request costs of the moto server, measured before the run: {run.server_costs}. "
+            f"Its peak resident memory during the run: {format_bytes(run.server_peak or 0)}."
+        )
+    if plot:
+        parts.append(f"![Median times per implementation (log scale)]({plot})")
+    storage_text = (
+        LOCAL_TEXT.format(cleanup=cleanup_text(run.groups)) if run.storage == "local" else S3_TEXT
+    )
+    method = METHOD_TEXT.format(sync=sync, prewarm=prewarm_text)
+    parts += ["### Method", f"{method}\n{storage_text}"]
+    return "\n\n".join(parts) + "\n"
+
+
+def run_facts(bench_dir: str, storage: str, gauge: tuple[float, float]) -> list[tuple[str, str]]:
+    facts = machine_facts(bench_dir)
+    versions = ["msgpack", "msgpack-numpy", "xxhash"] + (["moto"] if storage == "s3" else [])
+    for package in versions:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            facts.append((package, importlib.metadata.version(package)))
+    if storage == "s3":
+        facts = [
+            ("Storage", "moto S3 server on 127.0.0.1 (child process), pyarrow S3FileSystem")
+            if name == "Benchmark directory"
+            else (name, value)
+            for name, value in facts
+        ]
+    facts.append(
+        (
+            "CPU gauge",
+            f"2M-iteration Python loop: {format_seconds(gauge[0])} before, "
+            f"{format_seconds(gauge[1])} after (a noise indicator for shared machines)",
+        )
+    )
+    return facts
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def plot(runs: Sequence[Run], path: str) -> None:
+    """Grouped bars: median time (log scale, min-max whiskers) per implementation, one
+    panel per (storage, workload), one group of bars per (format, operation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    panels = [
+        (run.storage, name, [g for g in run.groups if g.workload.name == name])
+        for run in runs
+        for name in dict.fromkeys(g.workload.name for g in run.groups)
+    ]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.4 * len(panels)), squeeze=False)
+    shown: dict[str, Any] = {}
+    for ax, (storage, name, groups) in zip(axes[:, 0], panels, strict=True):
+        ticks, labels = [], []
+        x = 0.0
+        for group in groups:
+            for op in ("save", "restore"):
+                variants = [v for v in group.variants if v.op == op]
+                width = 0.8 / len(variants)
+                for i, variant in enumerate(variants):
+                    pos = x - 0.4 + (i + 0.5) * width
+                    if variant.key in group.unsupported:
+                        ax.text(pos, 0.02, "n/s", ha="center", transform=ax.get_xaxis_transform())
+                        continue
+                    values = group.times[variant.key]
+                    median = statistics.median(values)
+                    bar = ax.bar(
+                        pos,
+                        median,
+                        width * 0.9,
+                        color=COLORS[variant.label],
+                        yerr=[[median - min(values)], [max(values) - median]],
+                        capsize=2,
+                        error_kw={"elinewidth": 0.8},
+                    )
+                    shown.setdefault(LEGEND[variant.label], bar)
+                ticks.append(x)
+                labels.append(f"{group.fmt}\n{op}")
+                x += 1
+        ax.set_xticks(ticks, labels)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: format_seconds(y)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylabel("seconds (median)")
+        ax.set_title(f"{STORAGE_TITLES[storage]}: {name} ({groups[0].workload.description})")
+        ax.grid(axis="y", which="both", alpha=0.3)
+    fig.legend(list(shown.values()), list(shown), loc="upper center", ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.4 * len(panels))))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Time saves and restores by ckptable, RLlib's Checkpointable and plain "
+        "I/O, in cloudpickle and msgpack, on the local disk and an S3-compatible server.",
+    )
+    parser.add_argument("--workloads", default="big,wide", help="comma-separated: big,wide")
+    parser.add_argument("--formats", default="cloudpickle,msgpack", help="cloudpickle,msgpack")
+    parser.add_argument("--storages", default="local", help="comma-separated: local,s3")
+    parser.add_argument("--big-mib", type=int, default=1024, help="big: total MiB of float32")
+    parser.add_argument("--s3-big-mib", type=int, default=None, help="big on S3 (default: same)")
+    parser.add_argument("--big-leaves", type=int, default=4, help="big: number of leaves")
+    parser.add_argument("--leaves", type=int, default=1000, help="wide: number of leaves")
+    parser.add_argument("--s3-leaves", type=int, default=None, help="wide on S3 (default: same)")
+    parser.add_argument("--leaf-bytes", type=int, default=1024, help="wide: bytes per leaf")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="local repeats (default: 5 big, 7 wide)"
+    )
+    parser.add_argument(
+        "--s3-repeats", type=int, default=DEFAULT_S3_REPEATS, help="S3 repeats (default: 3)"
+    )
+    parser.add_argument("--dir", default=None, help="local checkpoints (default: system temp)")
+    parser.add_argument("--out", default=None, help="also write the markdown report here")
+    parser.add_argument(
+        "--section",
+        default=None,
+        metavar="TITLE",
+        help="with --out: add (or replace) one '## TITLE: <storage>' section per storage in "
+        "the existing --out page",
+    )
+    parser.add_argument("--plot", default=None, metavar="PATH", help="write a PNG/SVG chart")
+    parser.add_argument(
+        "--no-sync", action="store_true", help="do not os.sync() before each timed op"
+    )
+    parser.add_argument(
+        "--prewarm-mib",
+        type=int,
+        default=None,
+        help="MiB of memory touched and freed before each timed op (default: 2x the "
+        "workload's bytes; 0: none)",
+    )
+    args = parser.parse_args(argv)
+    for flag, choices in (("workloads", WORKLOADS), ("formats", FORMATS), ("storages", STORAGES)):
+        chosen = [item.strip() for item in getattr(args, flag).split(",") if item.strip()]
+        unknown = sorted(set(chosen) - set(choices))
+        if unknown or not chosen:
+            parser.error(f"--{flag}: choose from {', '.join(choices)} (got {unknown})")
+        setattr(args, flag, [c for c in choices if c in chosen])  # canonical order
+    for flag in ("big_mib", "big_leaves", "leaves", "leaf_bytes", "s3_repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be positive")
+    for flag in ("s3_big_mib", "s3_leaves"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.prewarm_mib is not None and args.prewarm_mib < 0:
+        parser.error("--prewarm-mib must not be negative")
+    check_section_args(parser, args)
+    return args
+
+
+def make_workloads(args: argparse.Namespace, storage: str) -> list[tuple[Workload, int]]:
+    """The workloads of one storage, each with its repeats (``--s3-*`` sizes on S3: moto
+    costs milliseconds per request and copies a whole object for each ranged GET)."""
+    out = []
+    for name in args.workloads:
+        local_repeats = args.repeats or DEFAULT_REPEATS[name]
+        repeats = args.s3_repeats if storage == "s3" else local_repeats
+        if name == "wide":
+            leaves = args.s3_leaves if storage == "s3" and args.s3_leaves else args.leaves
+            workload = make_wide(leaves, args.leaf_bytes, repeats)
+            workload.cleanup = "end"
+        else:
+            mib = args.s3_big_mib if storage == "s3" and args.s3_big_mib else args.big_mib
+            workload = make_big(mib, args.big_leaves, repeats)
+            workload.cleanup = "repeat"
+        out.append((workload, repeats))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    bench_dir = args.dir or tempfile.gettempdir()
+    peak = PeakRss()
+    if not peak.available:
+        print("peak memory: /proc/self/clear_refs unavailable, not measured", file=sys.stderr)
+    runs: list[Run] = []
+    run_dir = tempfile.mkdtemp(prefix="ckptable-storage-", dir=bench_dir)
+    try:
+        for storage in args.storages:
+            run = run_storage(args, storage, run_dir, peak)
+            runs.append(run)
+            print_run(run)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    plot_ref = None
+    if args.plot:
+        plot(runs, args.plot)
+        print(f"\nwrote {args.plot}")
+        if args.out:
+            plot_ref = os.path.relpath(args.plot, Path(args.out).resolve().parent)
+    if args.out:
+        write_report(args, runs, plot_ref)
+    return 0
+
+
+def run_storage(args: argparse.Namespace, storage: str, run_dir: str, peak: PeakRss) -> Run:
+    """Every workload and format on one storage (a moto server of its own for S3)."""
+    gauge_before = statistics.median(cpu_check() for _ in range(3))
+    groups: list[Group] = []
+    server_costs = server_peak = None
+    with open_place(storage, run_dir) as place:
+        workloads = make_workloads(args, storage)
+        if isinstance(place, S3Place):
+            big = [w for w, _ in workloads if w.name == "big"]
+            leaf = max((memoryview(p).nbytes for w in big for p in w.payloads), default=0)
+            server_costs = place.request_costs(leaf)
+        for workload, repeats in workloads:
+            nbytes = sum(memoryview(p).nbytes for p in workload.payloads)
+            prewarm_bytes = 2 * nbytes if args.prewarm_mib is None else args.prewarm_mib << 20
+            untimed = Untimed(sync=not args.no_sync, prewarm_bytes=prewarm_bytes)
+            variants = [v for v in (*SAVES, *RESTORES) if storage in v.storages]
+            for fmt in args.formats:
+                print(f"{storage}: {workload.name} {fmt}: {workload.description}", file=sys.stderr)
+                group = Group(workload, fmt, storage, repeats, nbytes, variants)
+                run_group(group, place, untimed, peak)
+                untimed.prepare()  # the last round's deletions
+                groups.append(group)
+            workload.payloads = []  # free the arrays; the groups keep the figures
+        if isinstance(place, S3Place):
+            server_peak = place.server_peak_rss()
+    gauge = (gauge_before, statistics.median(cpu_check() for _ in range(3)))
+    facts = run_facts(args.dir or tempfile.gettempdir(), storage, gauge)
+    command = shlex.join([sys.executable, *sys.argv])
+    run = Run(storage, command, groups, facts, not args.no_sync, args.prewarm_mib)
+    run.server_peak, run.server_costs = server_peak, server_costs
+    return run
+
+
+def write_report(args: argparse.Namespace, runs: Sequence[Run], plot_ref: str | None) -> None:
+    """One ``## <title>: <storage>`` section per storage, added to the page or a new one."""
+    out = Path(args.out)
+    title = (args.section or DEFAULT_SECTION).strip()
+    page = out.read_text() if args.section is not None else "# Benchmarks\n"
+    for i, run in enumerate(runs):
+        heading = f"{title}: {STORAGE_TITLES[run.storage]}"
+        section = markdown_section(heading, run, plot_ref if i == 0 else None)
+        page = add_section(page, heading, section)
+        print(f"wrote section {heading!r} of {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
