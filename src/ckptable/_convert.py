@@ -16,7 +16,13 @@ import shutil
 import warnings
 from typing import Any
 
-from ckptable._formats import Codec, accepts_buffers, get_codec, locate_unencodable
+from ckptable._formats import (
+    Codec,
+    accepts_buffers,
+    get_codec,
+    locate_unencodable,
+    registered_codecs,
+)
 from ckptable._info import verify_tree
 from ckptable._layout import DEFAULT_METADATA_FILE, RECORD_KEY, read_metadata_file, record_of
 from ckptable._manifest import MANIFEST_FILE, refuse_special_entries
@@ -177,6 +183,4 @@ def _write_state(session: _SaveSession, path: str, state: Any) -> None:
 
 
 def _suffixes() -> set[str]:
-    from ckptable._formats import registered_codecs
-
     return {codec.suffix for codec in registered_codecs().values()}

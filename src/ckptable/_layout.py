@@ -14,7 +14,7 @@ A class may rename the three files (RLlib's Algorithm uses ``rllib_checkpoint.js
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ckptable.errors import CorruptCheckpointError
 
@@ -29,6 +29,7 @@ __all__ = [
     "LAYOUT_VERSION",
     "RECORD_KEY",
     "checkpoint_file_names",
+    "is_state_version",
     "read_metadata_file",
     "record_of",
 ]
@@ -44,6 +45,11 @@ RECORD_KEY = "ckptable"
 DEFAULT_METADATA_FILE = "metadata.json"
 DEFAULT_CLASS_FILE = "class_and_ctor_args.pkl"
 DEFAULT_STATE_FILE = "state"
+
+
+def is_state_version(value: Any) -> TypeGuard[int]:
+    """Whether ``value`` is a valid ``STATE_VERSION``: an int (not a bool) of at least 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def record_of(metadata: Any) -> dict[str, Any] | None:

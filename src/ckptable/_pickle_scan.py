@@ -427,15 +427,8 @@ def read_pickle_verified(
     shown = storage.display(path)
     if mmap and skeleton is not None and isinstance(storage, LocalStorage):
         checksum = new_checksum(algorithm, path=shown)
-        mapped = _map_file(storage, path, size, shown)
         with storage.open_read(path) as stream:
-            try:
-                scanned = scan_pickle(
-                    stream, "map", skeleton_checksum=checksum, mapped=mapped,
-                    skeleton_limit=skeleton_limit,
-                )  # fmt: skip
-            except ScanError as exc:
-                raise _corrupt(shown, f"unreadable ({exc})") from exc
+            scanned = _scan_mapped(stream, size, shown, checksum, skeleton_limit)
         if checksum.hexdigest() != skeleton:
             raise _corrupt(shown, f"its pickle skeleton's {algorithm} checksum differs")
         return scanned
@@ -463,26 +456,32 @@ def map_pickle(storage: Storage, path: str) -> ScannedPickle | None:
     None where mapping is not possible (not on the local disk, not a framed pickle)."""
     if not isinstance(storage, LocalStorage):
         return None
-    shown = storage.display(path)
-    mapped = _map_file(storage, path, None, shown)
-    if mapped is None:
+    with storage.open_read(path) as stream:
+        return _scan_mapped(stream, None, storage.display(path), None, None)
+
+
+def _scan_mapped(
+    stream: IO[bytes],
+    size: int | None,
+    shown: str,
+    skeleton_checksum: Checksum | None,
+    skeleton_limit: int | None,
+) -> ScannedPickle | None:
+    """Map the open file read-only (its size checked against ``size``) and walk it in
+    ``map`` mode; None for an empty file."""
+    actual = os.fstat(stream.fileno()).st_size
+    if size is not None and actual != size:
+        raise _corrupt(shown, f"{actual} bytes; the manifest records {size}")
+    if actual == 0:
         return None
-    with storage.open_read(path) as stream:
-        try:
-            return scan_pickle(stream, "map", mapped=mapped)
-        except ScanError as exc:
-            raise _corrupt(shown, f"unreadable ({exc})") from exc
-
-
-def _map_file(storage: LocalStorage, path: str, size: int | None, shown: str) -> mmap.mmap | None:
-    """The file mapped read-only (None if empty); its size checked against ``size``."""
-    with storage.open_read(path) as stream:
-        actual = os.fstat(stream.fileno()).st_size
-        if size is not None and actual != size:
-            raise _corrupt(shown, f"{actual} bytes; the manifest records {size}")
-        if actual == 0:
-            return None
-        return mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+    mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return scan_pickle(
+            stream, "map", skeleton_checksum=skeleton_checksum, mapped=mapped,
+            skeleton_limit=skeleton_limit,
+        )  # fmt: skip
+    except ScanError as exc:
+        raise _corrupt(shown, f"unreadable ({exc})") from exc
 
 
 def _corrupt(shown: str, what: str) -> CorruptCheckpointError:

@@ -54,6 +54,7 @@ from ckptable._layout import (
     DEFAULT_CLASS_FILE,
     DEFAULT_METADATA_FILE,
     DEFAULT_STATE_FILE,
+    is_state_version,
     read_metadata_file,
     record_of,
 )
@@ -927,7 +928,7 @@ def _apply_level(session: _RestoreSession, obj: Checkpointable, level: Level) ->
 def _stored_state_version(storage: Storage, directory: str, record: dict[str, Any] | None) -> int:
     """The ``STATE_VERSION`` a level was saved with (1 if none is recorded: RLlib's)."""
     version = (record or {}).get("state_version", 1)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+    if not is_state_version(version):
         shown = storage.display(directory)
         raise CorruptCheckpointError(
             f"The metadata of {shown} records a bad state version {version!r}.", path=shown
@@ -937,8 +938,9 @@ def _stored_state_version(storage: Storage, directory: str, record: dict[str, An
 
 def _check_state_version(
     storage: Storage, directory: str, obj: Any, record: dict[str, Any] | None
-) -> None:
-    """Refuse a level saved by newer code than ``obj``'s class (before anything is set)."""
+) -> tuple[int, int]:
+    """The level's stored and ``obj``'s current ``STATE_VERSION``; refuses a level saved by
+    newer code than ``obj``'s class (before anything is set)."""
     stored = _stored_state_version(storage, directory, record)
     cls = type(obj)
     current = getattr(cls, "STATE_VERSION", 1)
@@ -949,6 +951,7 @@ def _check_state_version(
             f"newer than version {current} this code knows: restore it with the newer code.",
             path=shown,
         )
+    return stored, current
 
 
 def upgrade_tree(session: _RestoreSession, obj: Any, level: Level) -> None:
@@ -967,9 +970,7 @@ def _upgrade_level(session: _RestoreSession, obj: Any, level: Level) -> None:
     if level.upgraded or level.deferred or level.codec is None:
         return
     storage = session.storage
-    _check_state_version(storage, level.path, obj, level.record)
-    stored = _stored_state_version(storage, level.path, level.record)
-    current = getattr(type(obj), "STATE_VERSION", 1)
+    stored, current = _check_state_version(storage, level.path, obj, level.record)
     if stored < current:
         shown = storage.display(level.path)
         try:

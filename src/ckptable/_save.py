@@ -39,6 +39,7 @@ from ckptable._layout import (
     LAYOUT_VERSION,
     RECORD_KEY,
     checkpoint_file_names,
+    is_state_version,
 )
 from ckptable._manifest import HashingWriter, checksum_of, preferred_algorithm, seal_directory
 from ckptable._pickle_scan import PAYLOAD_MIN_BYTES, skeleton_checksum
@@ -144,7 +145,7 @@ _current_save: contextvars.ContextVar[_SaveSession | None] = contextvars.Context
 
 def _declared_state_version(obj: Any, session: _SaveSession, directory: str) -> int:
     version = getattr(type(obj), "STATE_VERSION", 1)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+    if not is_state_version(version):
         raise CheckpointError(
             f"{type(obj).__name__}.STATE_VERSION ({session.describe(directory)}) is "
             f"{version!r}; it must be an int of at least 1.",
