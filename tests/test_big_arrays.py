@@ -108,6 +108,9 @@ def test_big_states_round_trip_with_their_types(saved: tuple[Path, dict[str, Any
     assert restored.state["float64"].flags.writeable  # as pickle.load gives them
     assert not restored.state["readonly"].flags.writeable
     assert restored.state["int8_fortran"].flags.f_contiguous
+    # A payload read into uninitialised memory is still a plain, resizable bytearray.
+    restored.state["bytearray"].extend(b"more")
+    assert restored.state["bytearray"][:-4] == state["bytearray"]
 
 
 def test_a_verified_restore_reads_a_big_file_once(saved: tuple[Path, dict[str, Any]]) -> None:

@@ -433,14 +433,17 @@ class PyArrowStorage(_RemoteStorage):
             stream.write(data)
 
     def read_bytes(self, path: str) -> bytes:
-        with self.filesystem.open_input_stream(path) as stream:
+        with self.filesystem.open_input_file(path) as stream:
             return stream.read()  # type: ignore[no-any-return]
 
     def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         return self.filesystem.open_output_stream(path)  # type: ignore[no-any-return]
 
     def open_read(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        return self.filesystem.open_input_stream(path)  # type: ignore[no-any-return]
+        # A random-access file, not open_input_stream: the stream is not seekable, so an
+        # unsized read() (msgpack, a user's codec) fetches it in small pieces, one request
+        # each (64 MiB from S3: 14 s instead of 0.17 s). Opening costs the same one HEAD.
+        return self.filesystem.open_input_file(path)  # type: ignore[no-any-return]
 
     def remove_tree(self, path: str) -> None:
         kind = self.kind(path)
