@@ -68,3 +68,16 @@ def s3fs_s3(s3_server: S3Server) -> Any:
 def s3_prefix(s3_server: S3Server) -> str:
     """A fresh ``bucket/prefix`` no other test uses (the bucket lives for the session)."""
     return f"{BUCKET}/{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """A real multi-node Ray cluster for the session (see ``tests/ray_cluster.py``):
+    a CPU-less head (this process is its driver) and two one-CPU worker nodes."""
+    from ray_cluster import start_cluster, stop_cluster
+
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        stop_cluster(cluster)
