@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import ckptable
 from ckptable import errors
 
@@ -30,3 +33,31 @@ def test_version_is_the_installed_distribution_version() -> None:
     from importlib.metadata import version
 
     assert ckptable.__version__ == version("ckptable")
+
+
+def test_ckptable_ray_exports_what_its_all_lists() -> None:
+    import ckptable.ray
+
+    assert len(set(ckptable.ray.__all__)) == len(ckptable.ray.__all__)  # ruff sorts it
+    for name in ckptable.ray.__all__:
+        assert getattr(ckptable.ray, name) is not None, name
+
+
+def _run(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_the_core_does_not_import_ray() -> None:
+    result = _run(
+        "import sys, ckptable, ckptable._save, ckptable._restore; print('ray' in sys.modules)"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_ckptable_ray_without_ray_says_what_to_install() -> None:
+    result = _run("import sys; sys.modules['ray'] = None; import ckptable.ray")
+    assert result.returncode != 0
+    assert "pip install 'ckptable[ray]'" in result.stderr

@@ -68,6 +68,7 @@ class Checkpointable(abc.ABC):
         use_msgpack: bool = False,
         format: str | None = None,
         durable: bool = True,
+        transfer: Any = None,
     ) -> str:
         """Save the state of ``self`` (or ``state``) and all its components to ``path``.
 
@@ -88,6 +89,9 @@ class Checkpointable(abc.ABC):
                 default). False skips the flushes: faster, but after a power loss or OS
                 crash the new checkpoint may be detected as corrupt (never loaded wrong)
                 and the old one is gone. Process crashes are survived either way.
+            transfer: A ``ckptable.ray.TransferHook`` that moves the directories of
+                components held by Ray actors on other nodes (default:
+                ``ckptable.ray.get_default_transfer()``). See ``docs/distributed.md``.
 
         Returns:
             The path the checkpoint was saved to.
@@ -97,6 +101,8 @@ class Checkpointable(abc.ABC):
                 published and the previous checkpoint at ``path`` is unchanged (on
                 object stores, which cannot rename directories, the previous checkpoint
                 is deleted first and nothing is left that restores as one).
+            ActorCheckpointError: a component held by Ray actors had no healthy actor,
+                or every one of them failed to save it.
         """
         return save_checkpointable(
             self,
@@ -106,6 +112,7 @@ class Checkpointable(abc.ABC):
             use_msgpack=use_msgpack,
             format=format,
             durable=durable,
+            transfer=transfer,
         )
 
     def restore_from_path(
@@ -117,6 +124,8 @@ class Checkpointable(abc.ABC):
         verify: bool = True,
         safe: bool = False,
         mmap: bool = False,
+        transfer: Any = None,
+        on_actor_failure: str = "raise",
         **kwargs: Any,
     ) -> None:
         """Restore ``self``, or one of its components, from the checkpoint at ``path``.
@@ -142,6 +151,13 @@ class Checkpointable(abc.ABC):
                 costs next to nothing, pages are read when used. With ``verify``, all
                 but the arrays' bytes is verified (``verify_checkpoint`` checks those).
                 Byte strings of 1 MiB or more come back as read-only ``memoryview``.
+            transfer: A ``ckptable.ray.TransferHook`` that moves the directories of
+                components held by Ray actors to the actors' nodes (default:
+                ``ckptable.ray.get_default_transfer()``).
+            on_actor_failure: ``"raise"``: an actor that fails to restore raises
+                ``ActorCheckpointError`` listing every failed actor (after the others
+                were restored); ``"mark_unhealthy"``: they are marked unhealthy in their
+                manager and a warning is logged.
             **kwargs: Passed on to the components' ``restore_from_path`` calls.
 
         Raises:
@@ -150,13 +166,21 @@ class Checkpointable(abc.ABC):
             UnsafeCheckpointError: with ``safe=True``, the checkpoint names code outside
                 the allowlist; or it holds a symlink or special file.
             UnknownComponentError: ``component`` names no component of ``self``.
+            ActorCheckpointError: a component held by Ray actors has no healthy actor,
+                or actors failed to restore (see ``on_actor_failure``).
         """
         restore_checkpointable(
             self,
             path,
             component=component,
             filesystem=filesystem,
-            options=RestoreOptions(verify=verify, safe=safe, mmap=mmap),
+            options=RestoreOptions(
+                verify=verify,
+                safe=safe,
+                mmap=mmap,
+                transfer=transfer,
+                on_actor_failure=on_actor_failure,
+            ),
             kwargs=kwargs,
         )
 

@@ -20,6 +20,7 @@ __all__ = [
     "check_component",
     "force_list",
     "get_subcomponents",
+    "is_actor_manager",
     "is_ckptable_object",
     "split_component_path",
     "uses_ckptable_method",
@@ -147,4 +148,16 @@ def is_ckptable_object(component: object) -> bool:
     return any(
         cls.__module__ == "ckptable._checkpointable" and cls.__qualname__ == "Checkpointable"
         for cls in type(component).__mro__
+    )
+
+
+def is_actor_manager(component: object) -> bool:
+    """True if ``component`` is a manager of Ray actors that hold the component's state
+    (RLlib's ``FaultTolerantActorManager``, ``ckptable.ray.RayActorManager``): duck-typed,
+    so that the core never imports Ray. Saved and restored by ``ckptable.ray``."""
+    return (
+        not is_ckptable_object(component)
+        and not callable(getattr(component, "save_to_path", None))
+        and callable(getattr(component, "healthy_actor_ids", None))
+        and callable(getattr(component, "foreach_actor", None))
     )

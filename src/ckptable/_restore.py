@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ckptable._commit import recover_leftovers
 from ckptable._components import (
     force_list,
+    is_actor_manager,
     is_ckptable_object,
     split_component_path,
     uses_ckptable_method,
@@ -129,11 +130,30 @@ class Level:
 @dataclasses.dataclass(frozen=True)
 class RestoreOptions:
     """How a restore reads: ``verify`` against manifests, ``safe`` restricted decoding,
-    ``mmap`` big arrays mapped from their files instead of read."""
+    ``mmap`` big arrays mapped from their files instead of read; for components held by
+    Ray actors, the ``transfer`` hook and what ``on_actor_failure`` does."""
 
     verify: bool = True
     safe: bool = False
     mmap: bool = False
+    transfer: Any = None
+    on_actor_failure: str = "raise"
+
+    def __post_init__(self) -> None:
+        if self.on_actor_failure not in ("raise", "mark_unhealthy"):
+            raise ValueError(
+                f"on_actor_failure must be 'raise' or 'mark_unhealthy', not "
+                f"{self.on_actor_failure!r}."
+            )
+
+    def for_actors(self) -> dict[str, Any]:
+        """The options a ckptable actor restores itself with (the non-default ones that
+        concern reading; the hook and failure policy are the caller's)."""
+        return {
+            name: value
+            for name, value in _non_default(self).items()
+            if name in ("verify", "safe", "mmap")
+        }
 
 
 #: Step 1 keeps files up to this size in memory for step 2 (saving a second read) ...
@@ -153,6 +173,8 @@ class _RestoreSession:
     #: Classes of the objects being restored: their instances may appear in states.
     allowed: set[type] = dataclasses.field(default_factory=set)
     keep_budget: int = _KEEP_TOTAL_BYTES
+    #: Levels of actor components already restored (before the first ``set_state``).
+    actors_restored: set[str] = dataclasses.field(default_factory=set)
 
     def keep(self, size: int) -> bool:
         """Whether to keep a verified file's bytes for decoding (within the budget)."""
@@ -210,6 +232,7 @@ def restore_checkpointable(
     level = _read_consistently(session, root, obj)
     session.warn_unverified()
     upgrade_tree(session, obj, level)
+    restore_actor_tree(session, obj, level)
     token = _current_restore.set(session)
     try:
         _apply_level(session, obj, level)
@@ -313,7 +336,7 @@ def _non_default(options: RestoreOptions) -> dict[str, bool]:
     default = RestoreOptions()
     return {
         name: value
-        for name in ("verify", "safe", "mmap")
+        for name in ("verify", "safe", "mmap", "transfer", "on_actor_failure")
         if (value := getattr(options, name)) != getattr(default, name)
     }
 
@@ -410,6 +433,9 @@ def _restore_component_path(
         _refuse_a_parent_directory(storage, root, component, names, current)
     head, rest = names[0], "/".join(names[1:]) or None
     comp = dict(obj.get_checkpointable_components())[head]
+    if is_actor_manager(comp):
+        _restore_actor_component_path(comp, storage, root, component, rest, options, kwargs)
+        return
     if is_ckptable_object(comp):
         kwargs = {**kwargs, **_non_default(options)}
     else:
@@ -424,6 +450,40 @@ def _restore_component_path(
                 )
                 session.warn_unverified()
     comp.restore_from_path(root, component=rest, filesystem=storage.user_filesystem(), **kwargs)
+
+
+def _restore_actor_component_path(
+    manager: Any,
+    storage: Storage,
+    root: str,
+    component: str,
+    rest: str | None,
+    options: RestoreOptions,
+    kwargs: dict[str, Any],
+) -> None:
+    """``component`` starts with an actor component: its directory ``root`` is verified
+    here, then every healthy actor restores (``rest`` of) itself from it."""
+    from ckptable.ray._actors import restore_actor_component
+
+    if options.verify:
+        report = verify_tree(storage, root, read_unverified=False)
+        if report.unverified:
+            _RestoreSession(
+                storage, kwargs, options, unverified=list(report.unverified)
+            ).warn_unverified()
+    else:
+        refuse_special_entries(storage, root, storage.listdir(root))
+    restore_actor_component(
+        manager,
+        storage,
+        root,
+        component=rest,
+        where=f"component {component!r} from {storage.display(root)}",
+        options=options.for_actors(),
+        kwargs=kwargs,
+        transfer=options.transfer,
+        on_actor_failure=options.on_actor_failure,
+    )
 
 
 def _refuse_foreign_in_safe_mode(
@@ -662,10 +722,13 @@ def _verify_big_files(
 def _check_restorable(
     session: _RestoreSession, parent: Any, name: str, comp: Any, directory: str
 ) -> None:
+    if is_actor_manager(comp):
+        return  # its actors restore themselves, with the caller's options
     if not callable(getattr(comp, "restore_from_path", None)):
         raise CheckpointError(
             f"Component {name!r} of {type(parent).__name__} is a {type(comp).__name__}, "
-            "which has no restore_from_path(); components must be Checkpointable.",
+            "which has no restore_from_path(); components must be Checkpointable (or "
+            "managers of Ray actors: see ckptable.ray).",
             path=session.storage.display(directory),
             component=name,
         )
@@ -922,6 +985,42 @@ def _apply_level(session: _RestoreSession, obj: Checkpointable, level: Level) ->
         )
 
 
+# --------------------------------------------------------------------------- actors
+
+
+def restore_actor_tree(session: _RestoreSession, obj: Any, level: Level) -> None:
+    """Restore every component of ``obj``'s tree that Ray actors hold, before the first
+    ``set_state``: an actor that fails then leaves the local objects untouched."""
+    if level.deferred or not is_ckptable_object(obj):
+        return
+    for name, comp in obj.get_checkpointable_components():
+        child = level.children.get(name)
+        if child is None:
+            continue
+        if is_actor_manager(comp):
+            _restore_actors(session, comp, child)
+        else:
+            restore_actor_tree(session, comp, child)
+
+
+def _restore_actors(session: _RestoreSession, manager: Any, level: Level) -> None:
+    from ckptable.ray._actors import restore_actor_component
+
+    storage = session.storage
+    restore_actor_component(
+        manager,
+        storage,
+        level.path,
+        component=None,
+        where=f"the actor component at {storage.display(level.path)}",
+        options=session.options.for_actors(),
+        kwargs=session.kwargs,
+        transfer=session.options.transfer,
+        on_actor_failure=session.options.on_actor_failure,
+    )
+    session.actors_restored.add(level.path)
+
+
 # --------------------------------------------------------------------------- versions
 
 
@@ -996,6 +1095,10 @@ def _upgrade_level(session: _RestoreSession, obj: Any, level: Level) -> None:
 
 
 def _apply_component(session: _RestoreSession, comp: Any, level: Level) -> None:
+    if is_actor_manager(comp):
+        if level.path not in session.actors_restored:  # a component that came late
+            _restore_actors(session, comp, level)
+        return
     if uses_ckptable_method(comp, "restore_from_path"):
         _apply_level(session, comp, level)
         return

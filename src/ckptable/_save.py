@@ -31,7 +31,11 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from ckptable._commit import Staging, staged_directory
-from ckptable._components import uses_ckptable_method, validate_component_name
+from ckptable._components import (
+    is_actor_manager,
+    uses_ckptable_method,
+    validate_component_name,
+)
 from ckptable._formats import Codec, get_codec, locate_unencodable
 from ckptable._layout import (
     CHECKPOINT_VERSION,
@@ -64,6 +68,8 @@ class _SaveSession:
     target: str
     #: Checksum algorithm of the manifests.
     algorithm: str = dataclasses.field(default_factory=preferred_algorithm)
+    #: The transfer hook for actor components on other nodes (None: the default one).
+    transfer: Any = None
 
     @property
     def staging_root(self) -> str:
@@ -174,6 +180,7 @@ def save_checkpointable(
     use_msgpack: bool,
     format: str | None,
     durable: bool = True,
+    transfer: Any = None,
 ) -> str:
     """``Checkpointable.save_to_path``: see there."""
     session = _current_save.get()
@@ -191,7 +198,9 @@ def save_checkpointable(
     def write(session: _SaveSession) -> None:
         _write_level(session, obj, session.staging_root, state)
 
-    return publish_tree(path, storage, fs_path, codec, durable, checkpoint_file_names(obj), write)
+    return publish_tree(
+        path, storage, fs_path, codec, durable, checkpoint_file_names(obj), write, transfer
+    )
 
 
 def save_through_override(
@@ -207,6 +216,7 @@ def save_through_override(
     session = _current_save.get()
     # The session flushes, not the override: code written for RLlib takes no durable=.
     durable = bool(kwargs.pop("durable", True))
+    transfer = kwargs.pop("transfer", None)
     filesystem = kwargs.get("filesystem")
     if session is not None and (
         session.owns_plain_path(path, filesystem)
@@ -225,7 +235,9 @@ def save_through_override(
         # Whatever the override wrote around its super() call: checksum it too.
         session.seal(session.staging_root, rebuild=True)
 
-    return publish_tree(path, storage, fs_path, codec, durable, checkpoint_file_names(obj), write)
+    return publish_tree(
+        path, storage, fs_path, codec, durable, checkpoint_file_names(obj), write, transfer
+    )
 
 
 def publish_tree(
@@ -236,11 +248,13 @@ def publish_tree(
     durable: bool,
     checkpoint_files: Iterable[str],
     write: Callable[[_SaveSession], None],
+    transfer: Any = None,
 ) -> str:
     """Stage, write (``write``), make durable and publish one whole checkpoint.
 
     ``checkpoint_files``: the file names that mark a checkpoint level, which may be
-    replaced (anything else at ``fs_path`` is refused).
+    replaced (anything else at ``fs_path`` is refused). ``transfer``: the hook that moves
+    actor components' directories between nodes (None: ``ckptable.ray``'s default).
     """
     # A URI is returned as given (host, port and query kept); a local path made absolute.
     shown = storage.display(fs_path) if isinstance(storage, LocalStorage) else os.fspath(path)
@@ -248,7 +262,7 @@ def publish_tree(
         fs_path = os.path.realpath(fs_path)  # replace the checkpoint the link points to
     try:
         with staged_directory(storage, fs_path, checkpoint_files, durable=durable) as staging:
-            session = _SaveSession(storage, staging, codec, target=shown)
+            session = _SaveSession(storage, staging, codec, target=shown, transfer=transfer)
             token = _current_save.set(session)
             try:
                 write(session)
@@ -300,6 +314,12 @@ def _write_level(
         if metadata_file != DEFAULT_METADATA_FILE:
             metadata_files[name] = metadata_file
         comp_dir = storage.join(directory, name)
+        if is_actor_manager(comp):
+            from ckptable.ray._actors import save_actor_component
+
+            save_actor_component(session, name, comp, comp_dir, level_state.pop(name, None))
+            saved.append(name)
+            continue
         comp.save_to_path(
             comp_dir,
             filesystem=_filesystem_for(storage, comp),
@@ -353,11 +373,11 @@ def _check_components(
                 component=_join(parent, name),
             )
         seen.add(name)
-        if not callable(getattr(comp, "save_to_path", None)):
+        if not callable(getattr(comp, "save_to_path", None)) and not is_actor_manager(comp):
             raise CheckpointError(
                 f"Component {name!r} of {type(obj).__name__} ({where}) is a "
                 f"{type(comp).__name__}, which has no save_to_path(); components must "
-                "be Checkpointable.",
+                "be Checkpointable (or managers of Ray actors: see ckptable.ray).",
                 path=session.target,
                 component=_join(parent, name),
             )
