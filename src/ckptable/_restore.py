@@ -463,8 +463,6 @@ def _restore_actor_component_path(
 ) -> None:
     """``component`` starts with an actor component: its directory ``root`` is verified
     here, then every healthy actor restores (``rest`` of) itself from it."""
-    from ckptable.ray._actors import restore_actor_component
-
     if options.verify:
         report = verify_tree(storage, root, read_unverified=False)
         if report.unverified:
@@ -473,16 +471,14 @@ def _restore_actor_component_path(
             ).warn_unverified()
     else:
         refuse_special_entries(storage, root, storage.listdir(root))
-    restore_actor_component(
+    _push_to_actors(
         manager,
         storage,
         root,
-        component=rest,
-        where=f"component {component!r} from {storage.display(root)}",
-        options=options.for_actors(),
-        kwargs=kwargs,
-        transfer=options.transfer,
-        on_actor_failure=options.on_actor_failure,
+        rest,
+        f"component {component!r} from {storage.display(root)}",
+        options,
+        kwargs,
     )
 
 
@@ -1004,21 +1000,36 @@ def restore_actor_tree(session: _RestoreSession, obj: Any, level: Level) -> None
 
 
 def _restore_actors(session: _RestoreSession, manager: Any, level: Level) -> None:
+    storage = session.storage
+    where = f"the actor component at {storage.display(level.path)}"
+    _push_to_actors(manager, storage, level.path, None, where, session.options, session.kwargs)
+    session.actors_restored.add(level.path)
+
+
+def _push_to_actors(
+    manager: Any,
+    storage: Storage,
+    directory: str,
+    component: str | None,
+    where: str,
+    options: RestoreOptions,
+    kwargs: dict[str, Any],
+) -> None:
+    """Every healthy actor of ``manager`` restores (``component`` of) itself from the
+    verified ``directory`` (``ckptable.ray``, imported only when actors are involved)."""
     from ckptable.ray._actors import restore_actor_component
 
-    storage = session.storage
     restore_actor_component(
         manager,
         storage,
-        level.path,
-        component=None,
-        where=f"the actor component at {storage.display(level.path)}",
-        options=session.options.for_actors(),
-        kwargs=session.kwargs,
-        transfer=session.options.transfer,
-        on_actor_failure=session.options.on_actor_failure,
+        directory,
+        component=component,
+        where=where,
+        options=options.for_actors(),
+        kwargs=kwargs,
+        transfer=options.transfer,
+        on_actor_failure=options.on_actor_failure,
     )
-    session.actors_restored.add(level.path)
 
 
 # --------------------------------------------------------------------------- versions
