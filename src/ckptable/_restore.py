@@ -443,12 +443,7 @@ def _restore_component_path(
         # refuse safe mode, which that code cannot honour.
         _refuse_foreign_in_safe_mode(options, comp, storage.display(root), component)
         if options.verify:
-            report = verify_tree(storage, root, read_unverified=False)
-            if report.unverified:
-                session = _RestoreSession(
-                    storage, kwargs, options, unverified=list(report.unverified)
-                )
-                session.warn_unverified()
+            _verify_component_directory(storage, root, options, kwargs)
     comp.restore_from_path(root, component=rest, filesystem=storage.user_filesystem(), **kwargs)
 
 
@@ -464,11 +459,7 @@ def _restore_actor_component_path(
     """``component`` starts with an actor component: its directory ``root`` is verified
     here, then every healthy actor restores (``rest`` of) itself from it."""
     if options.verify:
-        report = verify_tree(storage, root, read_unverified=False)
-        if report.unverified:
-            _RestoreSession(
-                storage, kwargs, options, unverified=list(report.unverified)
-            ).warn_unverified()
+        _verify_component_directory(storage, root, options, kwargs)
     else:
         refuse_special_entries(storage, root, storage.listdir(root))
     _push_to_actors(
@@ -480,6 +471,17 @@ def _restore_actor_component_path(
         options,
         kwargs,
     )
+
+
+def _verify_component_directory(
+    storage: Storage, root: str, options: RestoreOptions, kwargs: dict[str, Any]
+) -> None:
+    """Verify a component's directory that code other than ckptable's restore will read
+    (a foreign component, Ray actors); warn once if parts of it have no manifest."""
+    report = verify_tree(storage, root, read_unverified=False)
+    if report.unverified:
+        session = _RestoreSession(storage, kwargs, options, unverified=list(report.unverified))
+        session.warn_unverified()
 
 
 def _refuse_foreign_in_safe_mode(

@@ -317,7 +317,7 @@ def _write_level(
         if is_actor_manager(comp):
             from ckptable.ray._actors import save_actor_component
 
-            save_actor_component(session, name, comp, comp_dir, level_state.pop(name, None))
+            save_actor_component(session, comp, comp_dir, level_state.pop(name, None))
             saved.append(name)
             continue
         comp.save_to_path(

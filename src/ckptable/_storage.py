@@ -433,8 +433,8 @@ class PyArrowStorage(_RemoteStorage):
             stream.write(data)
 
     def read_bytes(self, path: str) -> bytes:
-        with self.filesystem.open_input_file(path) as stream:
-            return stream.read()  # type: ignore[no-any-return]
+        with self.open_read(path) as stream:
+            return stream.read()
 
     def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         return self.filesystem.open_output_stream(path)  # type: ignore[no-any-return]

@@ -50,7 +50,12 @@ from ckptable._manifest import (
     read_verified,
 )
 from ckptable._storage import LocalStorage, Storage, resolve_storage
-from ckptable.errors import ActorCheckpointError, CheckpointError, TransferError
+from ckptable.errors import (
+    ActorCheckpointError,
+    CheckpointError,
+    TransferError,
+    UnsafeCheckpointError,
+)
 from ckptable.ray._manager import call_error, mark_unhealthy
 from ckptable.ray._nodes import current_node_id, pinned_to
 from ckptable.ray._transfer import check_transfer_hook, get_default_transfer
@@ -58,12 +63,10 @@ from ckptable.ray._transfer import check_transfer_hook, get_default_transfer
 if TYPE_CHECKING:
     from ckptable._save import _SaveSession
 
-__all__ = ["ON_ACTOR_FAILURE", "restore_actor_component", "save_actor_component"]
+__all__ = ["restore_actor_component", "save_actor_component"]
 
 logger = logging.getLogger("ckptable")
 
-#: What a restore does when actors fail: raise (default), or mark them unhealthy and go on.
-ON_ACTOR_FAILURE = ("raise", "mark_unhealthy")
 #: Seconds to wait for the removal of a temporary directory on another node.
 _CLEANUP_TIMEOUT_S = 60.0
 #: Name of the directory an actor saves into inside a temporary or private directory.
@@ -174,8 +177,6 @@ def _restore_in_actor(
         )
         return
     if options.get("safe"):
-        from ckptable.errors import UnsafeCheckpointError
-
         raise UnsafeCheckpointError(
             f"The actor ({type(actor).__module__}.{type(actor).__qualname__}) is not a "
             "ckptable Checkpointable: it restores itself with its own code, which "
@@ -222,7 +223,6 @@ def _resolve_transfer(transfer: Any) -> Any:
 
 def save_actor_component(
     session: _SaveSession,
-    name: str,
     manager: Any,
     directory: str,
     state: Any,
@@ -282,16 +282,19 @@ def _save_through_actor(
     """Have ``actor_id`` save into ``directory``: (the manifest it reports, whether the
     tree was moved between nodes and so must be verified)."""
     storage = session.storage
-    format_name = session.codec.name
-    if not isinstance(storage, LocalStorage):  # shared storage: written in place
+
+    def save_at(path: str, filesystem: Any) -> Any:
         save = functools.partial(
             _save_in_actor,
-            path=directory,
-            filesystem=storage.user_filesystem(),
+            path=path,
+            filesystem=filesystem,
             state_ref=state_ref,
-            format_name=format_name,
+            format_name=session.codec.name,
         )
-        return _call_one(manager, actor_id, save), False
+        return _call_one(manager, actor_id, save)
+
+    if not isinstance(storage, LocalStorage):  # shared storage: written in place
+        return save_at(directory, storage.user_filesystem()), False
 
     actor_node = _call_one(manager, actor_id, _node_of_actor)
     here = current_node_id()
@@ -300,14 +303,7 @@ def _save_through_actor(
         private = storage.join(parent, f".ckptable-actor-{uuid.uuid4().hex}")
         storage.mkdir(private)
         try:
-            save = functools.partial(
-                _save_in_actor,
-                path=storage.join(private, _SAVED),
-                filesystem=None,
-                state_ref=state_ref,
-                format_name=format_name,
-            )
-            reported = _call_one(manager, actor_id, save)
+            reported = save_at(storage.join(private, _SAVED), None)
             storage.rename(storage.join(private, _SAVED), directory)
         finally:
             with contextlib.suppress(OSError):
@@ -319,14 +315,7 @@ def _save_through_actor(
     except Exception as exc:
         raise _ActorFailed(actor_id, f"no temporary directory on its node: {exc}") from exc
     try:
-        save = functools.partial(
-            _save_in_actor,
-            path=f"{temp}/{_SAVED}",
-            filesystem=None,
-            state_ref=state_ref,
-            format_name=format_name,
-        )
-        reported = _call_one(manager, actor_id, save)
+        reported = save_at(f"{temp}/{_SAVED}", None)
         try:
             transfer.transfer(actor_node, f"{temp}/{_SAVED}", here, directory)
         except Exception as exc:
