@@ -5,6 +5,7 @@ Subclass :class:`Checkpointable`, and ``save_to_path``, ``restore_from_path`` an
 component, and rebuild a fresh object from a checkpoint alone.
 """
 
+from ckptable._async import release_snapshot_memory, save_async
 from ckptable._checkpointable import Checkpointable
 from ckptable._components import check_component, get_subcomponents
 from ckptable._convert import convert_checkpoint
@@ -24,10 +25,12 @@ from ckptable.errors import (
     UnsafeCheckpointError,
     UnverifiedCheckpointWarning,
 )
+from ckptable.manager import CheckpointManager
 
 __all__ = [
     "ActorCheckpointError",
     "CheckpointError",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "Checkpointable",
     "Codec",
@@ -49,6 +52,8 @@ __all__ = [
     "get_subcomponents",
     "register_codec",
     "registered_codecs",
+    "release_snapshot_memory",
+    "save_async",
     "verify_checkpoint",
 ]
 

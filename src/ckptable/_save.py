@@ -54,7 +54,7 @@ from ckptable.errors import CheckpointError, StateEncodingError
 if TYPE_CHECKING:
     from ckptable._checkpointable import Checkpointable
 
-__all__ = ["publish_tree", "save_checkpointable", "save_through_override"]
+__all__ = ["extra_root_files", "publish_tree", "save_checkpointable", "save_through_override"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +147,23 @@ _PYTHON_VERSION = platform.python_version()
 _current_save: contextvars.ContextVar[_SaveSession | None] = contextvars.ContextVar(
     "ckptable_current_save", default=None
 )
+
+
+_extra_root_files: contextvars.ContextVar[Mapping[str, bytes] | None] = contextvars.ContextVar(
+    "ckptable_extra_root_files", default=None
+)
+
+
+@contextlib.contextmanager
+def extra_root_files(files: Mapping[str, bytes]) -> Iterator[None]:
+    """Add ``files`` (name → content) to the root of the checkpoints that outermost saves
+    publish in this context: staged, checksummed and published with the tree, so they
+    exist exactly when the checkpoint does (``CheckpointManager``'s record)."""
+    token = _extra_root_files.set(files)
+    try:
+        yield
+    finally:
+        _extra_root_files.reset(token)
 
 
 def _declared_state_version(obj: Any, session: _SaveSession, directory: str) -> int:
@@ -266,6 +283,11 @@ def publish_tree(
             token = _current_save.set(session)
             try:
                 write(session)
+                extra = _extra_root_files.get()
+                if extra:
+                    for name, data in extra.items():
+                        session.write_bytes(storage.join(session.staging_root, name), data)
+                    session.seal(session.staging_root)
             finally:
                 _current_save.reset(token)
     except OSError as exc:
