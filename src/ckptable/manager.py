@@ -44,7 +44,7 @@ from ckptable._async import start_background_save
 from ckptable._manifest import MANIFEST_FILE, check_listing, read_manifest, read_verified
 from ckptable._save import extra_root_files
 from ckptable._snapshot import SnapshotPool
-from ckptable._storage import resolve_storage
+from ckptable._storage import LocalStorage, resolve_storage
 from ckptable._version import package_version
 from ckptable.errors import CheckpointError, CorruptCheckpointError
 
@@ -122,7 +122,13 @@ class CheckpointManager:
         self._filesystem = filesystem
         self._storage, self._root = resolve_storage(directory, filesystem)
         self._storage.makedirs(self._root)
-        self.directory = self._storage.display(self._root)
+        self._paths_in_filesystem = filesystem is not None and not isinstance(
+            self._storage, LocalStorage
+        )
+        #: The directory, as paths of its checkpoints are spelled (see ``path``).
+        self.directory = (
+            self._root if self._paths_in_filesystem else self._storage.display(self._root)
+        )
         self._lock = threading.RLock()
         self._entries: dict[int, _Entry] = {}
         self._invalid: dict[str, str] = {}
@@ -137,7 +143,11 @@ class CheckpointManager:
         """Read the directory again (another process may have saved or deleted)."""
         entries: dict[int, _Entry] = {}
         invalid: dict[str, str] = {}
-        for name, kind in sorted(self._storage.listdir(self._root).items()):
+        try:
+            listing = self._storage.listdir(self._root)
+        except FileNotFoundError:  # an object store "directory" with nothing in it yet
+            listing = {}
+        for name, kind in sorted(listing.items()):
             if name.startswith("." + CHECKPOINT_PREFIX) and ".ckptable-deleting-" in name:
                 self._remove_quietly(self._storage.join(self._root, name))
                 continue
@@ -309,15 +319,19 @@ class CheckpointManager:
 
         Args:
             obj: The ``Checkpointable`` to restore.
-            **restore_kwargs: Passed on to ``obj.restore_from_path`` (``component``,
-                ``safe``, ``mmap``, ...).
+            **restore_kwargs: Passed on to ``obj.restore_from_path`` (``safe``,
+                ``mmap``, ...). With ``component="a/b"``, only that component is restored,
+                from its directory in the checkpoint.
 
         Returns:
             The step restored, or None if there is no valid checkpoint.
         """
         self.wait()
+        component = restore_kwargs.get("component")
         for step in reversed(self.steps()):
             path = self._path(step)
+            if component:  # RLlib's rule: a component restores from its own directory
+                path = self._path(step, *component.split("/"))
             try:
                 obj.restore_from_path(path, filesystem=self._filesystem, **restore_kwargs)
             except CorruptCheckpointError as exc:
@@ -479,8 +493,11 @@ class CheckpointManager:
     def _name(self, step: int) -> str:
         return f"{CHECKPOINT_PREFIX}{step:0{_STEP_DIGITS}d}"
 
-    def _path(self, step: int) -> str:
-        return self._storage.display(self._storage.join(self._root, self._name(step)))
+    def _path(self, step: int, *component: str) -> str:
+        """A checkpoint's path as the user spells it: with their filesystem, a path in
+        its terms (what ``save_to_path`` returns then); else a local path or a URI."""
+        path = self._storage.join(self._root, self._name(step), *component)
+        return path if self._paths_in_filesystem else self._storage.display(path)
 
     def __repr__(self) -> str:
         return (
