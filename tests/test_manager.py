@@ -417,3 +417,19 @@ def test_reseal_helper_is_not_needed_for_manager_checkpoints(tmp_path: Path) -> 
     assert CheckpointManager(tmp_path).steps() == []
     reseal(manager.path(1))
     assert CheckpointManager(tmp_path).steps() == [1]
+
+
+def test_leftovers_of_killed_saves_are_repaired_before_the_listing(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    manager.save(model_at(1), 1)
+    manager.save(model_at(2), 2)
+    # A two-step publish of step 2 killed between its renames: the old tree aside, no
+    # target. And an abandoned staging tree of step 3 (no process holds its lock).
+    os.rename(manager.path(2), tmp_path / ".checkpoint_000002.ckptable-old-abc")
+    (tmp_path / ".checkpoint_000003.ckptable-staging-def").mkdir()
+
+    reopened = CheckpointManager(tmp_path)
+
+    assert reopened.steps() == [1, 2]
+    assert saved_epoch(reopened.path(2)) == 2
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_000001", "checkpoint_000002"]

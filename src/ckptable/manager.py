@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from ckptable._async import start_background_save
+from ckptable._commit import CREATING_MARKER, OLD_MARKER, STAGING_MARKER, recover_leftovers
 from ckptable._manifest import MANIFEST_FILE, check_listing, read_manifest, read_verified
 from ckptable._save import extra_root_files
 from ckptable._snapshot import SnapshotPool
@@ -62,6 +63,12 @@ _NAME_PATTERN = re.compile(r"checkpoint_(\d+)")
 #: A checkpoint being deleted is renamed to ``.checkpoint_<step>.ckptable-deleting-<token>``
 #: (local disks) or holds this marker file (object stores).
 _DELETING_MARKER = ".ckptable-deleting"
+#: What an interrupted save of ``checkpoint_<step>`` leaves beside it (see ``_commit``).
+_LEFTOVER_PATTERN = re.compile(
+    r"\.(checkpoint_\d+)(?:"
+    + "|".join(re.escape(m) for m in (STAGING_MARKER, OLD_MARKER, CREATING_MARKER))
+    + ")"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +150,14 @@ class CheckpointManager:
         """Read the directory again (another process may have saved or deleted)."""
         entries: dict[int, _Entry] = {}
         invalid: dict[str, str] = {}
-        try:
-            listing = self._storage.listdir(self._root)
-        except FileNotFoundError:  # an object store "directory" with nothing in it yet
-            listing = {}
+        listing = self._listing()
+        leftovers = {_LEFTOVER_PATTERN.match(name) for name in listing} - {None}
+        if leftovers:
+            # Saves killed midway: a two-step publish is completed (or its old tree
+            # moved back) before the listing, and abandoned staging trees go.
+            for target in sorted({m.group(1) for m in leftovers if m is not None}):
+                recover_leftovers(self._storage, self._storage.join(self._root, target))
+            listing = self._listing()
         for name, kind in sorted(listing.items()):
             if name.startswith("." + CHECKPOINT_PREFIX) and ".ckptable-deleting-" in name:
                 self._remove_quietly(self._storage.join(self._root, name))
@@ -171,6 +182,12 @@ class CheckpointManager:
             self._entries, self._invalid = entries, invalid
         for path in sorted(newly_invalid):
             logger.warning("Not listing %s: %s", path, invalid[path])
+
+    def _listing(self) -> dict[str, Any]:
+        try:
+            return dict(self._storage.listdir(self._root))
+        except FileNotFoundError:  # an object store "directory" with nothing in it yet
+            return {}
 
     def steps(self) -> list[int]:
         """The steps of the valid checkpoints, oldest first."""
