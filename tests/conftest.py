@@ -11,6 +11,9 @@ import pytest
 from helpers import assert_states_equal
 from s3_server import ACCESS_KEY, BUCKET, REGION, SECRET_KEY, S3Server, offline_aws_environment
 
+#: pytest's own plugin for testing plugins (tests/test_pytest_plugin.py).
+pytest_plugins = ("pytester",)
+
 
 @pytest.fixture
 def states_equal() -> Any:

@@ -4,38 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
+from ckptable.testing import assert_states_equal as _assert_states_equal
 
 
 def assert_states_equal(
     actual: Any, expected: Any, where: str = "state", *, same_types: bool = False
 ) -> None:
-    """Deep equality of nested states with numpy arrays, naming the first difference.
+    """Deep equality of nested states with numpy arrays, naming every difference
+    (``ckptable.testing.assert_states_equal``, with ``where`` positional as before).
 
     ``same_types`` also requires equal types at every node (numpy scalar types, list vs
     tuple), for comparing the files of two implementations byte-for-meaning.
     """
-    if same_types:
-        assert type(actual) is type(expected), (
-            f"{where}: {type(actual).__name__} is not {type(expected).__name__}"
-        )
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict), f"{where}: {type(actual).__name__} is not a dict"
-        assert set(actual) == set(expected), f"{where}: keys {set(actual)} != {set(expected)}"
-        for key in expected:
-            assert_states_equal(
-                actual[key], expected[key], f"{where}[{key!r}]", same_types=same_types
-            )
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), f"{where}: {len(actual)} != {len(expected)} items"
-        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_states_equal(a, e, f"{where}[{i}]", same_types=same_types)
-    elif isinstance(expected, np.ndarray):
-        assert isinstance(actual, np.ndarray), f"{where}: not an array"
-        assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
-        np.testing.assert_array_equal(actual, expected, err_msg=where)
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+    __tracebackhide__ = True
+    _assert_states_equal(actual, expected, where=where, same_types=same_types)
 
 
 def reseal(path: Any) -> None:
