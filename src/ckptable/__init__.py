@@ -5,27 +5,61 @@ Subclass :class:`Checkpointable`, and ``save_to_path``, ``restore_from_path`` an
 component, and rebuild a fresh object from a checkpoint alone.
 """
 
-from ckptable._async import release_snapshot_memory, save_async
-from ckptable._checkpointable import Checkpointable
-from ckptable._components import check_component, get_subcomponents
-from ckptable._convert import convert_checkpoint
-from ckptable._formats import Codec, get_codec, register_codec, registered_codecs
-from ckptable._info import VerifyReport, get_checkpoint_info, verify_checkpoint
-from ckptable._safe import add_safe_classes
-from ckptable.errors import (
-    ActorCheckpointError,
-    CheckpointError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    IncompatibleCheckpointError,
-    InvalidComponentNameError,
-    StateEncodingError,
-    TransferError,
-    UnknownComponentError,
-    UnsafeCheckpointError,
-    UnverifiedCheckpointWarning,
-)
-from ckptable.manager import CheckpointManager
+import typing
+
+if typing.TYPE_CHECKING:
+    from ckptable._async import release_snapshot_memory, save_async
+    from ckptable._checkpointable import Checkpointable
+    from ckptable._components import check_component, get_subcomponents
+    from ckptable._convert import convert_checkpoint
+    from ckptable._formats import Codec, get_codec, register_codec, registered_codecs
+    from ckptable._info import VerifyReport, get_checkpoint_info, verify_checkpoint
+    from ckptable._safe import add_safe_classes
+    from ckptable.errors import (
+        ActorCheckpointError,
+        CheckpointError,
+        CheckpointNotFoundError,
+        CorruptCheckpointError,
+        IncompatibleCheckpointError,
+        InvalidComponentNameError,
+        StateEncodingError,
+        TransferError,
+        UnknownComponentError,
+        UnsafeCheckpointError,
+        UnverifiedCheckpointWarning,
+    )
+    from ckptable.manager import CheckpointManager
+
+#: Where each public name lives: imported on first use (PEP 562), so that importing
+#: ckptable (which its pytest plugin does in every pytest session) costs next to nothing.
+_EXPORTS = {
+    "ActorCheckpointError": "ckptable.errors",
+    "CheckpointError": "ckptable.errors",
+    "CheckpointManager": "ckptable.manager",
+    "CheckpointNotFoundError": "ckptable.errors",
+    "Checkpointable": "ckptable._checkpointable",
+    "Codec": "ckptable._formats",
+    "CorruptCheckpointError": "ckptable.errors",
+    "IncompatibleCheckpointError": "ckptable.errors",
+    "InvalidComponentNameError": "ckptable.errors",
+    "StateEncodingError": "ckptable.errors",
+    "TransferError": "ckptable.errors",
+    "UnknownComponentError": "ckptable.errors",
+    "UnsafeCheckpointError": "ckptable.errors",
+    "UnverifiedCheckpointWarning": "ckptable.errors",
+    "VerifyReport": "ckptable._info",
+    "add_safe_classes": "ckptable._safe",
+    "check_component": "ckptable._components",
+    "convert_checkpoint": "ckptable._convert",
+    "get_checkpoint_info": "ckptable._info",
+    "get_codec": "ckptable._formats",
+    "get_subcomponents": "ckptable._components",
+    "register_codec": "ckptable._formats",
+    "registered_codecs": "ckptable._formats",
+    "release_snapshot_memory": "ckptable._async",
+    "save_async": "ckptable._async",
+    "verify_checkpoint": "ckptable._info",
+}
 
 __all__ = [
     "ActorCheckpointError",
@@ -58,9 +92,28 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> str:
+#: Public submodules that ``ckptable.<name>`` reaches without an import of its own.
+_SUBMODULES = frozenset({"errors", "manager", "testing"})
+
+
+def __getattr__(name: str) -> object:
     if name == "__version__":
         from ckptable._version import package_version
 
         return package_version()
-    raise AttributeError(f"module 'ckptable' has no attribute {name!r}")
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"ckptable.{name}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckptable' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
