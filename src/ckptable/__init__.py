@@ -1,6 +1,6 @@
 """ckptable: make any object tree checkpointable, RLlib-compatible and crash-safe.
 
-Subclass :class:`Checkpointable`, and ``save_to_path``, ``restore_from_path`` and
+Subclass ``Checkpointable``, and ``save_to_path``, ``restore_from_path`` and
 ``from_checkpoint`` save the whole tree into nested directories, restore all of it or one
 component, and rebuild a fresh object from a checkpoint alone.
 """

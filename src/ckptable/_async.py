@@ -1,6 +1,6 @@
 """Async saves: snapshot in the caller, write in a background thread.
 
-``save_async`` returns once the tree's state is copied (:mod:`ckptable._snapshot`);
+``save_async`` returns once the tree's state is copied (``ckptable._snapshot``);
 a thread then runs the ordinary ``save_to_path`` with that copy as ``state=``, so an
 async save writes exactly what a synchronous save at the moment of the call would have
 written, with the same staging, checksums, flushes and atomic publish.

@@ -1,6 +1,6 @@
 """Array-aware comparison of two states: every difference, named by its key path.
 
-Shared by :func:`ckptable.testing.assert_states_equal` and the ``ckptable diff`` command.
+Shared by ``ckptable.testing.assert_states_equal`` and the ``ckptable diff`` command.
 States are trees of dicts, lists, tuples, sets, scalars, byte strings, numpy arrays and
 user objects; ``==`` alone fails on them (an array's ``==`` is an array, NaN is not equal
 to itself, one message for the whole tree says nothing about where). numpy is optional:

@@ -5,7 +5,7 @@ verifies every level against its manifest, ``decode_tree`` decodes the state fil
 with no object to restore into: no class is imported to be constructed, and with
 ``safe=True`` (the default of the command) the restricted unpickler refuses any pickle
 that would import something outside ckptable's allowlist. Then the decoded states of the
-levels found in both are compared with :func:`ckptable._compare.state_differences`
+levels found in both are compared with ``ckptable._compare.state_differences``
 (arrays by shape, dtype and values).
 """
 
@@ -196,7 +196,7 @@ def diff_checkpoints(
     Args:
         a: The first checkpoint (the "actual" side of each difference).
         b: The second checkpoint.
-        safe: Decode with the restricted unpickler (see :func:`load_states`).
+        safe: Decode with the restricted unpickler (see ``load_states``).
         rtol: Relative tolerance for numbers and arrays.
         atol: Absolute tolerance for numbers and arrays.
         limit: Most differences reported per component; None for all.

@@ -50,12 +50,19 @@ __all__ = [
 
 @runtime_checkable
 class Codec(Protocol):
-    """Encodes and decodes one level's state to and from a binary stream."""
+    """Encodes and decodes one level's state to and from a binary stream.
 
-    #: Registry name, written to ``metadata.json`` as the level's ``format``.
+    Register one with ``register_codec``; ``save_to_path(..., format=codec.name)`` then
+    writes with it, and restores pick it by the ``format`` recorded in ``metadata.json``.
+    A codec may also define ``load_restricted(stream, *, allowed, allow_subclasses_of,
+    source)``, which ``restore_from_path(..., safe=True)`` uses; a codec without one
+    cannot be loaded in safe mode.
+    """
+
     name: str
-    #: File suffix of the state file, with the dot (``".pkl"``).
+    """Registry name, written to ``metadata.json`` as the level's ``format``."""
     suffix: str
+    """File suffix of the state file, with the dot (``".pkl"``)."""
 
     def dump(self, state: Any, stream: IO[bytes]) -> None:
         """Write ``state`` to ``stream``."""

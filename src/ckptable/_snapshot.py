@@ -5,11 +5,11 @@ save once wrote tensors the training loop had already changed). So before
 ``save_async`` returns:
 
 1. **collect**: the tree's state is gathered exactly as a synchronous save gathers it
-   (:func:`collect_tree_state`): one ``get_state()`` per level, components missing from
+   (``collect_tree_state``): one ``get_state()`` per level, components missing from
    their parent's state asked for their own.
 2. **copy**: the state is pickled (protocol 5) with its arrays' memory *out of band*,
    so the pickle itself (the "skeleton") holds everything but the big buffers and costs
-   little; each buffer is then copied into a :class:`SnapshotArena`. Big copies run on a
+   little; each buffer is then copied into a ``SnapshotArena``. Big copies run on a
    few threads (numpy's copy releases the GIL).
 
 The background thread unpickles the skeleton over the arena's copies (no second copy:
@@ -142,7 +142,7 @@ class SnapshotPool:
 
 
 class StateSnapshot:
-    """A state pickled with its big buffers copied into an arena; see :func:`take_snapshot`."""
+    """A state pickled with its big buffers copied into an arena; see ``take_snapshot``."""
 
     def __init__(
         self,

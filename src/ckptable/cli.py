@@ -369,7 +369,7 @@ def _scan(storage: Storage, directory: str) -> _Scan:
 
 
 def describe_checkpoint(path: Any, filesystem: Any = None) -> dict[str, Any]:
-    """What ``ckptable info --json`` prints: :func:`ckptable.get_checkpoint_info` made
+    """What ``ckptable info --json`` prints: ``ckptable.get_checkpoint_info`` made
     JSON-ready, with each level's sizes, versions, actor flag and integrity record.
 
     Args:
@@ -475,7 +475,7 @@ def _walk_levels(level: dict[str, Any]) -> Any:
 
 
 def format_info(doc: dict[str, Any], *, unicode: bool = True) -> str:
-    """The text ``ckptable info`` prints for a :func:`describe_checkpoint` document."""
+    """The text ``ckptable info`` prints for a ``describe_checkpoint`` document."""
     tree = doc["tree"]
     versions = tree["versions"]
     lines = [doc["path"]]

@@ -4,7 +4,7 @@ Every error names the checkpoint path and, where one is involved, the component 
 both as text in the message and as the attributes ``path`` and ``component``. All of
 them pickle (they cross Ray process boundaries) and keep those attributes.
 
-The hierarchy::
+The hierarchy:
 
     CheckpointError                      base of everything below
     ├── CheckpointNotFoundError          also a FileNotFoundError: no checkpoint there

@@ -11,7 +11,7 @@ staging tree so that it is published, checksummed and made durable with it. So:
 - **A checkpoint is listed only if it is complete**: its root manifest (written last,
   the commit record) reads and lists exactly what is there. Anything else named like a
   checkpoint (a save still running elsewhere, a damaged copy) is reported in
-  :meth:`CheckpointManager.invalid_checkpoints` and a warning, never listed, never
+  ``CheckpointManager.invalid_checkpoints`` and a warning, never listed, never
   deleted.
 - **Retention runs after a save is published**, never before, and always keeps the
   newest valid checkpoint. A deletion first takes a checkpoint out of the listing in one
@@ -19,8 +19,8 @@ staging tree so that it is published, checksummed and made durable with it. So:
   the manifest), so a crash mid-deletion never leaves a half-deleted checkpoint that
   looks valid; the next manager finishes the deletion.
 
-Async saves (:meth:`CheckpointManager.save_async`) snapshot the state before they return
-(:mod:`ckptable._snapshot`); at most ``max_in_flight`` run at once (a further call waits
+Async saves (``CheckpointManager.save_async``) snapshot the state before they return
+(``ckptable._snapshot``); at most ``max_in_flight`` run at once (a further call waits
 for the oldest); a failure is raised by the future and again by the manager's next
 ``save``, ``save_async`` or ``wait``.
 """
@@ -90,12 +90,12 @@ class CheckpointManager:
             (None: none kept for their metric). With both None, nothing is deleted.
             The newest checkpoint is always kept, whatever its rank.
         metric: Name of the metric that ranks checkpoints; required with ``keep_best``
-            and used by :meth:`best`.
+            and used by ``best``.
         mode: ``"max"`` (higher is better) or ``"min"``.
         filesystem: A ``pyarrow.fs.FileSystem`` or fsspec filesystem for ``directory``
             (default: inferred from it, as ``save_to_path`` does).
         max_in_flight: How many async saves may run at once; a further
-            :meth:`save_async` waits for the oldest first.
+            ``save_async`` waits for the oldest first.
 
     Raises:
         ValueError: for invalid retention settings.
@@ -248,7 +248,7 @@ class CheckpointManager:
             obj: The ``Checkpointable`` to save.
             step: A non-negative int: the training step, epoch, iteration...
             metrics: JSON-encodable values saved with the checkpoint (numbers, strings);
-                ``metrics[metric]`` ranks it for ``keep_best`` and :meth:`best`.
+                ``metrics[metric]`` ranks it for ``keep_best`` and ``best``.
             **save_kwargs: Passed on to ``obj.save_to_path`` (``format``, ``durable``, ...).
 
         Returns:
@@ -265,7 +265,7 @@ class CheckpointManager:
     def save_async(
         self, obj: Any, step: int, metrics: Mapping[str, Any] | None = None, **save_kwargs: Any
     ) -> concurrent.futures.Future[str]:
-        """Like :meth:`save`, in a background thread; returns once the state is copied.
+        """Like ``save``, in a background thread; returns once the state is copied.
 
         Changes made to ``obj`` after this returns never reach the checkpoint. If
         ``max_in_flight`` saves are running, waits for the oldest first.
@@ -331,7 +331,7 @@ class CheckpointManager:
         """Restore ``obj`` from the newest checkpoint that reads back whole.
 
         A checkpoint found damaged while restoring (``CorruptCheckpointError``, which
-        leaves ``obj`` untouched) is reported in :meth:`invalid_checkpoints` and a
+        leaves ``obj`` untouched) is reported in ``invalid_checkpoints`` and a
         warning, and the next older one is tried.
 
         Args:

@@ -8,7 +8,7 @@ Fixtures:
 
 - ``ckpt_dir``: a fresh, empty directory for a checkpoint (``pathlib.Path``).
 - ``ckpt_roundtrip``: ``ckpt_roundtrip(obj, **options)`` runs
-  :func:`ckptable.testing.roundtrip` into a fresh directory and returns the new object.
+  ``ckptable.testing.roundtrip`` into a fresh directory and returns the new object.
 - ``ray_cluster`` (session): a small real multi-node Ray cluster
   (``ray.cluster_utils.Cluster``), sized by the ``--ckptable-ray-*`` options or the
   ``ckptable_ray_*`` ini settings.
@@ -160,7 +160,7 @@ def ckpt_dir(tmp_path: Path) -> Path:
 
 
 class CheckpointRoundtrip:
-    """The ``ckpt_roundtrip`` fixture: :func:`ckptable.testing.roundtrip` into a fresh
+    """The ``ckpt_roundtrip`` fixture: ``ckptable.testing.roundtrip`` into a fresh
     directory under ``base`` on every call.
 
     Attributes:
@@ -176,7 +176,7 @@ class CheckpointRoundtrip:
 
         Args:
             obj: A ``Checkpointable`` (ckptable's or one written for RLlib's).
-            **options: Those of :func:`ckptable.testing.roundtrip`: ``format``,
+            **options: Those of ``ckptable.testing.roundtrip``: ``format``,
                 ``components``, ``compare``, ``same_types``, ``rtol``, ``atol``,
                 ``restore_kwargs`` and ``save_to_path`` keywords.
 

@@ -4,7 +4,7 @@
 raises an ``AssertionError`` listing every difference by its key path; ``roundtrip``
 saves an object, rebuilds it from the checkpoint and checks that the state survived.
 This module does not import pytest: the fixtures built on it live in
-:mod:`ckptable.pytest_plugin`.
+``ckptable.pytest_plugin``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def assert_states_equal(
 ) -> None:
     """Assert that two states are equal, listing every difference if they are not.
 
-    Equality is that of :func:`state_differences`: numpy arrays by shape, dtype and
+    Equality is that of ``state_differences``: numpy arrays by shape, dtype and
     values (NaN equals NaN), mappings key by key, a list equals a tuple with the same
     items unless ``same_types``.
 
@@ -110,9 +110,9 @@ def roundtrip(
             default is ``save_to_path``'s (cloudpickle).
         components: Component paths to restore alone instead of the whole object.
         compare: False returns the new object without comparing (for checks of your own).
-        same_types: Passed to :func:`assert_states_equal`.
-        rtol: Passed to :func:`assert_states_equal`.
-        atol: Passed to :func:`assert_states_equal`.
+        same_types: Passed to ``assert_states_equal``.
+        rtol: Passed to ``assert_states_equal``.
+        atol: Passed to ``assert_states_equal``.
         restore_kwargs: Keywords for ``from_checkpoint`` (whole) or
             ``restore_from_path`` (partial): ``safe=True``, ``mmap=True``,
             ``filesystem=...``, constructor overrides for ``from_checkpoint``, ...

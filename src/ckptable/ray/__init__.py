@@ -1,11 +1,12 @@
 """Components held by Ray actors on many nodes, and the hooks that move checkpoints
 between nodes (the extra ``ckptable[ray]``).
 
-A component of a :class:`ckptable.Checkpointable` may be an *actor manager* instead of a
-Checkpointable: RLlib's ``FaultTolerantActorManager`` as it is, or :class:`RayActorManager`
+A component of a ``ckptable.Checkpointable`` may be an *actor manager* instead of a
+Checkpointable: RLlib's ``FaultTolerantActorManager`` as it is, or ``RayActorManager``
 over plain actor handles. Saving takes the first healthy actor's state (written on its own
-node and moved in with a :class:`TransferHook`, or written straight to shared storage);
-restoring pushes the checkpoint to every healthy actor. See ``docs/distributed.md``.
+node and moved in with a ``TransferHook``, or written straight to shared storage);
+restoring pushes the checkpoint to every healthy actor. The documentation's guide
+"Distributed checkpoints" (``docs/distributed.md``) shows how the parts fit.
 """
 
 from __future__ import annotations
