@@ -69,6 +69,7 @@ class Checkpointable(abc.ABC):
         format: str | None = None,
         durable: bool = True,
         transfer: Any = None,
+        progress: bool | None = None,
     ) -> str:
         """Save the state of ``self`` (or ``state``) and all its components to ``path``.
 
@@ -92,6 +93,12 @@ class Checkpointable(abc.ABC):
             transfer: A ``ckptable.ray.TransferHook`` that moves the directories of
                 components held by Ray actors on other nodes (default:
                 ``ckptable.ray.get_default_transfer()``). See ``docs/distributed.md``.
+            progress: Show a progress bar (bytes written, rate) on stderr: None (the
+                default) when stderr is a terminal, True also when it is not (needs
+                ``tqdm``: ``pip install 'ckptable[progress]'``), False never. None
+                follows the ``CKPTABLE_PROGRESS`` environment variable if it is set.
+                The bar appears once the save has run for a second. See
+                ``docs/progress.md``.
 
         Returns:
             The path the checkpoint was saved to.
@@ -113,6 +120,7 @@ class Checkpointable(abc.ABC):
             format=format,
             durable=durable,
             transfer=transfer,
+            progress=progress,
         )
 
     def restore_from_path(
@@ -126,6 +134,7 @@ class Checkpointable(abc.ABC):
         mmap: bool = False,
         transfer: Any = None,
         on_actor_failure: str = "raise",
+        progress: bool | None = None,
         **kwargs: Any,
     ) -> None:
         """Restore ``self``, or one of its components, from the checkpoint at ``path``.
@@ -158,6 +167,8 @@ class Checkpointable(abc.ABC):
                 ``ActorCheckpointError`` listing every failed actor (after the others
                 were restored); ``"mark_unhealthy"``: they are marked unhealthy in their
                 manager and a warning is logged.
+            progress: Show a progress bar (bytes read, rate, and the percentage where
+                the checkpoint's manifest records its size), as in ``save_to_path``.
             **kwargs: Passed on to the components' ``restore_from_path`` calls.
 
         Raises:
@@ -180,6 +191,7 @@ class Checkpointable(abc.ABC):
                 mmap=mmap,
                 transfer=transfer,
                 on_actor_failure=on_actor_failure,
+                progress=progress,
             ),
             kwargs=kwargs,
         )
@@ -193,6 +205,7 @@ class Checkpointable(abc.ABC):
         verify: bool = True,
         safe: bool = False,
         mmap: bool = False,
+        progress: bool | None = None,
         **kwargs: Any,
     ) -> _C:
         """Build a new object from the checkpoint at ``path`` and restore its state.
@@ -206,10 +219,11 @@ class Checkpointable(abc.ABC):
                 ``cls`` or a subclass of it that is already imported (plus the
                 allowlist), and its constructor arguments only allowlisted types.
             mmap: As in ``restore_from_path``.
+            progress: As in ``restore_from_path``.
             **kwargs: Keyword arguments naming constructor parameters override the
                 stored constructor arguments; the others go on to ``restore_from_path``.
-                (``verify``, ``safe`` and ``mmap`` are ckptable's own: a constructor
-                parameter of any of these names cannot be overridden here.)
+                (``verify``, ``safe``, ``mmap`` and ``progress`` are ckptable's own: a
+                constructor parameter of any of these names cannot be overridden here.)
 
         The class file is verified and decoded before the constructor runs; the state
         files are verified by the restore that follows, before any ``set_state``.
@@ -217,9 +231,8 @@ class Checkpointable(abc.ABC):
         Raises:
             IncompatibleCheckpointError: if the stored class is not a subclass of ``cls``.
         """
-        return construct_from_checkpoint(
-            cls, path, filesystem, RestoreOptions(verify=verify, safe=safe, mmap=mmap), kwargs
-        )
+        options = RestoreOptions(verify=verify, safe=safe, mmap=mmap, progress=progress)
+        return construct_from_checkpoint(cls, path, filesystem, options, kwargs)
 
     @abc.abstractmethod
     def get_state(

@@ -76,6 +76,8 @@ class Staging:
     files: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
     #: Path → checksum of a big pickle file's skeleton (see ``_pickle_scan``).
     skeletons: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Directory → bytes of the files in its tree, once sealed (None: unknown).
+    trees: dict[str, int | None] = dataclasses.field(default_factory=dict)
 
 
 def check_target(storage: Storage, target: str, checkpoint_files: Iterable[str]) -> None:

@@ -7,6 +7,10 @@ decoded with its own codec and encoded with the new one; every other file is cop
 as is (the class files stay pickles, as in RLlib's msgpack checkpoints); ckptable's
 record in ``metadata.json`` is updated. The result is published like a save: staged,
 given manifests, made durable, then renamed into place (``dst`` may be ``src``).
+
+Progress: one bar while the source is verified, one while it is converted; both count
+the source's bytes (a re-encoded state file counts as the file it was read from), so
+their total is the size the source's root manifest records.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from ckptable._formats import (
 )
 from ckptable._info import verify_tree
 from ckptable._layout import DEFAULT_METADATA_FILE, RECORD_KEY, read_metadata_file, record_of
-from ckptable._manifest import MANIFEST_FILE, refuse_special_entries
+from ckptable._manifest import MANIFEST_FILE, manifest_tree_bytes, refuse_special_entries
+from ckptable._progress import advance, progress_bar, uncounted
 from ckptable._restore import RestoreOptions, _decode_file, _require_directory, _state_file_of
 from ckptable._save import _SaveSession, publish_tree
 from ckptable._storage import Storage, resolve_storage
@@ -46,6 +51,7 @@ def convert_checkpoint(
     filesystem: Any = None,
     safe: bool = False,
     durable: bool = True,
+    progress: bool | None = None,
 ) -> str:
     """Write a copy of the checkpoint at ``src`` to ``dst`` with every state in ``format``.
 
@@ -57,6 +63,9 @@ def convert_checkpoint(
         filesystem: A ``pyarrow.fs`` or fsspec filesystem for both paths.
         safe: Decode the source's pickle states with the restricted unpickler.
         durable: As in ``save_to_path``.
+        progress: Show progress bars (bytes, rate, percentage) for the verification of
+            ``src`` and for the conversion, as ``save_to_path`` does: None when stderr
+            is a terminal.
 
     Returns:
         ``dst`` as ``save_to_path`` returns paths.
@@ -70,7 +79,9 @@ def convert_checkpoint(
     src_storage, src_root = resolve_storage(src, filesystem)
     dst_storage, dst_root = resolve_storage(dst, filesystem)
     _require_directory(src_storage, src_root)
-    report = verify_tree(src_storage, src_root)
+    total = manifest_tree_bytes(src_storage, src_root)
+    with progress_bar(progress, "Verifying", total=total):
+        report = verify_tree(src_storage, src_root)
     if report.unverified:
         warnings.warn(
             UnverifiedCheckpointWarning(
@@ -88,9 +99,16 @@ def convert_checkpoint(
     from ckptable._checkpointable import Checkpointable
     from ckptable._layout import checkpoint_file_names
 
-    return publish_tree(
-        dst, dst_storage, dst_root, codec, durable, checkpoint_file_names(Checkpointable), write
-    )
+    with progress_bar(progress, "Converting", total=total):
+        return publish_tree(
+            dst,
+            dst_storage,
+            dst_root,
+            codec,
+            durable,
+            checkpoint_file_names(Checkpointable),
+            write,
+        )
 
 
 def _convert_level(
@@ -106,8 +124,11 @@ def _convert_level(
     refuse_special_entries(src_storage, src_dir, entries)
     meta_name = metadata_file or DEFAULT_METADATA_FILE
     metadata = None
+    raw_metadata = b""
     if entries.get(meta_name) == "file":
-        metadata = read_metadata_file(src_storage, src_storage.join(src_dir, meta_name))
+        meta_path = src_storage.join(src_dir, meta_name)
+        raw_metadata = src_storage.read_bytes(meta_path)
+        metadata = read_metadata_file(src_storage, meta_path, raw_metadata)
     record = record_of(metadata)
     old_codec: Codec | None = None
     state_name = None
@@ -144,8 +165,9 @@ def _convert_level(
                 hint if isinstance(hint, str) else None,
             )
         elif name == state_name and old_codec is not None and stem is not None:
-            state = _decode_file(src_storage, src_path, old_codec, None, options)
-            _write_state(session, dst_storage.join(dst_dir, stem + new_codec.suffix), state)
+            state = _decode_file(src_storage, src_path, old_codec, None, options, count_reads=True)
+            with uncounted():  # counted as it was read
+                _write_state(session, dst_storage.join(dst_dir, stem + new_codec.suffix), state)
         elif name == meta_name and record is not None and stem is not None:
             assert metadata is not None
             converted = dict(metadata)
@@ -154,9 +176,11 @@ def _convert_level(
                 "format": new_codec.name,
                 "state_file": stem + new_codec.suffix,
             }
-            session.write_bytes(
-                dst_storage.join(dst_dir, name), json.dumps(converted).encode("utf-8")
-            )
+            with uncounted():
+                session.write_bytes(
+                    dst_storage.join(dst_dir, name), json.dumps(converted).encode("utf-8")
+                )
+            advance(len(raw_metadata))
         else:
             with (
                 src_storage.open_read(src_path) as source,

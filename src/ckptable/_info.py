@@ -28,11 +28,13 @@ from ckptable._manifest import (
     MANIFEST_FILE,
     check_listing,
     hash_file,
+    manifest_tree_bytes,
     read_manifest,
     read_verified,
     refuse_special_entries,
     require_manifest_unless_foreign,
 )
+from ckptable._progress import progress_bar
 from ckptable._storage import Storage, resolve_storage
 from ckptable.errors import CheckpointNotFoundError, CorruptCheckpointError
 
@@ -272,13 +274,21 @@ class VerifyReport:
         return not self.unverified
 
 
-def verify_checkpoint(path: Any, filesystem: Any = None) -> VerifyReport:
+def verify_checkpoint(
+    path: Any, filesystem: Any = None, *, progress: bool | None = None
+) -> VerifyReport:
     """Check the checkpoint at ``path`` against its manifests without loading anything.
 
     Every file of every level is read and its size and checksum compared; listings must
     match exactly (no missing, extra or swapped files or component directories); nothing
     is decoded or unpickled. Levels RLlib wrote have no manifest: they are read (so an
     unreadable file still fails) and listed in ``report.unverified``.
+
+    Args:
+        path: The checkpoint directory (or URI).
+        filesystem: A ``pyarrow.fs.FileSystem`` or an fsspec filesystem to read with.
+        progress: Show a progress bar (bytes read, rate, percentage), as
+            ``Checkpointable.save_to_path`` does: None when stderr is a terminal.
 
     Raises:
         CheckpointNotFoundError: no directory at ``path``.
@@ -288,7 +298,10 @@ def verify_checkpoint(path: Any, filesystem: Any = None) -> VerifyReport:
     """
     storage, root = resolve_storage(path, filesystem)
     try:
-        return verify_tree(storage, root)
+        with progress_bar(progress, "Verifying") as bar:
+            if bar is not None:
+                bar.set_total(manifest_tree_bytes(storage, root))
+            return verify_tree(storage, root)
     except OSError as exc:
         shown = storage.display(root)
         raise CorruptCheckpointError(

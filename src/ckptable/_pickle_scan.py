@@ -30,6 +30,7 @@ import pickletools
 from typing import IO, Any, Literal
 
 from ckptable._manifest import Checksum, _checksum_executor, new_checksum, read_verified
+from ckptable._progress import advance, counted, mark, rewind
 from ckptable._storage import LocalStorage, Storage
 from ckptable.errors import CorruptCheckpointError
 
@@ -447,7 +448,8 @@ def read_pickle_verified(
 
     With ``mmap`` (and a recorded ``skeleton`` checksum, on the local disk) only the
     skeleton is read and verified and the payloads are mapped, unread. Otherwise the whole
-    file is read once and checked, its big payloads into their own buffers. Returns None
+    file is read once and checked, its big payloads into their own buffers (counted in
+    the progress bar as they are read; a mapped file counts whole). Returns None
     if the file is verified but could not be scanned (not a framed pickle, or a skeleton
     over ``skeleton_limit`` bytes): the decoder then reads it the ordinary way.
 
@@ -462,13 +464,18 @@ def read_pickle_verified(
             scanned = _scan_mapped(stream, size, shown, checksum, skeleton_limit)
         if checksum.hexdigest() != skeleton:
             raise _corrupt(shown, f"its pickle skeleton's {algorithm} checksum differs")
+        advance(size)
         return scanned
     checksum = new_checksum(algorithm, path=shown)
+    start = mark()
     try:
         with storage.open_read(path) as stream:
-            scanned = scan_pickle(stream, "read", checksum=checksum, skeleton_limit=skeleton_limit)
+            scanned = scan_pickle(
+                counted(stream), "read", checksum=checksum, skeleton_limit=skeleton_limit
+            )
     except ScanError:
         # Not what the walk expects (the checksum decides whether it is damaged):
+        rewind(start)
         read_verified(storage, path, expected, algorithm, keep=False)
         return None
     except OSError as exc:

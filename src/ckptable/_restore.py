@@ -27,6 +27,10 @@
 Restoring one component (``component="a/b"``) walks the component path through each
 level's ``restore_from_path`` like RLlib, but first checks that every name exists and
 raises :class:`UnknownComponentError` where RLlib silently restores nothing.
+
+The outermost restore opens the progress bar (:mod:`ckptable._progress`), its total the
+size the checkpoint's root manifest records: every file counts once, as step 1 reads
+and verifies it (or, in levels without a manifest, as step 2 decodes it).
 """
 
 from __future__ import annotations
@@ -63,12 +67,14 @@ from ckptable._manifest import (
     MANIFEST_FILE,
     LevelManifest,
     check_listing,
+    manifest_tree_bytes,
     read_manifest,
     read_verified,
     refuse_special_entries,
     require_manifest_unless_foreign,
 )
 from ckptable._pickle_scan import ScannedPickle, map_pickle, read_pickle_verified
+from ckptable._progress import counted_open, mark, progress_bar, rewind
 from ckptable._storage import LocalStorage, Storage, resolve_storage
 from ckptable.errors import (
     CheckpointError,
@@ -120,6 +126,8 @@ class Level:
     read_ahead: bool = False
     #: ``upgrade_state`` has run on ``state`` (or was not needed).
     upgraded: bool = False
+    #: Its files were verified against a manifest in step 1 (and counted as read then).
+    verified: bool = False
 
     @property
     def record(self) -> dict[str, Any] | None:
@@ -131,13 +139,15 @@ class Level:
 class RestoreOptions:
     """How a restore reads: ``verify`` against manifests, ``safe`` restricted decoding,
     ``mmap`` big arrays mapped from their files instead of read; for components held by
-    Ray actors, the ``transfer`` hook and what ``on_actor_failure`` does."""
+    Ray actors, the ``transfer`` hook and what ``on_actor_failure`` does; whether to
+    show a ``progress`` bar."""
 
     verify: bool = True
     safe: bool = False
     mmap: bool = False
     transfer: Any = None
     on_actor_failure: str = "raise"
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         if self.on_actor_failure not in ("raise", "mark_unhealthy"):
@@ -224,20 +234,23 @@ def restore_checkpointable(
             _apply_level(session, obj, level)
             return
 
-    _require_directory(storage, root)
-    if component is not None:
-        _restore_component_path(obj, storage, root, component, options, kwargs)
-        return
-    session = _RestoreSession(storage, kwargs, options)
-    level = _read_consistently(session, root, obj)
-    session.warn_unverified()
-    upgrade_tree(session, obj, level)
-    restore_actor_tree(session, obj, level)
-    token = _current_restore.set(session)
-    try:
-        _apply_level(session, obj, level)
-    finally:
-        _current_restore.reset(token)
+    with progress_bar(options.progress, "Restoring") as bar:
+        if bar is not None and options.verify:
+            bar.set_total(manifest_tree_bytes(storage, root))
+        _require_directory(storage, root)
+        if component is not None:
+            _restore_component_path(obj, storage, root, component, options, kwargs)
+            return
+        session = _RestoreSession(storage, kwargs, options)
+        level = _read_consistently(session, root, obj)
+        session.warn_unverified()
+        upgrade_tree(session, obj, level)
+        restore_actor_tree(session, obj, level)
+        token = _current_restore.set(session)
+        try:
+            _apply_level(session, obj, level)
+        finally:
+            _current_restore.reset(token)
 
 
 #: Reads of a checkpoint that a concurrent save replaces are repeated up to this often.
@@ -253,10 +266,12 @@ def _read_consistently(session: _RestoreSession, root: str, obj: Any) -> Level:
     swap: it is read again.
     """
     storage = session.storage
+    start = mark()
     for attempt in range(_READ_ATTEMPTS):
         before = storage.identity(root)
         session.unverified.clear()
         session.keep_budget = _KEEP_TOTAL_BYTES
+        rewind(start)  # the bytes of an attempt read again count once
         try:
             try:
                 level = read_level(session, root, obj)
@@ -336,7 +351,7 @@ def _non_default(options: RestoreOptions) -> dict[str, bool]:
     default = RestoreOptions()
     return {
         name: value
-        for name in ("verify", "safe", "mmap", "transfer", "on_actor_failure")
+        for name in ("verify", "safe", "mmap", "transfer", "on_actor_failure", "progress")
         if (value := getattr(options, name)) != getattr(default, name)
     }
 
@@ -639,6 +654,7 @@ def read_level(
         codec=codec,
         raw_state=prepared if prepared is not None else raw.get(state_name),
         read_ahead=read_ahead,
+        verified=manifest is not None,
     )
 
 
@@ -773,6 +789,7 @@ def decode_tree(session: _RestoreSession, level: Level) -> None:
             level.raw_state,
             session.options,
             allowed=session.allowed,
+            count_reads=not level.verified,
         )
     except CheckpointError:
         if not level.read_ahead:
@@ -877,15 +894,17 @@ def _decode_file(
     *,
     allowed: set[type] | frozenset[type] = frozenset(),
     allow_subclasses_of: type | None = None,
+    count_reads: bool = False,
 ) -> Any:
     """Decode one file (from ``raw`` if step 1 kept its bytes or scanned it); errors name
-    the file."""
+    the file. ``count_reads``: count what is read from the file in the progress bar (a
+    file no manifest verified, which step 1 did not read)."""
     shown = storage.display(path)
     extra: dict[str, Any] = {}
     if isinstance(raw, ScannedPickle):
         extra["buffers"] = iter(raw.buffers)
     try:
-        with _open_source(storage, path, raw) as stream:
+        with _open_source(storage, path, raw, count_reads) as stream:
             if not options.safe:
                 return codec.load(stream, **extra)
             load_restricted = getattr(codec, "load_restricted", None)
@@ -935,11 +954,15 @@ def _decode_file(
         raise
 
 
-def _open_source(storage: Storage, path: str, raw: bytes | ScannedPickle | None) -> Any:
+def _open_source(
+    storage: Storage, path: str, raw: bytes | ScannedPickle | None, count_reads: bool
+) -> Any:
     if isinstance(raw, ScannedPickle):
         return raw.open()
     if raw is not None:
         return io.BytesIO(raw)
+    if count_reads:
+        return counted_open(storage.open_read(path))
     return storage.open_read(path)
 
 

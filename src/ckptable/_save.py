@@ -11,6 +11,9 @@
 3. **publish**: when the whole tree is written, the staging directory replaces the
    target in one step.
 
+The outermost save opens the progress bar (:mod:`ckptable._progress`); every file
+written, and every chunk of a big one, counts in it, nested saves included.
+
 Per level the files are those of RLlib's layout: ``metadata.json`` (with ckptable's own
 record under the ``"ckptable"`` key), ``class_and_ctor_args.pkl``, ``state.pkl`` or
 ``state.msgpack``, and one subdirectory per component.
@@ -47,6 +50,7 @@ from ckptable._layout import (
 )
 from ckptable._manifest import HashingWriter, checksum_of, preferred_algorithm, seal_directory
 from ckptable._pickle_scan import PAYLOAD_MIN_BYTES, skeleton_checksum
+from ckptable._progress import advance, progress_bar
 from ckptable._storage import LocalStorage, Storage, new_temporary_path, resolve_storage
 from ckptable._version import package_version
 from ckptable.errors import CheckpointError, StateEncodingError
@@ -112,6 +116,7 @@ class _SaveSession:
         """Write a whole file and record its size and checksum for the manifest."""
         self.storage.write_bytes(path, data)
         self.staging.files[path] = (len(data), checksum_of(self.algorithm, data))
+        advance(len(data))
 
     @contextlib.contextmanager
     def open_write(self, path: str, *, pickled: bool = False) -> Iterator[HashingWriter]:
@@ -139,6 +144,7 @@ class _SaveSession:
             self.shown,
             rebuild,
             self.staging.skeletons,
+            self.staging.trees,
         )
 
 
@@ -198,6 +204,7 @@ def save_checkpointable(
     format: str | None,
     durable: bool = True,
     transfer: Any = None,
+    progress: bool | None = None,
 ) -> str:
     """``Checkpointable.save_to_path``: see there."""
     session = _current_save.get()
@@ -216,7 +223,15 @@ def save_checkpointable(
         _write_level(session, obj, session.staging_root, state)
 
     return publish_tree(
-        path, storage, fs_path, codec, durable, checkpoint_file_names(obj), write, transfer
+        path,
+        storage,
+        fs_path,
+        codec,
+        durable,
+        checkpoint_file_names(obj),
+        write,
+        transfer,
+        progress,
     )
 
 
@@ -234,6 +249,7 @@ def save_through_override(
     # The session flushes, not the override: code written for RLlib takes no durable=.
     durable = bool(kwargs.pop("durable", True))
     transfer = kwargs.pop("transfer", None)
+    progress = kwargs.pop("progress", None)
     filesystem = kwargs.get("filesystem")
     if session is not None and (
         session.owns_plain_path(path, filesystem)
@@ -253,7 +269,15 @@ def save_through_override(
         session.seal(session.staging_root, rebuild=True)
 
     return publish_tree(
-        path, storage, fs_path, codec, durable, checkpoint_file_names(obj), write, transfer
+        path,
+        storage,
+        fs_path,
+        codec,
+        durable,
+        checkpoint_file_names(obj),
+        write,
+        transfer,
+        progress,
     )
 
 
@@ -266,19 +290,24 @@ def publish_tree(
     checkpoint_files: Iterable[str],
     write: Callable[[_SaveSession], None],
     transfer: Any = None,
+    progress: bool | None = None,
 ) -> str:
     """Stage, write (``write``), make durable and publish one whole checkpoint.
 
     ``checkpoint_files``: the file names that mark a checkpoint level, which may be
     replaced (anything else at ``fs_path`` is refused). ``transfer``: the hook that moves
     actor components' directories between nodes (None: ``ckptable.ray``'s default).
+    ``progress``: whether to show a progress bar (None: on a terminal).
     """
     # A URI is returned as given (host, port and query kept); a local path made absolute.
     shown = storage.display(fs_path) if isinstance(storage, LocalStorage) else os.fspath(path)
     if isinstance(storage, LocalStorage) and os.path.islink(fs_path):
         fs_path = os.path.realpath(fs_path)  # replace the checkpoint the link points to
     try:
-        with staged_directory(storage, fs_path, checkpoint_files, durable=durable) as staging:
+        with (
+            progress_bar(progress, "Saving"),
+            staged_directory(storage, fs_path, checkpoint_files, durable=durable) as staging,
+        ):
             session = _SaveSession(storage, staging, codec, target=shown, transfer=transfer)
             token = _current_save.set(session)
             try:
@@ -328,6 +357,7 @@ def _write_level(
     level_state = dict(collected)
 
     saved: list[str] = []
+    actor_saved: list[str] = []  # recorded for `ckptable info`
     metadata_files: dict[str, str] = {}
     for name, comp in components:
         if state_provided and name not in level_state:
@@ -341,6 +371,7 @@ def _write_level(
 
             save_actor_component(session, comp, comp_dir, level_state.pop(name, None))
             saved.append(name)
+            actor_saved.append(name)
             continue
         comp.save_to_path(
             comp_dir,
@@ -353,7 +384,7 @@ def _write_level(
             session.seal(comp_dir, rebuild=True)
         saved.append(name)
 
-    _write_metadata(session, obj, directory, saved, metadata_files)
+    _write_metadata(session, obj, directory, saved, metadata_files, actor_saved)
     _write_class_and_ctor_args(session, obj, directory)
     state_file = storage.join(directory, obj.STATE_FILE_NAME + session.codec.suffix)
     try:
@@ -423,6 +454,7 @@ def _write_metadata(
     directory: str,
     saved: list[str],
     metadata_files: dict[str, str],
+    actor_components: list[str],
 ) -> None:
     metadata = obj.get_metadata()
     if not isinstance(metadata, dict):
@@ -441,6 +473,8 @@ def _write_metadata(
         "state_file": obj.STATE_FILE_NAME + session.codec.suffix,
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "components": saved,
+        # Components held by Ray actors (informational: `ckptable info` marks them).
+        "actor_components": actor_components,
         "state_version": _declared_state_version(obj, session, directory),
         # Components that rename their metadata file (as RLlib's Algorithm does): the
         # restore reads their levels before their objects exist (created in set_state).

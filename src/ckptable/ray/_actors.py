@@ -26,6 +26,10 @@ parallel call. Any actor that fails raises :class:`ActorCheckpointError` listing
 all (after the others were restored), unless ``on_actor_failure="mark_unhealthy"``.
 
 Nodes are told apart by Ray node id, never by IP (nodes on one machine share an IP).
+
+Progress: the actors show no bars of their own; the transfers count in the bar of the
+save or restore that runs them, and an actor component's tree counts once in a save's,
+however it arrived.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from ckptable import _progress
 from ckptable._components import is_ckptable_object
 from ckptable._manifest import (
     MANIFEST_FILE,
@@ -140,9 +145,11 @@ def _save_in_actor(
     state = ray.get(state_ref) if state_ref is not None else None
     if is_ckptable_object(actor):
         # Not durable here: the saver flushes the whole staged tree before publishing.
-        actor.save_to_path(
-            path, filesystem=filesystem, state=state, format=format_name, durable=False
-        )
+        # No bar in the actor (it runs as inside an operation): the saver's has its bytes.
+        with _progress.uncounted():
+            actor.save_to_path(
+                path, filesystem=filesystem, state=state, format=format_name, durable=False
+            )
     elif format_name in ("cloudpickle", "msgpack"):
         actor.save_to_path(
             path, filesystem=filesystem, state=state, use_msgpack=format_name == "msgpack"
@@ -172,9 +179,10 @@ def _restore_in_actor(
     if path is None:  # restarted on another node since it was asked where it runs
         raise ActorCheckpointError("The checkpoint was not moved to the actor's node.")
     if is_ckptable_object(actor):
-        actor.restore_from_path(
-            path, component=component, filesystem=filesystem, **options, **kwargs
-        )
+        with _progress.uncounted():  # no bar in the actor: the restorer's has its bytes
+            actor.restore_from_path(
+                path, component=component, filesystem=filesystem, **options, **kwargs
+            )
         return
     if options.get("safe"):
         raise UnsafeCheckpointError(
@@ -244,12 +252,17 @@ def save_actor_component(
     transfer = _resolve_transfer(session.transfer)
     state_ref = ray.put(state) if state is not None else None
     failures: list[_ActorFailed] = []
+    counted = _progress.mark()
     for actor_id in actor_ids:
         try:
             reported, moved = _save_through_actor(
                 session, manager, actor_id, directory, state_ref, transfer
             )
-            _adopt(session, directory, reported, verify=moved)
+            with _progress.uncounted():  # verifying a moved tree reads it once more
+                _adopt(session, directory, reported, verify=moved)
+            # The tree counts once, whether a transfer counted it as it arrived, or not.
+            if _progress.current() is not None:
+                _progress.rewind(counted + _bytes_under(session, directory))
             return
         except _ActorFailed as failure:
             failures.append(failure)
@@ -350,6 +363,7 @@ def _adopt(session: _SaveSession, directory: str, reported: bytes | None, *, ver
             session.staging.files[path] = entry
             if file_name in manifest.skeletons:
                 session.staging.skeletons[path] = manifest.skeletons[file_name]
+        session.staging.trees[level] = manifest.tree_bytes
         for dir_name, digest in manifest.dirs.items():
             sub = storage.join(level, dir_name)
             sub_data = storage.read_bytes(storage.join(sub, MANIFEST_FILE))
@@ -374,9 +388,20 @@ def _adopt(session: _SaveSession, directory: str, reported: bytes | None, *, ver
 
 def _forget_files_under(session: _SaveSession, directory: str) -> None:
     prefix = session.storage.join(directory, "")
-    for table in (session.staging.files, session.staging.skeletons):
-        for path in [p for p in table if p.startswith(prefix)]:
+    for table in (session.staging.files, session.staging.skeletons, session.staging.trees):
+        for path in [p for p in table if p.startswith(prefix) or p == directory]:
             del table[path]
+
+
+def _bytes_under(session: _SaveSession, directory: str) -> int:
+    """Bytes of the files staged under ``directory`` (manifests not counted, as in a
+    manifest's ``tree_bytes``)."""
+    prefix = session.storage.join(directory, "")
+    return sum(
+        size
+        for path, (size, _) in session.staging.files.items()
+        if path.startswith(prefix) and session.storage.split(path)[1] != MANIFEST_FILE
+    )
 
 
 # --------------------------------------------------------------------------- restore

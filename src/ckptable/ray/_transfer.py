@@ -27,6 +27,10 @@ refused):
 
 Nodes are told apart by Ray node id (hex), never by IP: every node of a
 ``ray.cluster_utils.Cluster`` (and of several containers on one host) shares one IP.
+
+Progress: the built-ins count the bytes that arrive in the bar of the save or restore
+that calls them, or, called directly, in a bar of their own (``progress=``, as in
+``save_to_path``), its total from the source's listing.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import pickle
 import shutil
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -50,6 +55,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import ray
 
 from ckptable._manifest import new_checksum, preferred_algorithm
+from ckptable._progress import Bar, advance, current, progress_bar
 from ckptable._storage import _libc_function
 from ckptable.errors import TransferError
 from ckptable.ray._nodes import pinned_to
@@ -182,10 +188,17 @@ class RayObjectStoreTransfer:
     :class:`~ckptable.errors.TransferError`; the writer removes its temporary directory,
     or, if the writer itself died, a small task on the destination node does.
 
+    With a progress bar, the writer reports the bytes it received and the listing's
+    total to the driver a few times a second (through Ray's internal key-value store:
+    small values, no data), and the driver updates the bar while it waits.
+
     Args:
         chunk_bytes: The largest chunk of file data in one object.
         max_chunks_in_flight: How many items the reader may be ahead of the writer.
         timeout_s: Give up (and clean up) after this many seconds; None: no limit.
+        progress: A progress bar for transfers called directly, as in
+            ``Checkpointable.save_to_path`` (None: when stderr is a terminal). Inside a
+            save or restore, the transfer counts in that operation's bar instead.
     """
 
     def __init__(
@@ -193,6 +206,7 @@ class RayObjectStoreTransfer:
         chunk_bytes: int = 8 * _MiB,
         max_chunks_in_flight: int = 4,
         timeout_s: float | None = None,
+        progress: bool | None = None,
     ) -> None:
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be a positive int, not {chunk_bytes!r}")
@@ -211,11 +225,13 @@ class RayObjectStoreTransfer:
         self.chunk_bytes = chunk_bytes
         self.max_chunks_in_flight = max_chunks_in_flight
         self.timeout_s = timeout_s
+        self.progress = _checked_progress(progress)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(chunk_bytes={self.chunk_bytes}, "
-            f"max_chunks_in_flight={self.max_chunks_in_flight}, timeout_s={self.timeout_s})"
+            f"max_chunks_in_flight={self.max_chunks_in_flight}, timeout_s={self.timeout_s}, "
+            f"progress={self.progress})"
         )
 
     def __eq__(self, other: object) -> bool:
@@ -224,13 +240,29 @@ class RayObjectStoreTransfer:
         return bool(vars(self) == vars(other))
 
     def __hash__(self) -> int:
-        return hash((type(self), self.chunk_bytes, self.max_chunks_in_flight, self.timeout_s))
+        return hash(
+            (type(self), self.chunk_bytes, self.max_chunks_in_flight, self.timeout_s, self.progress)
+        )
 
     def transfer(self, src_node_id: str, src_path: str, dst_node_id: str, dst_path: str) -> None:
         """Copy the tree ``src_path`` on ``src_node_id`` to ``dst_path`` on ``dst_node_id``."""
         job = _Job.checked(src_node_id, src_path, dst_node_id, dst_path)
         if not ray.is_initialized():
             raise job.error("Ray is not initialized (call ray.init() first)")
+        with progress_bar(self.progress, "Transferring", total=0):
+            bar = current()
+            watch = None if bar is None else _ProgressWatch(bar)
+            if watch is not None:
+                job = dataclasses.replace(job, progress_key=watch.key)
+            try:
+                self._run_writer(job, watch)
+            finally:
+                if watch is not None:
+                    watch.close()
+
+    def _run_writer(self, job: _Job, watch: _ProgressWatch | None) -> None:
+        """Start the writer task on the destination node and wait for it (updating the
+        progress bar meanwhile, if there is one); any failure is a TransferError."""
         try:
             writer = _writer_task.options(scheduling_strategy=pinned_to(job.dst_node_id)).remote(
                 self, job
@@ -238,7 +270,7 @@ class RayObjectStoreTransfer:
         except Exception as exc:  # an invalid node id, ...
             raise job.error(_reason(exc)) from exc
         try:
-            ray.get(writer, timeout=self.timeout_s)
+            written = _await_writer(writer, self.timeout_s, watch)
         except ray.exceptions.RayTaskError as exc:
             # The writer failed and removed its temporary directory itself.
             cause = getattr(exc, "cause", None)
@@ -258,6 +290,8 @@ class RayObjectStoreTransfer:
             if isinstance(exc, Exception):
                 raise job.error(f"on the destination node: {_reason(exc)}") from exc
             raise
+        if watch is not None:
+            watch.finish(written)
 
     # The two halves, each run in a task on its node. Tests override them to observe
     # or inject faults (they are the only seams; nothing else is meant to change).
@@ -270,9 +304,11 @@ class RayObjectStoreTransfer:
         """Write the reader's stream into ``tmp_path`` (runs on the destination node)."""
         _write_tree(items, tmp_path, algorithm)
 
-    def _receive(self, job: _Job) -> None:
-        """The writer task's body: start the reader, write its stream, publish."""
+    def _receive(self, job: _Job) -> int | None:
+        """The writer task's body: start the reader, write its stream, publish. Returns
+        the bytes written if the driver asked for progress reports, else None."""
         algorithm = preferred_algorithm()
+        reporter = _ProgressReporter(job.progress_key) if job.progress_key else None
         # Items read and not yet written: unconsumed ones (Ray's backpressure pauses the
         # reader at this many), those fetched ahead, and the one being written.
         prefetch = max(1, self.max_chunks_in_flight // 2)
@@ -285,11 +321,13 @@ class RayObjectStoreTransfer:
             ).remote(self, job.src_path, algorithm)
             items = _fetch(reader, prefetch)
             try:
-                self._write_destination(items, tmp_path, algorithm)
+                stream = items if reporter is None else reporter.counting(items)
+                self._write_destination(stream, tmp_path, algorithm)
             finally:
                 items.close()
 
         _receive_tree(job, write)
+        return None if reporter is None else reporter.written
 
 
 #: Larger chunks would not fit one ``os.write`` / ``readv`` call everywhere.
@@ -303,8 +341,8 @@ def _reader_body(hook: RayObjectStoreTransfer, src_path: str, algorithm: str) ->
         yield item
 
 
-def _writer_body(hook: RayObjectStoreTransfer, job: _Job) -> None:
-    hook._receive(job)
+def _writer_body(hook: RayObjectStoreTransfer, job: _Job) -> int | None:
+    return hook._receive(job)
 
 
 def _remove_body(path: str) -> None:
@@ -382,6 +420,153 @@ def _remove_remote_quietly(job: _Job) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Progress: the writer reports, the driver shows
+
+
+#: How often the writer reports its progress, and the driver looks, at most (seconds).
+_PROGRESS_INTERVAL_S = 0.2
+#: Namespace of the progress reports in Ray's internal key-value store.
+_PROGRESS_NAMESPACE = "ckptable-progress"
+
+
+def _checked_progress(progress: Any) -> bool | None:
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None, not {progress!r}")
+    return progress
+
+
+def _counting(
+    items: Iterator[Any], on_total: Callable[[int], None], on_chunk: Callable[[int], None]
+) -> Iterator[Any]:
+    """Pass a transfer stream on unchanged, telling ``on_total`` the bytes its listing
+    announces and ``on_chunk`` the size of each chunk as the writer takes it. Never
+    raises for a malformed item: the writer refuses those."""
+    for item in items:
+        if isinstance(item, (tuple, list)):
+            if len(item) == 4 and item[0] == "listing":
+                on_total(_listed_bytes(item[3]))
+        elif size := _chunk_bytes(item):
+            on_chunk(size)
+        yield item
+
+
+def _chunk_bytes(item: Any) -> int:
+    try:
+        return memoryview(item).nbytes
+    except TypeError:
+        return 0
+
+
+def _listed_bytes(entries: Any) -> int:
+    try:
+        return sum(
+            size
+            for _, kind, size in entries
+            if kind == _FILE and isinstance(size, int) and size > 0
+        )
+    except (TypeError, ValueError):
+        return 0
+
+
+class _ProgressReporter:
+    """In the writer task: counts the bytes that arrive and reports ``"<bytes> <total>"``
+    under ``key`` in Ray's internal key-value store, at most every
+    ``_PROGRESS_INTERVAL_S`` (a report is a few bytes; the data never leaves the two
+    nodes). Best effort: a report that fails is skipped, never the transfer."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.written = 0
+        self.total = 0
+        self._reported_at = 0.0
+
+    def counting(self, items: Iterator[Any]) -> Iterator[Any]:
+        return _counting(items, self._on_total, self._on_chunk)
+
+    def _on_total(self, total: int) -> None:
+        self.total = total
+        self._report()
+
+    def _on_chunk(self, size: int) -> None:
+        self.written += size
+        if time.monotonic() - self._reported_at >= _PROGRESS_INTERVAL_S:
+            self._report()
+
+    def _report(self) -> None:
+        self._reported_at = time.monotonic()
+        with contextlib.suppress(Exception):
+            from ray.experimental.internal_kv import _internal_kv_put
+
+            _internal_kv_put(
+                self.key, f"{self.written} {self.total}", namespace=_PROGRESS_NAMESPACE
+            )
+
+
+class _ProgressWatch:
+    """In the driver: shows the writer's reports in ``bar`` (the total once, added to
+    the bar's), and removes the report when the transfer ends."""
+
+    def __init__(self, bar: Bar) -> None:
+        self.key = f"transfer-{uuid.uuid4().hex}"
+        self._bar = bar
+        self._shown = 0
+        self._total_added = False
+
+    def poll(self) -> None:
+        report = None
+        with contextlib.suppress(Exception):
+            from ray.experimental.internal_kv import _internal_kv_get
+
+            report = _internal_kv_get(self.key, namespace=_PROGRESS_NAMESPACE)
+        if not report:
+            return
+        try:
+            written, total = (int(part) for part in report.split())
+        except ValueError:
+            return
+        if not self._total_added:
+            self._bar.add_to_total(total)
+            self._total_added = True
+        self._show(written)
+
+    def finish(self, written: Any) -> None:
+        """The writer's final count (its return value), exact where reports lagged."""
+        if isinstance(written, int):
+            if not self._total_added:
+                self._bar.add_to_total(written)
+                self._total_added = True
+            self._show(written)
+
+    def _show(self, written: int) -> None:
+        self._bar.update(written - self._shown)
+        self._shown = written
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            from ray.experimental.internal_kv import _internal_kv_del
+
+            _internal_kv_del(self.key, namespace=_PROGRESS_NAMESPACE)
+
+
+def _await_writer(writer: Any, timeout_s: float | None, watch: _ProgressWatch | None) -> Any:
+    """The writer's result (``ray.get``); with a ``watch``, waited for in short steps
+    that show its progress. Raises ``GetTimeoutError`` after ``timeout_s``."""
+    if watch is None:
+        return ray.get(writer, timeout=timeout_s)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        step = _PROGRESS_INTERVAL_S
+        if deadline is not None:
+            step = max(0.0, min(step, deadline - time.monotonic()))
+        ready, _ = ray.wait([writer], timeout=step)
+        watch.poll()
+        if ready:
+            return ray.get(writer)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ray.exceptions.GetTimeoutError(f"the writer did not finish in {timeout_s} s")
+
+
+# --------------------------------------------------------------------------------------
 # Plain file I/O in this process
 
 
@@ -395,28 +580,43 @@ class LocalCopyTransfer:
     (temporary sibling and rename, symlinks and special files refused, TransferError),
     and the same reader and writer as :class:`RayObjectStoreTransfer`, joined by a
     generator instead of the object store (no checksums: both ends see the same buffer).
+
+    Args:
+        progress: A progress bar for transfers called directly, as for
+            :class:`RayObjectStoreTransfer`.
     """
 
     #: Size of the one buffer the copy goes through.
     chunk_bytes = 8 * _MiB
 
+    def __init__(self, progress: bool | None = None) -> None:
+        self.progress = _checked_progress(progress)
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        shown = "" if self.progress is None else f"progress={self.progress}"
+        return f"{type(self).__name__}({shown})"
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) or NotImplemented
+        if type(other) is not type(self):
+            return NotImplemented
+        return bool(self.progress == other.progress)
 
     def __hash__(self) -> int:
-        return hash(type(self))
+        return hash((type(self), self.progress))
 
     def transfer(self, src_node_id: str, src_path: str, dst_node_id: str, dst_path: str) -> None:
         """Copy ``src_path`` to ``dst_path``, both reachable from this process."""
         job = _Job.checked(src_node_id, src_path, dst_node_id, dst_path, one_filesystem=True)
 
         def write(tmp_path: str) -> None:
-            _write_tree(_stream_tree(job.src_path, self.chunk_bytes, None), tmp_path, None)
+            items = _stream_tree(job.src_path, self.chunk_bytes, None)
+            bar = current()
+            if bar is not None:
+                items = _counting(items, bar.add_to_total, advance)
+            _write_tree(items, tmp_path, None)
 
-        _receive_tree(job, write)
+        with progress_bar(self.progress, "Transferring", total=0):
+            _receive_tree(job, write)
 
 
 # --------------------------------------------------------------------------------------
@@ -477,6 +677,8 @@ class _Job:
     dst_node_id: str
     dst_path: str
     tmp_path: str
+    #: Where the writer reports its progress (empty: nobody watches).
+    progress_key: str = ""
 
     @classmethod
     def checked(
