@@ -58,7 +58,13 @@ from ckptable.errors import CheckpointError, StateEncodingError
 if TYPE_CHECKING:
     from ckptable._checkpointable import Checkpointable
 
-__all__ = ["extra_root_files", "publish_tree", "save_checkpointable", "save_through_override"]
+__all__ = [
+    "collect_level_state",
+    "extra_root_files",
+    "publish_tree",
+    "save_checkpointable",
+    "save_through_override",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,20 +347,14 @@ def _write_level(
         _check_components(session, obj, directory, components)
 
     state_provided = state is not None
-    if state_provided and not state:
-        # RLlib's `state or self.get_state(not_components=...)`: an empty state asks the
-        # object for its own state, without its components.
-        state = obj.get_state(not_components=[name for name, _ in components])
-    collected = state if state_provided else obj.get_state()
-    if not isinstance(collected, Mapping):
-        source = "the state= argument" if state_provided else f"{type(obj).__name__}.get_state()"
-        raise CheckpointError(
-            f"{source} ({session.describe(directory)}) is a {type(collected).__name__}, "
-            "not a dict.",
-            path=session.target,
-            component=session.component_path(directory),
-        )
-    level_state = dict(collected)
+    level_state = collect_level_state(
+        obj,
+        state,
+        components,
+        where=session.describe(directory),
+        path=session.target,
+        component=session.component_path(directory),
+    )
 
     saved: list[str] = []
     actor_saved: list[str] = []  # recorded for `ckptable info`
@@ -407,6 +407,35 @@ def _write_level(
             component=session.component_path(directory),
         ) from exc
     session.seal(directory)
+
+
+def collect_level_state(
+    obj: Any,
+    state: Mapping[str, Any] | None,
+    components: list[tuple[str, Any]],
+    *,
+    where: str,
+    path: str | None = None,
+    component: str | None = None,
+) -> dict[str, Any]:
+    """The state one level saves: ``state`` if given, else ``obj.get_state()``.
+
+    RLlib's ``state or self.get_state(not_components=...)``: an empty given state asks
+    the object for its own state, without its components. Shared with async saves'
+    snapshots (``_snapshot.collect_tree_state``), which must gather what a save would.
+    """
+    provided = state is not None
+    if provided and not state:
+        state = obj.get_state(not_components=[name for name, _ in components])
+    collected = state if provided else obj.get_state()
+    if not isinstance(collected, Mapping):
+        source = "the state= argument" if provided else f"{type(obj).__name__}.get_state()"
+        raise CheckpointError(
+            f"{source} ({where}) is a {type(collected).__name__}, not a dict.",
+            path=path,
+            component=component,
+        )
+    return dict(collected)
 
 
 def _check_components(

@@ -37,7 +37,8 @@ import cloudpickle
 
 from ckptable._components import is_actor_manager
 from ckptable._formats import get_codec, locate_unencodable
-from ckptable.errors import CheckpointError, StateEncodingError
+from ckptable._save import collect_level_state
+from ckptable.errors import StateEncodingError
 
 __all__ = [
     "SnapshotArena",
@@ -66,13 +67,7 @@ def collect_tree_state(obj: Any, state: Mapping[str, Any] | None = None) -> dict
     """
     components = list(obj.get_checkpointable_components())
     provided = state is not None
-    if provided and not state:
-        state = obj.get_state(not_components=[name for name, _ in components])
-    collected = state if provided else obj.get_state()
-    if not isinstance(collected, Mapping):
-        source = "the state= argument" if provided else f"{type(obj).__name__}.get_state()"
-        raise CheckpointError(f"{source} is a {type(collected).__name__}, not a dict.")
-    level = dict(collected)
+    level = collect_level_state(obj, state, components, where=f"async save of {type(obj).__name__}")
     for name, component in components:
         if provided and name not in level:
             continue  # skipped by the save as well
