@@ -408,7 +408,7 @@ def test_an_incomplete_object_store_checkpoint_is_reported(s3_backend: Backend) 
     assert list(reopened.invalid_checkpoints()) == [s3_backend.path("run", "checkpoint_000002")]
 
 
-def test_reseal_helper_is_not_needed_for_manager_checkpoints(tmp_path: Path) -> None:
+def test_a_checkpoint_edited_then_resealed_is_listed_again(tmp_path: Path) -> None:
     """A checkpoint a test reseals after editing is listed again (the listing checks the
     manifest, not how the files came to be)."""
     manager = CheckpointManager(tmp_path)
