@@ -303,9 +303,9 @@ def test_large_files_are_verified_before_they_are_decoded(
     """Files too big to keep in memory whole are checksummed in the pass that reads them
     for decoding (their skeleton kept, see test_big_arrays): a flip in the middle is
     still found before anything is unpickled."""
-    from ckptable import _restore
+    from ckptable import _restore_session
 
-    monkeypatch.setattr(_restore, "_KEEP_FILE_BYTES", 1024)
+    monkeypatch.setattr(_restore_session, "_KEEP_FILE_BYTES", 1024)
     tree = Node({"big": Leaf(200_000, scale=0.5)}, name="root")
     tree.save_to_path(tmp_path / "big")
     restored = Node({"big": Leaf(200_000)}, name="root")

@@ -31,7 +31,7 @@ from ckptable._info import verify_tree
 from ckptable._layout import DEFAULT_METADATA_FILE, RECORD_KEY, read_metadata_file, record_of
 from ckptable._manifest import MANIFEST_FILE, manifest_tree_bytes, refuse_special_entries
 from ckptable._progress import advance, progress_bar, uncounted
-from ckptable._restore import RestoreOptions, _decode_file, _require_directory, _state_file_of
+from ckptable._restore import RestoreOptions, decode_file, require_directory, state_file_of
 from ckptable._save import _SaveSession, publish_tree
 from ckptable._storage import Storage, resolve_storage
 from ckptable.errors import (
@@ -78,7 +78,7 @@ def convert_checkpoint(
     codec = get_codec(format)
     src_storage, src_root = resolve_storage(src, filesystem)
     dst_storage, dst_root = resolve_storage(dst, filesystem)
-    _require_directory(src_storage, src_root)
+    require_directory(src_storage, src_root)
     total = manifest_tree_bytes(src_storage, src_root)
     with progress_bar(progress, "Verifying", total=total):
         report = verify_tree(src_storage, src_root)
@@ -133,9 +133,7 @@ def _convert_level(
     old_codec: Codec | None = None
     state_name = None
     try:
-        old_codec, state_name = _state_file_of(
-            src_storage, src_dir, None, metadata, record, entries
-        )
+        old_codec, state_name = state_file_of(src_storage, src_dir, None, metadata, record, entries)
     except CorruptCheckpointError:
         if record is not None:
             raise
@@ -165,7 +163,7 @@ def _convert_level(
                 hint if isinstance(hint, str) else None,
             )
         elif name == state_name and old_codec is not None and stem is not None:
-            state = _decode_file(src_storage, src_path, old_codec, None, options, count_reads=True)
+            state = decode_file(src_storage, src_path, old_codec, None, options, count_reads=True)
             with uncounted():  # counted as it was read
                 _write_state(session, dst_storage.join(dst_dir, stem + new_codec.suffix), state)
         elif name == meta_name and record is not None and stem is not None:

@@ -21,10 +21,10 @@ from ckptable._layout import DEFAULT_CLASS_FILE, DEFAULT_METADATA_FILE
 from ckptable._restore import (
     Level,
     RestoreOptions,
-    _require_directory,
-    _RestoreSession,
+    RestoreSession,
     decode_tree,
     read_level,
+    require_directory,
 )
 from ckptable._storage import Storage, resolve_storage
 from ckptable.errors import CorruptCheckpointError, UnsafeCheckpointError
@@ -74,8 +74,8 @@ def load_states(path: Any, *, safe: bool = True, filesystem: Any = None) -> Deco
         UnsafeCheckpointError: with ``safe``, a state needs a class outside the allowlist.
     """
     storage, root = resolve_storage(path, filesystem)
-    _require_directory(storage, root)
-    session = _RestoreSession(storage, {}, RestoreOptions(safe=safe))
+    require_directory(storage, root)
+    session = RestoreSession(storage, {}, RestoreOptions(safe=safe))
     try:
         level = read_level(session, root, None, _metadata_file(storage, root))
         decode_tree(session, level)
@@ -95,7 +95,7 @@ def _metadata_file(storage: Storage, directory: str) -> str | None:
     return next((name for name in _METADATA_FILES if entries.get(name) == "file"), None)
 
 
-def _walk(session: _RestoreSession, level: Level, component: str) -> Iterator[tuple[str, Level]]:
+def _walk(session: RestoreSession, level: Level, component: str) -> Iterator[tuple[str, Level]]:
     if level.deferred:
         # A level RLlib wrote that was only read ahead and did not decode (it would be
         # restored only if its component appeared): read it again for its real error.

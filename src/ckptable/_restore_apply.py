@@ -1,0 +1,183 @@
+"""Step 3 of a restore: upgrade old states, restore actor components, apply the rest.
+
+``set_state`` runs children before parent (as in RLlib), then on the components that
+appeared during the parent's ``set_state``. A ``set_state`` that raises is reported with
+the level, the class and the state version (:class:`ckptable.errors.SetStateError`);
+with ``rollback=True`` the levels already applied first get back the states they had.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ckptable._components import (
+    is_actor_manager,
+    is_ckptable_object,
+    uses_ckptable_method,
+)
+from ckptable._restore_decode import decode_tree
+from ckptable._restore_read import check_restorable, check_state_version, read_level
+from ckptable._restore_session import Level, RestoreOptions, RestoreSession
+from ckptable._storage import Storage
+from ckptable.errors import (
+    CheckpointError,
+    IncompatibleCheckpointError,
+)
+
+if TYPE_CHECKING:
+    from ckptable._checkpointable import Checkpointable
+
+__all__ = [
+    "apply_level",
+    "push_to_actors",
+    "restore_actor_tree",
+    "upgrade_tree",
+]
+
+logger = logging.getLogger("ckptable")
+
+
+def upgrade_tree(session: RestoreSession, obj: Any, level: Level) -> None:
+    """Run ``upgrade_state`` on every decoded level of ``obj``'s tree saved at an older
+    ``STATE_VERSION``: all of them before the first ``set_state``."""
+    if level.deferred or not is_ckptable_object(obj):
+        return
+    comps = dict(obj.get_checkpointable_components())
+    for name, child in level.children.items():
+        if name in comps:
+            upgrade_tree(session, comps[name], child)
+    _upgrade_level(session, obj, level)
+
+
+def _upgrade_level(session: RestoreSession, obj: Any, level: Level) -> None:
+    if level.upgraded or level.deferred or level.codec is None:
+        return
+    storage = session.storage
+    stored, current = check_state_version(storage, level.path, obj, level.record)
+    if stored < current:
+        shown = storage.display(level.path)
+        try:
+            upgraded = obj.upgrade_state(level.state, stored)
+        except CheckpointError as exc:
+            if exc.path is None:
+                exc.path = shown
+            raise
+        except Exception as exc:
+            raise IncompatibleCheckpointError(
+                f"{type(obj).__name__}.upgrade_state failed to upgrade {shown} from state "
+                f"version {stored} to {current}: {type(exc).__name__}: {exc}",
+                path=shown,
+            ) from exc
+        if not isinstance(upgraded, dict):
+            raise CheckpointError(
+                f"{type(obj).__name__}.upgrade_state returned {type(upgraded).__name__}, "
+                f"not a state dict (upgrading {shown}).",
+                path=shown,
+            )
+        level.state = upgraded
+    level.upgraded = True
+
+
+def apply_level(session: RestoreSession, obj: Checkpointable, level: Level) -> None:
+    """Restore ``obj`` from an already decoded level: children, then ``obj``, then late ones."""
+    _upgrade_level(session, obj, level)  # done already unless the component came late
+    before = list(obj.get_checkpointable_components())
+    for name, comp in before:
+        child = level.children.get(name)
+        if child is not None:
+            _apply_component(session, comp, child)
+    obj.set_state(level.state)
+
+    before_names = {name for name, _ in before}
+    after = list(obj.get_checkpointable_components())
+    late = [(name, comp) for name, comp in after if name not in before_names]
+    for name, comp in late:
+        # Components created by set_state: checked like the others (safe mode refuses
+        # one that restores itself with its own code) before any of them is restored.
+        if name in level.children or name in level.subdirs:
+            check_restorable(session, obj, name, comp, session.storage.join(level.path, name))
+    for name, comp in late:
+        child = level.children.get(name)
+        if (child is None or child.deferred) and name in level.subdirs:
+            child_dir = session.storage.join(level.path, name)
+            child = read_level(session, child_dir, comp)
+            decode_tree(session, child)
+        if child is not None:
+            _apply_component(session, comp, child)
+
+    unused = set(level.children) - before_names - {name for name, _ in after}
+    if unused:
+        logger.warning(
+            "Checkpoint %s holds components that %s does not have; they were not restored: %s",
+            session.storage.display(level.path),
+            type(obj).__name__,
+            ", ".join(sorted(unused)),
+        )
+
+
+def _apply_component(session: RestoreSession, comp: Any, level: Level) -> None:
+    if is_actor_manager(comp):
+        if level.path not in session.actors_restored:  # a component that came late
+            _restore_actors(session, comp, level)
+        return
+    if uses_ckptable_method(comp, "restore_from_path"):
+        apply_level(session, comp, level)
+        return
+    if level.codec is not None:  # decoded: a ckptable restore it reaches takes it as is
+        session.prepared[level.path] = level
+    try:
+        # Code other than ckptable's own restore gets a filesystem object, as from RLlib.
+        comp.restore_from_path(
+            level.path, filesystem=session.storage.user_filesystem(), **session.kwargs
+        )
+    finally:
+        session.prepared.pop(level.path, None)
+
+
+def restore_actor_tree(session: RestoreSession, obj: Any, level: Level) -> None:
+    """Restore every component of ``obj``'s tree that Ray actors hold, before the first
+    ``set_state``: an actor that fails then leaves the local objects untouched."""
+    if level.deferred or not is_ckptable_object(obj):
+        return
+    for name, comp in obj.get_checkpointable_components():
+        child = level.children.get(name)
+        if child is None:
+            continue
+        if is_actor_manager(comp):
+            _restore_actors(session, comp, child)
+        else:
+            restore_actor_tree(session, comp, child)
+
+
+def _restore_actors(session: RestoreSession, manager: Any, level: Level) -> None:
+    storage = session.storage
+    where = f"the actor component at {storage.display(level.path)}"
+    push_to_actors(manager, storage, level.path, None, where, session.options, session.kwargs)
+    session.actors_restored.add(level.path)
+
+
+def push_to_actors(
+    manager: Any,
+    storage: Storage,
+    directory: str,
+    component: str | None,
+    where: str,
+    options: RestoreOptions,
+    kwargs: dict[str, Any],
+) -> None:
+    """Every healthy actor of ``manager`` restores (``component`` of) itself from the
+    verified ``directory`` (``ckptable.ray``, imported only when actors are involved)."""
+    from ckptable.ray._actors import restore_actor_component
+
+    restore_actor_component(
+        manager,
+        storage,
+        directory,
+        component=component,
+        where=where,
+        options=options.for_actors(),
+        kwargs=kwargs,
+        transfer=options.transfer,
+        on_actor_failure=options.on_actor_failure,
+    )

@@ -1,0 +1,201 @@
+"""Step 2 of a restore: decode the state files read in step 1.
+
+Only when the whole tree is verified are the state files decoded, with the restricted
+unpickler in safe mode. Any failure to decode a file, whatever the decoder raised, ends
+as a :mod:`ckptable.errors` exception naming the file — before any ``set_state``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+from typing import TYPE_CHECKING, Any
+
+from ckptable._components import (
+    force_list,
+)
+from ckptable._formats import Codec, accepts_buffers
+from ckptable._manifest import (
+    MANIFEST_FILE,
+    read_manifest,
+    read_verified,
+    require_manifest_unless_foreign,
+)
+from ckptable._pickle_scan import ScannedPickle, map_pickle
+from ckptable._progress import counted_open
+from ckptable._restore_session import Level, RestoreOptions, RestoreSession
+from ckptable._storage import Storage
+from ckptable.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    UnsafeCheckpointError,
+)
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = [
+    "decode_file",
+    "decode_tree",
+    "parse_class_record",
+    "read_class_file",
+]
+
+logger = logging.getLogger("ckptable")
+
+
+def decode_tree(session: RestoreSession, level: Level) -> None:
+    """Step 2: decode the state of ``level`` and of every level below it."""
+    if level.deferred:
+        return
+    for child in level.children.values():
+        decode_tree(session, child)
+    if level.codec is None:
+        return
+    path = session.storage.join(level.path, level.state_file)
+    if level.raw_state is None and session.options.mmap and accepts_buffers(level.codec):
+        level.raw_state = map_pickle(session.storage, path)  # unverified: mapped as is
+    try:
+        state = decode_file(
+            session.storage,
+            path,
+            level.codec,
+            level.raw_state,
+            session.options,
+            allowed=session.allowed,
+            count_reads=not level.verified,
+        )
+    except CheckpointError:
+        if not level.read_ahead:
+            raise
+        level.deferred, level.children = True, {}
+        return
+    finally:
+        level.raw_state = None
+    if not isinstance(state, dict):
+        shown = session.storage.display(path)
+        if level.read_ahead:
+            level.deferred, level.children = True, {}
+            return
+        raise CorruptCheckpointError(
+            f"{shown} holds a {type(state).__name__}, not a state dict.", path=shown
+        )
+    level.state = state
+
+
+def decode_file(
+    storage: Storage,
+    path: str,
+    codec: Codec,
+    raw: bytes | ScannedPickle | None,
+    options: RestoreOptions,
+    *,
+    allowed: set[type] | frozenset[type] = frozenset(),
+    allow_subclasses_of: type | None = None,
+    count_reads: bool = False,
+) -> Any:
+    """Decode one file (from ``raw`` if step 1 kept its bytes or scanned it); errors name
+    the file. ``count_reads``: count what is read from the file in the progress bar (a
+    file no manifest verified, which step 1 did not read)."""
+    shown = storage.display(path)
+    extra: dict[str, Any] = {}
+    if isinstance(raw, ScannedPickle):
+        extra["buffers"] = iter(raw.buffers)
+    try:
+        with _open_source(storage, path, raw, count_reads) as stream:
+            if not options.safe:
+                return codec.load(stream, **extra)
+            load_restricted = getattr(codec, "load_restricted", None)
+            if load_restricted is None:
+                raise UnsafeCheckpointError(
+                    f"{shown}: the {codec.name!r} format has no restricted loader, so it "
+                    "cannot be loaded with safe=True.",
+                    path=shown,
+                )
+            return load_restricted(
+                stream,
+                allowed=allowed,
+                allow_subclasses_of=allow_subclasses_of,
+                source=shown,
+                **extra,
+            )
+    except CheckpointError as exc:
+        if exc.path is None:
+            exc.path = shown
+        raise
+    except (ImportError, AttributeError) as exc:
+        raise IncompatibleCheckpointError(
+            f"Cannot load {shown}: it refers to code this Python environment lacks ({exc}).",
+            path=shown,
+        ) from exc
+    except OSError as exc:
+        raise CorruptCheckpointError(f"Cannot read {shown}: {exc}", path=shown) from exc
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        MemoryError,
+        OverflowError,
+        UnicodeDecodeError,
+    ) as exc:
+        raise CorruptCheckpointError(
+            f"{shown} is truncated or corrupt ({type(exc).__name__}: {exc}).", path=shown
+        ) from exc
+    except Exception as exc:  # the msgpack decoder raises its own error types
+        if type(exc).__module__.startswith("msgpack"):
+            raise CorruptCheckpointError(
+                f"{shown} is truncated or corrupt ({type(exc).__name__}: {exc}).", path=shown
+            ) from exc
+        raise
+
+
+def _open_source(
+    storage: Storage, path: str, raw: bytes | ScannedPickle | None, count_reads: bool
+) -> Any:
+    if isinstance(raw, ScannedPickle):
+        return raw.open()
+    if raw is not None:
+        return io.BytesIO(raw)
+    if count_reads:
+        return counted_open(storage.open_read(path))
+    return storage.open_read(path)
+
+
+def read_class_file(
+    storage: Storage, root: str, class_file: str, options: RestoreOptions
+) -> bytes | None:
+    """The class file's bytes, verified against the root manifest (None if unverified)."""
+    if not options.verify:
+        return None
+    entries = storage.listdir(root)
+    name = storage.split(class_file)[1]
+    if MANIFEST_FILE not in entries:
+        require_manifest_unless_foreign(storage, root, None, entries)
+        return None
+    manifest = read_manifest(storage, root)
+    expected = manifest.files.get(name)
+    if expected is None:
+        shown = storage.display(class_file)
+        raise CorruptCheckpointError(
+            f"{shown} is not listed in the checkpoint's manifest.", path=shown
+        )
+    return read_verified(storage, class_file, expected, manifest.algorithm, keep=True)
+
+
+def parse_class_record(info: Any, shown: str) -> tuple[type, list[Any], dict[str, Any]]:
+    try:
+        ctor = info["class"]
+        args, ctor_kwargs = info["ctor_args_and_kwargs"]
+        ctor_kwargs = dict(ctor_kwargs or {})
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CorruptCheckpointError(
+            f"{shown} does not hold a class and its constructor arguments.", path=shown
+        ) from exc
+    if not isinstance(ctor, type):
+        raise CorruptCheckpointError(f"{shown} names {ctor!r}, which is not a class.", path=shown)
+    return ctor, force_list(args), ctor_kwargs
