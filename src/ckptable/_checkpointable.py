@@ -135,6 +135,7 @@ class Checkpointable(abc.ABC):
         transfer: Any = None,
         on_actor_failure: str = "raise",
         progress: bool | None = None,
+        rollback: bool = False,
         **kwargs: Any,
     ) -> None:
         """Restore ``self``, or one of its components, from the checkpoint at ``path``.
@@ -169,6 +170,13 @@ class Checkpointable(abc.ABC):
                 manager and a warning is logged.
             progress: Show a progress bar (bytes read, rate, and the percentage where
                 the checkpoint's manifest records its size), as in ``save_to_path``.
+            rollback: If a ``set_state`` raises part-way (after other levels were set),
+                give every level already set, and the failed one, back the state it had
+                before this restore (each level's own state is taken with ``get_state``
+                and deep-copied before its ``set_state``: it costs a copy of the state).
+                Components held by Ray actors are restored before any ``set_state`` and
+                are not rolled back; a component that restores itself with its own
+                ``restore_from_path`` is not either.
             **kwargs: Passed on to the components' ``restore_from_path`` calls.
 
         Raises:
@@ -179,6 +187,9 @@ class Checkpointable(abc.ABC):
             UnknownComponentError: ``component`` names no component of ``self``.
             ActorCheckpointError: a component held by Ray actors has no healthy actor,
                 or actors failed to restore (see ``on_actor_failure``).
+            SetStateError: a ``set_state`` raised; it names the level, its class and
+                state version, says what became of the levels set before it, and has
+                the original exception as its cause.
         """
         restore_checkpointable(
             self,
@@ -192,6 +203,7 @@ class Checkpointable(abc.ABC):
                 transfer=transfer,
                 on_actor_failure=on_actor_failure,
                 progress=progress,
+                rollback=rollback,
             ),
             kwargs=kwargs,
         )

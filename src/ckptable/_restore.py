@@ -56,7 +56,13 @@ from ckptable._manifest import (
     refuse_special_entries,
 )
 from ckptable._progress import mark, progress_bar, rewind
-from ckptable._restore_apply import apply_level, push_to_actors, restore_actor_tree, upgrade_tree
+from ckptable._restore_apply import (
+    apply_level,
+    apply_tree,
+    push_to_actors,
+    restore_actor_tree,
+    upgrade_tree,
+)
 from ckptable._restore_decode import decode_file, decode_tree, parse_class_record, read_class_file
 from ckptable._restore_read import read_level, refuse_foreign_in_safe_mode, state_file_of
 from ckptable._restore_session import (
@@ -124,14 +130,14 @@ def restore_checkpointable(
         if component is not None:
             _restore_component_path(obj, storage, root, component, options, kwargs)
             return
-        session = RestoreSession(storage, kwargs, options)
+        session = RestoreSession(storage, kwargs, options, root=root)
         level = _read_consistently(session, root, obj)
         session.warn_unverified()
         upgrade_tree(session, obj, level)
         restore_actor_tree(session, obj, level)
         token = current_restore.set(session)
         try:
-            apply_level(session, obj, level)
+            apply_tree(session, obj, level)
         finally:
             current_restore.reset(token)
 

@@ -8,6 +8,7 @@ with ``rollback=True`` the levels already applied first get back the states they
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -18,11 +19,12 @@ from ckptable._components import (
 )
 from ckptable._restore_decode import decode_tree
 from ckptable._restore_read import check_restorable, check_state_version, read_level
-from ckptable._restore_session import Level, RestoreOptions, RestoreSession
+from ckptable._restore_session import AppliedLevel, Level, RestoreOptions, RestoreSession
 from ckptable._storage import Storage
 from ckptable.errors import (
     CheckpointError,
     IncompatibleCheckpointError,
+    SetStateError,
 )
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "apply_level",
+    "apply_tree",
     "push_to_actors",
     "restore_actor_tree",
     "upgrade_tree",
@@ -79,6 +82,23 @@ def _upgrade_level(session: RestoreSession, obj: Any, level: Level) -> None:
     level.upgraded = True
 
 
+def apply_tree(session: RestoreSession, obj: Checkpointable, level: Level) -> None:
+    """Step 3 for a whole tree (the outermost restore): ``apply_level``, and on any
+    failure roll back what was applied (``rollback=True``) or say what was left."""
+    start = len(session.applied)
+    try:
+        apply_level(session, obj, level)
+    except BaseException as exc:
+        applied = session.applied[start:]
+        del session.applied[start:]
+        if session.options.rollback:
+            _roll_back(session, applied, exc)
+        elif isinstance(exc, CheckpointError) and applied:
+            done = applied[:-1] if isinstance(exc, SetStateError) else applied
+            _append(exc, _left_applied(session, done))
+        raise
+
+
 def apply_level(session: RestoreSession, obj: Checkpointable, level: Level) -> None:
     """Restore ``obj`` from an already decoded level: children, then ``obj``, then late ones."""
     _upgrade_level(session, obj, level)  # done already unless the component came late
@@ -87,7 +107,7 @@ def apply_level(session: RestoreSession, obj: Checkpointable, level: Level) -> N
         child = level.children.get(name)
         if child is not None:
             _apply_component(session, comp, child)
-    obj.set_state(level.state)
+    _set_state(session, obj, level, [name for name, _ in before])
 
     before_names = {name for name, _ in before}
     after = list(obj.get_checkpointable_components())
@@ -116,6 +136,130 @@ def apply_level(session: RestoreSession, obj: Checkpointable, level: Level) -> N
         )
 
 
+def _set_state(session: RestoreSession, obj: Any, level: Level, component_names: list[str]) -> None:
+    """``obj.set_state`` with the level's state; a failure becomes ``SetStateError``.
+
+    With ``rollback=True`` the object's own state (without its components, which are
+    levels of their own) is taken first, deep-copied: ``get_state`` may hand out live
+    references that ``set_state`` then changes in place.
+    """
+    previous = None
+    if session.options.rollback:
+        previous = _own_state(session, obj, level, component_names)
+    session.applied.append(AppliedLevel(obj, level.path, previous))
+    try:
+        obj.set_state(level.state)
+    except Exception as exc:
+        raise _set_state_error(session, obj, level, "set_state", exc) from exc
+
+
+def _own_state(
+    session: RestoreSession, obj: Any, level: Level, component_names: list[str]
+) -> dict[str, Any]:
+    try:
+        state = obj.get_state(not_components=component_names) if component_names else None
+        if state is None:
+            state = obj.get_state()
+        return dict(copy.deepcopy(state))
+    except Exception as exc:
+        shown = session.storage.display(level.path)
+        raise CheckpointError(
+            f"rollback=True: {_class_name(obj)}.get_state() failed ({type(exc).__name__}: "
+            f"{exc}), so its state could not be kept for a rollback; nothing of "
+            f"{shown} was set.",
+            path=shown,
+            component=session.component_of(level.path),
+        ) from exc
+
+
+def _set_state_error(
+    session: RestoreSession, obj: Any, level: Level, method: str, exc: BaseException
+) -> SetStateError:
+    component = session.component_of(level.path)
+    where = f"component {component!r}" if component else "the root level"
+    version = (level.record or {}).get("state_version", 1)
+    shown = session.storage.display(level.path)
+    return SetStateError(
+        f"{_class_name(obj)}.{method} failed restoring {where} of the checkpoint "
+        f"(state version {version}, from {shown}): {type(exc).__name__}: {exc}.",
+        path=shown,
+        component=component,
+        class_name=_class_name(obj),
+    )
+
+
+def _class_name(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _roll_back(session: RestoreSession, applied: list[AppliedLevel], exc: BaseException) -> None:
+    """Give every level in ``applied`` its previous state back, the last applied first
+    (the failed one included: its ``set_state`` may have changed part of it)."""
+    failures: list[str] = []
+    for entry in reversed(applied):
+        if entry.previous is None:
+            continue
+        try:
+            entry.obj.set_state(entry.previous)
+        except Exception as undo_exc:
+            failures.append(
+                f"{_where(session, entry.path)} ({type(undo_exc).__name__}: {undo_exc})"
+            )
+    if not isinstance(exc, CheckpointError):
+        return
+    if isinstance(exc, SetStateError):
+        exc.rolled_back = not failures
+    if failures:
+        _append(
+            exc,
+            f"Rolling back failed for {', '.join(failures)}: those levels may be left "
+            "partly restored.",
+        )
+    elif applied:
+        count = len(applied)
+        _append(
+            exc,
+            f"rollback=True: the {count} level{'s' if count != 1 else ''} set so far "
+            f"{'were' if count != 1 else 'was'} given back {'their' if count != 1 else 'its'}"
+            " previous state.",
+        )
+    if session.actors_restored:
+        _append(exc, _actors_note(session))
+
+
+def _left_applied(session: RestoreSession, done: list[AppliedLevel]) -> str:
+    text = (
+        f"{len(done)} level{'s' if len(done) != 1 else ''} had been restored before it "
+        f"({', '.join(_where(session, e.path) for e in done[:5])}"
+        f"{', ...' if len(done) > 5 else ''}): the object is partly restored; pass "
+        "rollback=True to give them back their previous states on failure."
+        if done
+        else "Nothing else had been set."
+    )
+    if session.actors_restored:
+        text += " " + _actors_note(session)
+    return text
+
+
+def _actors_note(session: RestoreSession) -> str:
+    names = sorted(_where(session, path) for path in session.actors_restored)
+    return (
+        f"The actor components {', '.join(names)} had been restored before any set_state "
+        "and are not rolled back."
+    )
+
+
+def _where(session: RestoreSession, path: str) -> str:
+    component = session.component_of(path)
+    return repr(component) if component else "the root level"
+
+
+def _append(exc: CheckpointError, text: str) -> None:
+    message = str(exc.args[0]) if exc.args else ""
+    exc.args = (f"{message} {text}".strip(), *exc.args[1:])
+
+
 def _apply_component(session: RestoreSession, comp: Any, level: Level) -> None:
     if is_actor_manager(comp):
         if level.path not in session.actors_restored:  # a component that came late
@@ -131,6 +275,13 @@ def _apply_component(session: RestoreSession, comp: Any, level: Level) -> None:
         comp.restore_from_path(
             level.path, filesystem=session.storage.user_filesystem(), **session.kwargs
         )
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        # Its own code: no rollback of what it set (its state was not taken), but the
+        # error says which component and class failed.
+        session.applied.append(AppliedLevel(comp, level.path, None))
+        raise _set_state_error(session, comp, level, "restore_from_path", exc) from exc
     finally:
         session.prepared.pop(level.path, None)
 

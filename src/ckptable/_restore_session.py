@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KEEP_TOTAL_BYTES",
+    "AppliedLevel",
     "Level",
     "RestoreOptions",
     "RestoreSession",
@@ -75,7 +76,8 @@ class RestoreOptions:
     """How a restore reads: ``verify`` against manifests, ``safe`` restricted decoding,
     ``mmap`` big arrays mapped from their files instead of read; for components held by
     Ray actors, the ``transfer`` hook and what ``on_actor_failure`` does; whether to
-    show a ``progress`` bar."""
+    show a ``progress`` bar; whether to ``rollback`` the levels applied when a later
+    ``set_state`` fails."""
 
     verify: bool = True
     safe: bool = False
@@ -83,6 +85,7 @@ class RestoreOptions:
     transfer: Any = None
     on_actor_failure: str = "raise"
     progress: bool | None = None
+    rollback: bool = False
 
     def __post_init__(self) -> None:
         if self.on_actor_failure not in ("raise", "mark_unhealthy"):
@@ -103,10 +106,18 @@ class RestoreOptions:
 
 #: Step 1 keeps files up to this size in memory for step 2 (saving a second read) ...
 _KEEP_FILE_BYTES = 16 << 20
-
-
 #: ... and up to this much per restore in all.
 KEEP_TOTAL_BYTES = 256 << 20
+
+
+@dataclasses.dataclass
+class AppliedLevel:
+    """A level ``set_state`` was called on: the object, and its own state from before
+    (taken only with ``rollback=True``)."""
+
+    obj: Any
+    path: str
+    previous: dict[str, Any] | None
 
 
 @dataclasses.dataclass
@@ -122,6 +133,18 @@ class RestoreSession:
     keep_budget: int = KEEP_TOTAL_BYTES
     #: Levels of actor components already restored (before the first ``set_state``).
     actors_restored: set[str] = dataclasses.field(default_factory=set)
+    #: The checkpoint's root directory (component paths in messages are relative to it).
+    root: str = ""
+    #: Every level whose ``set_state`` was called, in order, with its state from before
+    #: (``None`` where ``rollback`` is off: then only the count and names matter).
+    applied: list[AppliedLevel] = dataclasses.field(default_factory=list)
+
+    def component_of(self, directory: str) -> str | None:
+        """``"a/b"`` for a level below the root; None for the root (or elsewhere)."""
+        prefix = self.storage.join(self.root, "") if self.root else None
+        if prefix and directory.startswith(prefix):
+            return directory[len(prefix) :] or None
+        return None
 
     def keep(self, size: int) -> bool:
         """Whether to keep a verified file's bytes for decoding (within the budget)."""
@@ -155,6 +178,14 @@ def non_default_options(options: RestoreOptions) -> dict[str, bool]:
     default = RestoreOptions()
     return {
         name: value
-        for name in ("verify", "safe", "mmap", "transfer", "on_actor_failure", "progress")
+        for name in (
+            "verify",
+            "safe",
+            "mmap",
+            "transfer",
+            "on_actor_failure",
+            "progress",
+            "rollback",
+        )
         if (value := getattr(options, name)) != getattr(default, name)
     }

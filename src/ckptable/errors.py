@@ -17,6 +17,8 @@ The hierarchy:
     │                                    arguments) the format cannot encode
     ├── UnsafeCheckpointError            loading would run code outside the allowlist,
     │                                    or the checkpoint holds a symlink or special file
+    ├── SetStateError                    a level's set_state (user code) raised during a
+    │                                    restore; the original exception is its cause
     ├── ActorCheckpointError             Ray actor components failed to save/restore
     └── TransferError                    moving a directory between nodes failed
 
@@ -36,6 +38,7 @@ __all__ = [
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
     "InvalidComponentNameError",
+    "SetStateError",
     "StateEncodingError",
     "TransferError",
     "UnknownComponentError",
@@ -90,6 +93,36 @@ class StateEncodingError(CheckpointError, TypeError):
 
 class UnsafeCheckpointError(CheckpointError):
     """Loading the checkpoint would import or call something outside the allowlist."""
+
+
+class SetStateError(CheckpointError):
+    """A level's ``set_state`` (or a component's own ``restore_from_path``) raised.
+
+    The message names the level (``component``: None for the root), the class, the
+    state version restored, and what became of the levels applied before it: given
+    back their previous states (``rolled_back`` True, with ``rollback=True``) or left
+    restored. The exception ``set_state`` raised is the ``__cause__``.
+
+    Args:
+        message: What went wrong.
+        path: The checkpoint level being applied.
+        component: Its component path (None for the root level).
+        class_name: The import path of the object's class.
+        rolled_back: Whether the levels applied before it were rolled back.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        component: str | None = None,
+        class_name: str | None = None,
+        rolled_back: bool = False,
+    ) -> None:
+        super().__init__(message, path=path, component=component)
+        self.class_name = class_name
+        self.rolled_back = rolled_back
 
 
 class ActorCheckpointError(CheckpointError):
