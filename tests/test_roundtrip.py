@@ -345,7 +345,7 @@ def test_save_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path: 
     target.mkdir()
     (target / "precious.txt").write_text("keep me")
 
-    with pytest.raises(ckptable.CheckpointError, match="holds other files"):
+    with pytest.raises(ckptable.CheckpointError, match="not a checkpoint"):
         Leaf().save_to_path(target)
 
     assert (target / "precious.txt").read_text() == "keep me"

@@ -15,9 +15,13 @@ every level's manifest and the root's last. Then:
 3. **durable**: the parent directory is flushed, so the rename itself survives a crash.
 4. the old tree is removed.
 
-A failed save removes its staging directory; the old checkpoint is untouched (if the
-failure comes after step 2, for instance an fsync error of the parent directory, the new
-checkpoint is in place and the save still reports the error).
+A failed save removes its staging directory; the old checkpoint is untouched. A failure
+after step 2 (an fsync error of the parent directory) is reported as what it is: the new
+checkpoint is in place but not known to be durable.
+
+**What may be replaced.** Only a missing path, an empty directory or a directory that
+really is a checkpoint, judged from its whole listing (``check_target``): a directory
+with one file of the user's in it is refused, nothing deleted.
 
 **Leftovers.** A save holds an exclusive ``flock`` on its staging directory until it
 ends; the kernel drops it when the process dies. (The directory is created under a
@@ -40,8 +44,9 @@ import logging
 import uuid
 from collections.abc import Iterable, Iterator
 
+from ckptable._layout import DEFAULT_CLASS_FILE, DEFAULT_METADATA_FILE
 from ckptable._manifest import MANIFEST_FILE
-from ckptable._storage import Storage
+from ckptable._storage import EntryKind, Storage
 from ckptable.errors import CheckpointError
 
 __all__ = [
@@ -83,8 +88,10 @@ class Staging:
 def check_target(storage: Storage, target: str, checkpoint_files: Iterable[str]) -> None:
     """Refuse to replace anything but a missing path, an empty directory or a checkpoint.
 
-    ``checkpoint_files`` are the file names that mark a checkpoint level (metadata, class
-    and state files): a directory holding none of them is somebody else's data.
+    A save replaces the whole directory, so it must really be a checkpoint, judged from
+    its whole listing (``_foreign_entry``): one file of the user's beside a
+    ``metadata.json`` is enough to refuse. ``checkpoint_files`` are the file names the
+    saving object's levels use (metadata, class and state files).
     """
     kind = storage.kind(target)
     if kind is None:
@@ -96,14 +103,82 @@ def check_target(storage: Storage, target: str, checkpoint_files: Iterable[str])
             path=shown,
         )
     entries = storage.listdir(target)
-    markers = {*checkpoint_files, MANIFEST_FILE}
-    if entries and not any(entries.get(name) == "file" for name in markers):
+    if not entries:
+        return
+    foreign = _foreign_entry(storage, target, entries, set(checkpoint_files))
+    if foreign is not None:
         raise CheckpointError(
-            f"Cannot save a checkpoint to {shown}: the directory holds other files and no "
-            "checkpoint, and saving replaces the whole directory. Choose an empty or new "
-            "path, or an existing checkpoint.",
+            f"Cannot save a checkpoint to {shown}: it is not a checkpoint "
+            f"({foreign}), and saving replaces the whole directory. Nothing was changed; "
+            "choose an empty or new path, or an existing checkpoint.",
             path=shown,
         )
+
+
+#: Files a checkpoint level may hold besides its class's own metadata, class and state
+#: files: ckptable's manifest and manager record, and what RLlib, Tune and Ray Train
+#: write beside a level.
+_SIDE_FILES = frozenset(
+    {
+        MANIFEST_FILE,
+        "checkpoint_manager.json",
+        "rllib_checkpoint.json",
+        ".is_checkpoint",
+        ".tune_metadata",
+        ".metadata.pkl",
+    }
+)
+#: Base names of state files (any codec's suffix): ckptable's and RLlib's.
+_STATE_BASES = ("state.", "algorithm_state.", "policy_state.")
+
+
+def _foreign_entry(
+    storage: Storage, target: str, entries: dict[str, EntryKind], own_files: set[str]
+) -> str | None:
+    """Why the directory ``target`` is not a checkpoint (ckptable's or RLlib's), or None.
+
+    The top level may hold only checkpoint files (at least one class or state file, or
+    a manifest) and component directories; each component directory must be a
+    checkpoint level itself (it has a class or state file, or a manifest), or hold only
+    such levels (RLlib's ``policies/``). Symlinks and special files are never part of a
+    checkpoint. Walked without recursion: trees can be deep.
+    """
+    markers = own_files | {DEFAULT_CLASS_FILE}
+    pending: list[tuple[str, dict[str, EntryKind], bool]] = [(target, entries, True)]
+    while pending:
+        directory, listing, top = pending.pop()
+        files = {name for name, kind in listing.items() if kind == "file"}
+        is_level = any(
+            name in markers or name == MANIFEST_FILE or name.startswith(_STATE_BASES)
+            for name in files
+        )
+        for name, kind in sorted(listing.items()):
+            path = storage.join(directory, name)
+            if kind not in ("file", "dir"):
+                return f"{storage.display(path)} is a symlink or special file"
+            if kind == "file" and top and not _checkpoint_file(name, own_files):
+                return f"{storage.display(path)} is not a checkpoint file"
+            if kind == "file" and not is_level:
+                return f"{storage.display(path)} is in a directory that is not a checkpoint level"
+        if top and not is_level:
+            return "no class, state or manifest file at its top"
+        for name, kind in sorted(listing.items()):
+            if kind == "dir":
+                path = storage.join(directory, name)
+                sub = storage.listdir(path)
+                if not sub:
+                    continue
+                pending.append((path, sub, False))
+    return None
+
+
+def _checkpoint_file(name: str, own_files: set[str]) -> bool:
+    return (
+        name in own_files
+        or name in _SIDE_FILES
+        or name in (DEFAULT_METADATA_FILE, DEFAULT_CLASS_FILE)
+        or name.startswith(_STATE_BASES)
+    )
 
 
 @contextlib.contextmanager
@@ -130,6 +205,21 @@ def staged_directory(
             if durable:
                 _make_durable(storage, staging)
             _publish(storage, staging.root, target, token, durable=durable)
+        except _PublishedNotDurable as published:
+            if published.replaced is not None:
+                _remove_quietly(storage, published.replaced)
+            shown = storage.display(target)
+            before = (
+                "it replaced the checkpoint that was there"
+                if published.replaced is not None
+                else "nothing was there before"
+            )
+            raise CheckpointError(
+                f"The new checkpoint is published at {shown} ({before}), but flushing its "
+                f"directory to disk failed ({published.error}): it is not known to survive "
+                "a crash or power loss. Save again (or check the disk) before relying on it.",
+                path=shown,
+            ) from published.error
         except BaseException:
             with contextlib.suppress(OSError):
                 storage.remove_tree(staging.root)
@@ -138,19 +228,45 @@ def staged_directory(
         storage.unlock(lock)
 
 
+class _PublishedNotDurable(Exception):
+    """The new tree is at the target, but the flush of the rename failed; ``replaced``:
+    where the tree it replaced is now (None: it replaced nothing)."""
+
+    def __init__(self, error: OSError, replaced: str | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.replaced = replaced
+
+
 def _in_place(storage: Storage, target: str) -> Iterator[Staging]:
     """Object stores: invalidate the old checkpoint (its manifest first), write in place.
-    The root manifest the save writes last is the commit record."""
+    The root manifest the save writes last is the commit record.
+
+    The old checkpoint is gone from the start, so an error says so (not that what was
+    there is unchanged)."""
+    existed = storage.kind(target) is not None
     with contextlib.suppress(FileNotFoundError):
         storage.remove_tree(storage.join(target, MANIFEST_FILE))
     storage.remove_tree(target)
     storage.makedirs(target)
     try:
         yield Staging(target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             storage.remove_tree(target)
-        raise
+        if not existed or not isinstance(exc, (OSError, CheckpointError)):
+            raise
+        shown = storage.display(target)
+        note = (
+            f"The checkpoint that was at {shown} before was removed when this save began "
+            "(object stores are written in place), so none is there now."
+        )
+        if isinstance(exc, CheckpointError):
+            exc.args = (f"{exc.args[0] if exc.args else ''} {note}".strip(), *exc.args[1:])
+            raise
+        raise CheckpointError(
+            f"Saving the checkpoint {shown} failed: {exc}. {note}", path=shown
+        ) from exc
 
 
 def _make_durable(storage: Storage, staging: Staging) -> None:
@@ -167,7 +283,11 @@ def _make_durable(storage: Storage, staging: Staging) -> None:
 
 
 def _publish(storage: Storage, staging: str, target: str, token: str, *, durable: bool) -> None:
-    """Move the finished ``staging`` tree to ``target``, replacing what is there."""
+    """Move the finished ``staging`` tree to ``target``, replacing what is there.
+
+    Once the new tree is in place, a failure to flush the parent directory raises
+    ``_PublishedNotDurable`` (the caller says so: the save is visible, not durable).
+    """
     parent, name = storage.split(target)
     kind = storage.kind(target)
     if kind is None or (kind == "dir" and not storage.listdir(target)):
@@ -176,10 +296,11 @@ def _publish(storage: Storage, staging: str, target: str, token: str, *, durable
         except OSError:
             if storage.kind(target) is None:
                 raise
-            # Somebody created the target meanwhile: replace it like an old checkpoint.
+            # Somebody created the target meanwhile: replace it like an old checkpoint,
+            # if it is one.
+            check_target(storage, target, ())
         else:
-            if durable:
-                storage.fsync(parent)
+            _flush_published(storage, parent, None, durable=durable)
             return
     if storage.exchange(staging, target):
         replaced = staging  # it holds the old checkpoint now
@@ -188,13 +309,29 @@ def _publish(storage: Storage, staging: str, target: str, token: str, *, durable
         storage.rename(target, replaced)
         try:
             storage.rename(staging, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                storage.rename(replaced, target)  # else the next access repairs it
+        except BaseException as exc:
+            try:
+                storage.rename(replaced, target)
+            except OSError:
+                shown = storage.display(target)
+                raise CheckpointError(
+                    f"Publishing the checkpoint {shown} failed ({exc}) after the old one was "
+                    f"moved aside to {storage.display(replaced)}, and moving it back failed "
+                    "too: the next save or restore of this path moves it back.",
+                    path=shown,
+                ) from exc
             raise
-    if durable:
-        storage.fsync(parent)
+    _flush_published(storage, parent, replaced, durable=durable)
     _remove_quietly(storage, replaced)
+
+
+def _flush_published(storage: Storage, parent: str, replaced: str | None, *, durable: bool) -> None:
+    if not durable:
+        return
+    try:
+        storage.fsync(parent)
+    except OSError as exc:
+        raise _PublishedNotDurable(exc, replaced) from exc
 
 
 def _remove_quietly(storage: Storage, path: str) -> None:
