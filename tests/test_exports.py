@@ -61,3 +61,19 @@ def test_ckptable_ray_without_ray_says_what_to_install() -> None:
     result = _run("import sys; sys.modules['ray'] = None; import ckptable.ray")
     assert result.returncode != 0
     assert "pip install 'ckptable[ray]'" in result.stderr
+
+
+def test_xxhash_is_a_core_dependency_so_every_install_verifies_xxh3() -> None:
+    """A checkpoint written with xxh3 must restore and verify on any install of
+    ckptable (the cli extra too), so xxhash may not hide behind an extra."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    core = [Requirement(r) for r in requires("ckptable") or []]
+    core = [r for r in core if r.marker is None]
+    assert "xxhash" in {r.name for r in core}
+
+    from ckptable._manifest import preferred_algorithm
+
+    assert preferred_algorithm() == "xxh3_64"
