@@ -219,7 +219,9 @@ def test_actors_that_fail_to_restore_are_listed_or_marked_unhealthy(
     with pytest.raises(ActorCheckpointError) as raised:
         algo.restore_from_path(tmp_path / "ckpt")
     message = str(raised.value)
-    assert f"actor {ids[1]}: RuntimeError: injected failure in actor 2" in message
+    # The actor's set_state raised: named as such, with the user's exception.
+    assert f"actor {ids[1]}: SetStateError: " in message
+    assert "RuntimeError: injected failure in actor 2" in message
     assert f"actor {ids[2]}: the actor died" in message
     assert f"actor {ids[0]}" not in message
     assert "2 of 3" in message

@@ -107,7 +107,8 @@ def _has_xxhash() -> bool:
 
 
 def preferred_algorithm() -> str:
-    """The checksum new manifests use: xxh3-64 if ``xxhash`` is installed, else CRC-32."""
+    """The checksum new manifests use: xxh3-64 (``xxhash`` is a dependency of ckptable;
+    CRC-32 only where an install lacks it against its metadata)."""
     return "xxh3_64" if _has_xxhash() else "crc32"
 
 
@@ -123,7 +124,8 @@ def new_checksum(algorithm: str, *, path: str | None = None) -> Checksum:
     if algorithm == "xxh3_64" and not _has_xxhash():
         raise IncompatibleCheckpointError(
             f"The checkpoint at {path} was written with xxh3 checksums; verifying it needs "
-            "the xxhash package: pip install 'ckptable[fast]' (or pass verify=False).",
+            "the xxhash package, a dependency of ckptable missing from this install: "
+            "pip install xxhash (or reinstall ckptable).",
             path=path,
         )
     return factory()
@@ -236,6 +238,9 @@ class LevelManifest:
     #: Bytes of the files this manifest and all manifests below it list (None: not
     #: recorded). Informational: the total of a progress bar, known from one file.
     tree_bytes: int | None = None
+    #: Written inside the save of a parent level (whose manifest pins this one), not
+    #: published on its own: a parent without a manifest then lost it.
+    nested: bool = False
 
     def to_bytes(self) -> bytes:
         body: dict[str, Any] = {
@@ -248,6 +253,8 @@ class LevelManifest:
             body["skeletons"] = dict(sorted(self.skeletons.items()))
         if self.tree_bytes is not None:
             body["tree_bytes"] = self.tree_bytes
+        if self.nested:
+            body["nested"] = True
         body_bytes = json.dumps(body, indent=1, sort_keys=True).encode("ascii")
         # One JSON document; the CRC covers the body's exact bytes, so checking it needs
         # no re-encoding. No trailing newline: any truncation breaks the document.
@@ -302,7 +309,7 @@ class LevelManifest:
         if isinstance(tree_bytes, bool) or not isinstance(tree_bytes, int) or tree_bytes < 0:
             tree_bytes = None  # absent (older manifests), or not a count: unknown
         skeletons = {n: d for n, d in skeletons.items() if n in files}
-        return cls(algorithm, files, dirs, skeletons, tree_bytes)
+        return cls(algorithm, files, dirs, skeletons, tree_bytes, body.get("nested") is True)
 
 
 #: A manifest file is ``{"ckptable_manifest": <body>, "crc32": "<crc of body bytes>"}``.
@@ -359,6 +366,34 @@ def require_manifest_unless_foreign(
             "It is refused; pass verify=False to load it anyway.",
             path=shown,
         )
+    _refuse_lost_parent_manifest(storage, directory, entries)
+
+
+def _refuse_lost_parent_manifest(storage: Storage, directory: str, entries: dict[str, Any]) -> None:
+    """A level without a manifest whose component directory holds a manifest written
+    inside a parent's save (``nested``) was written by ckptable whole: its own
+    manifest (and metadata) were deleted or lost. (A component that ckptable published
+    on its own, under a parent another library wrote, has a manifest that is not
+    ``nested``: that tree is RLlib's with a ckptable part, and is accepted.)"""
+    for name in sorted(entries):
+        if entries[name] != "dir":
+            continue
+        path = storage.join(directory, name, MANIFEST_FILE)
+        if storage.kind(path) != "file":
+            continue
+        try:
+            nested = LevelManifest.from_bytes(storage.read_bytes(path), storage.display(path))
+        except (CheckpointError, OSError):
+            continue  # damaged: found when that level is verified
+        if nested.nested:
+            shown = storage.display(directory)
+            raise CorruptCheckpointError(
+                f"The checkpoint level {shown} has no manifest ({MANIFEST_FILE}), but its "
+                f"component {name!r} was saved as part of a ckptable checkpoint of it "
+                f"({storage.display(path)} says so): the manifest of {shown} was deleted "
+                "or lost. It is refused; pass verify=False to load it anyway.",
+                path=shown,
+            )
 
 
 def read_manifest(
@@ -530,6 +565,8 @@ def build_manifest(
     rebuild: bool = False,
     skeletons: dict[str, str] | None = None,
     trees: dict[str, int | None] | None = None,
+    *,
+    nested: bool = False,
 ) -> LevelManifest:
     """The manifest of a finished level, as the directory is now.
 
@@ -566,7 +603,9 @@ def build_manifest(
         elif kind == "dir":
             sub_manifest = storage.join(path, MANIFEST_FILE)
             if rebuild or sub_manifest not in known:
-                seal_directory(storage, path, algorithm, known, shown, rebuild, skeletons, trees)
+                seal_directory(
+                    storage, path, algorithm, known, shown, rebuild, skeletons, trees, nested=True
+                )
             dirs[name] = known[sub_manifest][1]
             below = trees.get(path)
             tree_bytes = None if tree_bytes is None or below is None else tree_bytes + below
@@ -576,7 +615,7 @@ def build_manifest(
                 "a checkpoint may hold only regular files and directories.",
                 path=shown(path),
             )
-    return LevelManifest(algorithm, files, dirs, level_skeletons, tree_bytes)
+    return LevelManifest(algorithm, files, dirs, level_skeletons, tree_bytes, nested)
 
 
 #: On rebuilding, files ckptable wrote up to this size are checksummed again; larger
@@ -602,13 +641,15 @@ def seal_directory(
     rebuild: bool = False,
     skeletons: dict[str, str] | None = None,
     trees: dict[str, int | None] | None = None,
+    *,
+    nested: bool = False,
 ) -> None:
     """Write ``directory``'s manifest (building those of its subdirectories as needed) and
     record the manifest's own size and checksum in ``known``, its ``tree_bytes`` in
     ``trees``."""
     trees = {} if trees is None else trees
     manifest = build_manifest(
-        storage, directory, algorithm, known, shown, rebuild, skeletons, trees
+        storage, directory, algorithm, known, shown, rebuild, skeletons, trees, nested=nested
     )
     trees[directory] = manifest.tree_bytes
     data = manifest.to_bytes()

@@ -141,7 +141,8 @@ class _SaveSession:
                 self.staging.skeletons[path] = skeleton
 
     def seal(self, directory: str, *, rebuild: bool = False) -> None:
-        """Write the manifest of a finished level (the root's last of all)."""
+        """Write the manifest of a finished level (the root's last of all); every level
+        below the root is marked ``nested`` (its parent's manifest pins it)."""
         seal_directory(
             self.storage,
             directory,
@@ -151,6 +152,7 @@ class _SaveSession:
             rebuild,
             self.staging.skeletons,
             self.staging.trees,
+            nested=directory != self.staging_root,
         )
 
 
