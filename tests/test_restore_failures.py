@@ -3,7 +3,9 @@ gives every level already set its previous state back."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +198,60 @@ def test_a_successful_restore_with_rollback_is_a_normal_restore(saved: Path) -> 
     target.restore_from_path(saved, rollback=True)
     assert target.children["encoder"].children["a"].steps == 11
     assert target.children["head"].steps == 13
+
+
+# --------------------------------------------------------------------------- deep trees
+
+
+def _chain(depth: int) -> Node:
+    root = Node({}, name="n0")
+    current = root
+    for i in range(1, depth):
+        current.children["c"] = current = Node({}, name=f"n{i}")
+    return root
+
+
+def _remove_deep(root: Path) -> None:
+    """Remove a very deep tree without recursion (``shutil.rmtree`` and pytest's clean-up
+    of old temporary directories recurse once per level)."""
+    directories: list[Path] = []
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        directories.append(directory)
+        for entry in os.scandir(directory):
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+            else:
+                os.unlink(entry.path)
+    for directory in reversed(directories):
+        os.rmdir(directory)
+
+
+@pytest.fixture
+def deep_dir(tmp_path: Path) -> Any:
+    yield tmp_path
+    for entry in list(tmp_path.iterdir()):
+        _remove_deep(entry) if entry.is_dir() else entry.unlink()
+
+
+def test_a_tree_too_deep_to_save_fails_cleanly(deep_dir: Path) -> None:
+    tmp_path = deep_dir
+    with pytest.raises(CheckpointError, match="too deeply.*Nothing was published"):
+        _chain(1500).save_to_path(tmp_path / "deep")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_too_deep_to_restore_fails_cleanly(deep_dir: Path) -> None:
+    tmp_path = deep_dir
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        _chain(1500).save_to_path(tmp_path / "deep")
+    finally:
+        sys.setrecursionlimit(limit)
+    target = _chain(1500)
+    target.name = "untouched"
+    with pytest.raises(CheckpointError, match="too deeply"):
+        target.restore_from_path(tmp_path / "deep")
+    assert target.name == "untouched"

@@ -170,6 +170,13 @@ def _read_consistently(session: RestoreSession, root: str, obj: Any) -> Level:
                 raise CorruptCheckpointError(
                     f"Cannot read the checkpoint {shown}: {exc}", path=shown
                 ) from exc
+            except RecursionError as exc:
+                shown = storage.display(root)
+                raise CheckpointError(
+                    f"The checkpoint {shown} nests its components too deeply to restore "
+                    f"with Python's recursion limit ({exc}); nothing was set.",
+                    path=shown,
+                ) from exc
         except CheckpointError:
             if before is None or storage.identity(root) == before:
                 raise
@@ -220,18 +227,40 @@ def construct_from_checkpoint(
             path=storage.display(root),
         )
     kwargs = dict(kwargs)
-    for i, (name, param) in enumerate(inspect.signature(ctor).parameters.items()):
+    shown = storage.display(class_file)
+    try:
+        parameters = inspect.signature(ctor).parameters
+    except (TypeError, ValueError) as exc:
+        raise IncompatibleCheckpointError(
+            f"Cannot read the constructor signature of {_name_of(ctor)} stored in {shown} "
+            f"({exc}).",
+            path=shown,
+        ) from exc
+    for i, (name, param) in enumerate(parameters.items()):
         if name in kwargs:
             value = kwargs.pop(name)
             if param.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD and len(args) > i:
                 args[i] = value
             else:
                 ctor_kwargs[name] = value
-    obj: Any = ctor(*args, **ctor_kwargs)
+    try:
+        obj: Any = ctor(*args, **ctor_kwargs)
+    except Exception as exc:
+        raise IncompatibleCheckpointError(
+            f"Building {_name_of(ctor)} with the constructor arguments stored in {shown} "
+            f"failed ({type(exc).__name__}: {exc}): the arguments do not fit this version "
+            "of the class (pass the ones that changed to from_checkpoint as keywords), or "
+            "the file was altered.",
+            path=shown,
+        ) from exc
     if is_ckptable_object(obj):
         kwargs.update(non_default_options(options))
     obj.restore_from_path(path, filesystem=filesystem, **kwargs)
     return obj  # type: ignore[no-any-return]
+
+
+def _name_of(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _check_mmap(storage: Storage, root: str, options: RestoreOptions) -> None:

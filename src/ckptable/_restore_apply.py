@@ -91,11 +91,21 @@ def apply_tree(session: RestoreSession, obj: Checkpointable, level: Level) -> No
     except BaseException as exc:
         applied = session.applied[start:]
         del session.applied[start:]
+        error = exc
+        if isinstance(exc, RecursionError):
+            shown = session.storage.display(level.path)
+            error = CheckpointError(
+                f"The tree restored from {shown} nests its components too deeply for "
+                f"Python's recursion limit ({exc}).",
+                path=shown,
+            )
         if session.options.rollback:
-            _roll_back(session, applied, exc)
-        elif isinstance(exc, CheckpointError) and applied:
-            done = applied[:-1] if isinstance(exc, SetStateError) else applied
-            _append(exc, _left_applied(session, done))
+            _roll_back(session, applied, error)
+        elif isinstance(error, CheckpointError) and applied:
+            done = applied[:-1] if isinstance(error, SetStateError) else applied
+            _append(error, _left_applied(session, done))
+        if error is not exc:
+            raise error from exc
         raise
 
 

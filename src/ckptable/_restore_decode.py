@@ -146,12 +146,16 @@ def decode_file(
         raise CorruptCheckpointError(
             f"{shown} is truncated or corrupt ({type(exc).__name__}: {exc}).", path=shown
         ) from exc
-    except Exception as exc:  # the msgpack decoder raises its own error types
-        if type(exc).__module__.startswith("msgpack"):
-            raise CorruptCheckpointError(
-                f"{shown} is truncated or corrupt ({type(exc).__name__}: {exc}).", path=shown
-            ) from exc
-        raise
+    except RecursionError as exc:
+        raise CorruptCheckpointError(
+            f"{shown} nests its data too deeply to decode ({exc}).", path=shown
+        ) from exc
+    except Exception as exc:
+        # Whatever else decoding raised (a decoder's own error types; in a crafted or
+        # damaged pickle, any exception a called function raises): the file is at fault.
+        raise CorruptCheckpointError(
+            f"{shown} cannot be decoded ({type(exc).__name__}: {exc}).", path=shown
+        ) from exc
 
 
 def _open_source(

@@ -134,19 +134,17 @@ def read_level(
             children[name] = _read_ahead(session, child_dir, expected)
         elif child_obj is None:
             # Listed by ckptable but not (yet) a component: created by set_state.
-            hint = (record or {}).get("component_metadata_files", {}).get(name)
             children[name] = read_level(
                 session,
                 child_dir,
                 None,
-                hint if isinstance(hint, str) else None,
+                _metadata_file_hint(record, name),
                 expected,
                 read_ahead=True,
             )
         else:
-            hint = (record or {}).get("component_metadata_files", {}).get(name)
             children[name] = read_level(
-                session, child_dir, child_obj, hint if isinstance(hint, str) else None, expected
+                session, child_dir, child_obj, _metadata_file_hint(record, name), expected
             )
     if manifest is not None:
         # Directories the manifest pins that no component reads (written by a save
@@ -172,6 +170,16 @@ def read_level(
         read_ahead=read_ahead,
         verified=manifest is not None,
     )
+
+
+def _metadata_file_hint(record: dict[str, Any] | None, name: str) -> str | None:
+    """The metadata file name the parent's record gives for component ``name`` (a class
+    may rename it), if it gives a plain file name; else None (the default is used)."""
+    hints = (record or {}).get("component_metadata_files")
+    hint = hints.get(name) if isinstance(hints, dict) else None
+    if not isinstance(hint, str) or not hint or "/" in hint or "\\" in hint or "\0" in hint:
+        return None
+    return None if hint in (".", "..") else hint
 
 
 def _check_foreign_level(

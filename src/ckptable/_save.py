@@ -333,6 +333,12 @@ def publish_tree(
             "checkpoint that was there before (if any) is unchanged.",
             path=shown,
         ) from exc
+    except RecursionError as exc:
+        raise CheckpointError(
+            f"Saving the checkpoint {shown} failed: the object tree nests its components "
+            f"too deeply for Python's recursion limit ({exc}). Nothing was published.",
+            path=shown,
+        ) from exc
     return shown
 
 
