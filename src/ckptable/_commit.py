@@ -43,16 +43,21 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ckptable._layout import DEFAULT_CLASS_FILE, DEFAULT_METADATA_FILE
 from ckptable._manifest import MANIFEST_FILE
 from ckptable._storage import EntryKind, Storage
 from ckptable.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from ckptable._formats import Codec
+
 __all__ = [
     "OLD_MARKER",
     "STAGING_MARKER",
     "Staging",
+    "StagingSession",
     "check_target",
     "recover_leftovers",
     "staged_directory",
@@ -83,6 +88,45 @@ class Staging:
     skeletons: dict[str, str] = dataclasses.field(default_factory=dict)
     #: Directory → bytes of the files in its tree, once sealed (None: unknown).
     trees: dict[str, int | None] = dataclasses.field(default_factory=dict)
+
+
+class StagingSession(Protocol):
+    """What code outside the save pipeline (the actor layer, :mod:`ckptable.ray`) needs of
+    a save in progress: where it stages, how it encodes and seals, how it names things.
+    The save pipeline's session implements it; the actor layer depends only on this."""
+
+    @property
+    def storage(self) -> Storage: ...
+    @property
+    def staging(self) -> Staging: ...
+    @property
+    def codec(self) -> Codec: ...
+    @property
+    def target(self) -> str:
+        """The checkpoint path being written, as the user will see it."""
+        ...
+
+    @property
+    def algorithm(self) -> str:
+        """The checksum algorithm of the manifests."""
+        ...
+
+    @property
+    def transfer(self) -> Any:
+        """The transfer hook for actor components (None: the default one)."""
+        ...
+
+    def describe(self, path: str) -> str:
+        """Where ``path`` is, for messages: the checkpoint and the component path."""
+        ...
+
+    def component_path(self, path: str) -> str | None:
+        """``"a/b"`` for a component directory in the staging tree; None for the root."""
+        ...
+
+    def seal(self, directory: str, *, rebuild: bool = False) -> None:
+        """Write the manifest of a finished level."""
+        ...
 
 
 def check_target(storage: Storage, target: str, checkpoint_files: Iterable[str]) -> None:

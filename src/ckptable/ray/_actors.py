@@ -66,7 +66,7 @@ from ckptable.ray._nodes import current_node_id, pinned_to
 from ckptable.ray._transfer import check_transfer_hook, get_default_transfer
 
 if TYPE_CHECKING:
-    from ckptable._save import _SaveSession
+    from ckptable._commit import StagingSession
 
 __all__ = ["restore_actor_component", "save_actor_component"]
 
@@ -230,7 +230,7 @@ def _resolve_transfer(transfer: Any) -> Any:
 
 
 def save_actor_component(
-    session: _SaveSession,
+    session: StagingSession,
     manager: Any,
     directory: str,
     state: Any,
@@ -285,7 +285,7 @@ def save_actor_component(
 
 
 def _save_through_actor(
-    session: _SaveSession,
+    session: StagingSession,
     manager: Any,
     actor_id: Any,
     directory: str,
@@ -338,7 +338,9 @@ def _save_through_actor(
     return reported, True
 
 
-def _adopt(session: _SaveSession, directory: str, reported: bytes | None, *, verify: bool) -> None:
+def _adopt(
+    session: StagingSession, directory: str, reported: bytes | None, *, verify: bool
+) -> None:
     """Make the actor-written tree at ``directory`` part of the staged checkpoint.
 
     A tree ckptable wrote carries its manifests: they are checked against the one the
@@ -386,14 +388,14 @@ def _adopt(session: _SaveSession, directory: str, reported: bytes | None, *, ver
     walk(directory, reported)
 
 
-def _forget_files_under(session: _SaveSession, directory: str) -> None:
+def _forget_files_under(session: StagingSession, directory: str) -> None:
     prefix = session.storage.join(directory, "")
     for table in (session.staging.files, session.staging.skeletons, session.staging.trees):
         for path in [p for p in table if p.startswith(prefix) or p == directory]:
             del table[path]
 
 
-def _bytes_under(session: _SaveSession, directory: str) -> int:
+def _bytes_under(session: StagingSession, directory: str) -> int:
     """Bytes of the files staged under ``directory`` (manifests not counted, as in a
     manifest's ``tree_bytes``)."""
     prefix = session.storage.join(directory, "")
