@@ -68,7 +68,7 @@ def test_steps_wider_than_the_padding_and_step_zero(tmp_path: Path) -> None:
 def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path)
     manager.save(model_at(1), 5, {"loss": 1.0})
-    manager.save(model_at(2), 5, {"loss": 0.5})
+    manager.save(model_at(2), 5, {"loss": 0.5}, overwrite=True)
 
     assert manager.steps() == [5]
     assert saved_epoch(manager.path(5)) == 2

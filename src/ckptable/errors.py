@@ -17,6 +17,8 @@ The hierarchy:
     │                                    arguments) the format cannot encode
     ├── UnsafeCheckpointError            loading would run code outside the allowlist,
     │                                    or the checkpoint holds a symlink or special file
+    ├── StepConflictError                also a ValueError: a CheckpointManager save of a
+    │                                    step at or below the newest (overwrite=False)
     ├── SetStateError                    a level's set_state (user code) raised during a
     │                                    restore; the original exception is its cause
     ├── ActorCheckpointError             Ray actor components failed to save/restore
@@ -40,6 +42,7 @@ __all__ = [
     "InvalidComponentNameError",
     "SetStateError",
     "StateEncodingError",
+    "StepConflictError",
     "TransferError",
     "UnknownComponentError",
     "UnsafeCheckpointError",
@@ -93,6 +96,27 @@ class StateEncodingError(CheckpointError, TypeError):
 
 class UnsafeCheckpointError(CheckpointError):
     """Loading the checkpoint would import or call something outside the allowlist."""
+
+
+class StepConflictError(CheckpointError, ValueError):
+    """A save's step is at or below the newest checkpoint's step in the directory (or is
+    being saved already), and the call did not pass ``overwrite=True``.
+
+    Also a ``ValueError``, like the manager's other refusals of a step. ``step`` and
+    ``newest_step`` are kept as attributes.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        step: int | None = None,
+        newest_step: int | None = None,
+    ) -> None:
+        super().__init__(message, path=path)
+        self.step = step
+        self.newest_step = newest_step
 
 
 class SetStateError(CheckpointError):
