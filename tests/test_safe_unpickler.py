@@ -626,7 +626,7 @@ def test_resetting_an_array_with_live_views_is_refused(tmp_path: Path) -> None:
         + pickle.TUPLE2
         + pickle.STOP
     )
-    with pytest.raises(UnsafeCheckpointError, match="already holds data"):
+    with pytest.raises(UnsafeCheckpointError, match="a view of an array could outlive"):
         safe_load_file(write(tmp_path, data))
 
     array, view = pickle.loads(data)
@@ -649,7 +649,7 @@ def test_object_arrays_from_raw_bytes_are_refused_by_numpy(tmp_path: Path) -> No
         Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (1,), np.dtype("O"), False, bytes(8))),
     ):
         data = pickle.dumps(reduce, protocol=5)
-        with pytest.raises((ValueError, TypeError)):
+        with pytest.raises(UnsafeCheckpointError, match="Python objects"):
             safe_load_file(write(tmp_path, data))
 
 
