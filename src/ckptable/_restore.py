@@ -232,8 +232,7 @@ def construct_from_checkpoint(
         parameters = inspect.signature(ctor).parameters
     except (TypeError, ValueError) as exc:
         raise IncompatibleCheckpointError(
-            f"Cannot read the constructor signature of {_name_of(ctor)} stored in {shown} "
-            f"({exc}).",
+            f"Cannot read the constructor signature of {_name_of(ctor)} stored in {shown} ({exc}).",
             path=shown,
         ) from exc
     for i, (name, param) in enumerate(parameters.items()):
