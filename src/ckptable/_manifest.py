@@ -25,11 +25,14 @@ Use ``safe=True`` on restore for checkpoints you do not trust.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import os
 import re
+import stat
 import threading
 import zlib
 from collections.abc import Callable
@@ -37,7 +40,7 @@ from typing import IO, Any, Protocol
 
 from ckptable._layout import read_metadata_file, record_of
 from ckptable._progress import advance
-from ckptable._storage import EntryKind, Storage
+from ckptable._storage import EntryKind, LocalStorage, Storage
 from ckptable.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -436,16 +439,93 @@ def manifest_tree_bytes(storage: Storage, directory: str) -> int | None:
     the body is written with an indent of one space per level, so the body's own key is
     the only line that starts with one space and ``"tree_bytes"``. The restore verifies
     the manifest anyway.
+
+    It runs before anything else of a restore or verification, so it opens the manifest
+    only once it is known to be a regular file (:func:`open_regular`): a FIFO in its
+    place would block the open forever. Whatever is in the way (nothing, a directory, a
+    symlink, a FIFO) gives None here; the listing that follows refuses it.
     """
     try:
-        data = storage.read_bytes(storage.join(directory, MANIFEST_FILE))
-    except OSError:
+        with open_regular(storage, storage.join(directory, MANIFEST_FILE)) as stream:
+            data = stream.read()
+    except (OSError, CheckpointError):
         return None
     found = _TREE_BYTES.search(data)
     return int(found.group(1)) if found else None
 
 
 _TREE_BYTES = re.compile(rb'\n "tree_bytes": (\d+),?\n')
+
+
+def open_regular(storage: Storage, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+    """Open the checkpoint file at ``path`` for reading, only once it is known to be a
+    regular file.
+
+    Opening a FIFO blocks until somebody writes to it (forever, in a checkpoint), and
+    opening a device can have effects of its own, so nothing of a checkpoint is opened
+    before its kind is known. On the local disk the kind is checked before the open
+    (``lstat``) and again on what was opened (``fstat``), and the open itself neither
+    blocks (``O_NONBLOCK``, for a FIFO swapped in meanwhile) nor follows a symlink;
+    elsewhere the storage's ``kind`` decides (one metadata request).
+
+    Raises:
+        UnsafeCheckpointError: ``path`` is a symlink, FIFO, socket or device.
+        FileNotFoundError: nothing is at ``path``.
+        IsADirectoryError: a directory is at ``path``.
+        OSError: the file cannot be opened.
+    """
+    shown = storage.display(path)
+    if isinstance(storage, LocalStorage):
+        return _open_local_regular(path, shown)
+    kind = storage.kind(path)
+    if kind == "other":
+        raise _special_file(shown)
+    if kind is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), shown)
+    if kind == "dir":
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), shown)
+    return storage.open_read(path)
+
+
+def _open_local_regular(path: str, shown: str) -> IO[bytes]:
+    """:func:`open_regular` on the local disk: an unbuffered binary file."""
+    _require_regular(os.stat(path, follow_symlinks=False).st_mode, path, shown)
+    try:
+        fd = os.open(path, _OPEN_REGULAR_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink swapped in after the stat
+            raise _special_file(shown) from exc
+        raise
+    try:
+        _require_regular(os.fstat(fd).st_mode, path, shown)
+        if _NONBLOCK:
+            os.set_blocking(fd, True)  # (no effect on regular files; as open_read makes them)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _require_regular(mode: int, path: str, shown: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    raise _special_file(shown)
+
+
+def _special_file(shown: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{shown} is a symlink or special file (FIFO, socket or device); a checkpoint "
+        "holds only regular files and directories, so it is refused without being read.",
+        path=shown,
+    )
+
+
+_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)
+_OPEN_REGULAR_FLAGS = (
+    os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | _NONBLOCK
+)
 
 
 def check_listing(

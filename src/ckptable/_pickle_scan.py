@@ -15,6 +15,14 @@ pickle opcode is run before the file is known to be intact.
 The same walk, with seeks instead of reads, maps the payloads from the file
 (``mmap=True``) and computes the skeleton's own checksum, which the manifest records at
 save time so that a mapped restore can still verify everything pickle will run.
+
+Nothing read from the file is trusted before it is checked: every length field (a
+payload's, a frame's, an opcode argument's) is compared with what is left of the file
+(its size from the manifest, or from the open file when it is not verified) *before*
+anything is allocated or read for it, so a flipped bit in a length is a
+:class:`ScanError` (then a ``CorruptCheckpointError`` naming the file), never a
+``MemoryError`` or ``SystemError``. Files are opened with
+:func:`~ckptable._manifest.open_regular`: never a FIFO or device.
 """
 
 from __future__ import annotations
@@ -27,18 +35,26 @@ import mmap
 import os
 import pickle
 import pickletools
+import stat
 from typing import IO, Any, Literal
 
-from ckptable._manifest import Checksum, _checksum_executor, new_checksum, read_verified
+from ckptable._manifest import (
+    Checksum,
+    _checksum_executor,
+    new_checksum,
+    open_regular,
+    read_verified,
+)
 from ckptable._progress import advance, counted, mark, rewind
 from ckptable._storage import LocalStorage, Storage
-from ckptable.errors import CorruptCheckpointError
+from ckptable.errors import CheckpointError, CorruptCheckpointError
 
 __all__ = [
     "PAYLOAD_MIN_BYTES",
     "ScanError",
     "ScannedPickle",
     "map_pickle",
+    "read_pickle_unverified",
     "read_pickle_verified",
     "scan_pickle",
     "skeleton_checksum",
@@ -75,6 +91,12 @@ class ScanError(ValueError):
     """The file is not a pickle the walk understands (truncated, or not a pickle)."""
 
 
+class _PastTheEnd(ScanError):
+    """A length field claims more bytes than the file has left: the pickle is damaged
+    (a flipped bit in a length, say), whatever its checksum says, and decoding it the
+    ordinary way would allocate what the length claims."""
+
+
 @dataclasses.dataclass
 class ScannedPickle:
     """A pickle file split into its skeleton and its big payloads, ready to decode."""
@@ -100,6 +122,8 @@ class _PiecesReader(io.RawIOBase):
         self._pieces = pieces
         self._index = 0
         self._offset = 0
+        #: Bytes not read yet.
+        self._left = sum(len(piece) for piece in pieces)
 
     def readable(self) -> bool:
         return True
@@ -115,19 +139,25 @@ class _PiecesReader(io.RawIOBase):
             self._offset += n
             if self._offset == len(piece):
                 self._index, self._offset = self._index + 1, 0
+        self._left -= filled
         return filled
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
-            rest = [self._pieces[self._index][self._offset :], *self._pieces[self._index + 1 :]]
-            self._index, self._offset = len(self._pieces), 0
+            rest = self._pieces[self._index :]
+            if rest:
+                rest[0] = rest[0][self._offset :]
+            self._index, self._offset, self._left = len(self._pieces), 0, 0
             return b"".join(rest)
         if self._index < len(self._pieces) and self._offset == 0:
             piece = self._pieces[self._index]
-            if len(piece) <= size:  # the common case: pickle asks for a frame, whole
+            if len(piece) == size:  # the common case: pickle asks for a frame, whole
                 self._index += 1
+                self._left -= size
                 return piece
-        buffer = bytearray(size)
+        # At most what is left: pickle asks for what a length field in the skeleton says
+        # before it knows whether that much follows.
+        buffer = bytearray(min(size, self._left))
         return bytes(buffer[: self.readinto(buffer)])
 
 
@@ -172,6 +202,7 @@ class _Walk:
         skeleton_checksum: Checksum | None,
         mapped: mmap.mmap | None,
         skeleton_limit: int | None,
+        size: int | None,
     ) -> None:
         self.stream = stream
         self.mode = mode
@@ -179,6 +210,10 @@ class _Walk:
         self.skeleton_checksum = skeleton_checksum
         self.mapped = mapped
         self.skeleton_limit = skeleton_limit
+        #: Bytes in the file (from its start): every length read is checked against what
+        #: is left of them. None: unknown (a stream that cannot tell; payloads are then
+        #: read piece by piece, never allocated ahead).
+        self.size = size
         self.keep = mode != "skeleton"
         self.parts: list[bytes] = []
         self.kept = 0
@@ -187,15 +222,29 @@ class _Walk:
 
     # -- reading -----------------------------------------------------------------------
 
+    def check_length(self, n: int, what: str) -> None:
+        """Refuse a length read from the file before anything is allocated or read for
+        it: it must fit in what is left of the file."""
+        if n < 0:
+            raise ScanError(f"a negative {what} length ({n}) at offset {self.position}")
+        if self.size is not None and n > self.size - self.position:
+            left = max(self.size - self.position, 0)
+            raise _PastTheEnd(
+                f"a {what} of {n} bytes at offset {self.position} runs past the end of "
+                f"the file ({left} bytes left): its length field is damaged"
+            )
+
     def read(self, n: int) -> bytes:
         """Exactly ``n`` skeleton bytes (checksummed, kept)."""
+        self.check_length(n, "pickle argument")
         data = _read_exactly(self.stream, n)
         self.position += n
         self.skeleton(data)
         return data
 
     def readline(self) -> bytes:
-        data = self.stream.readline()
+        left = _CHUNK if self.size is None else max(self.size - self.position, 0)
+        data = self.stream.readline(left)
         if not data.endswith(b"\n"):
             raise ScanError("the pickle ends inside a text argument")
         self.position += len(data)
@@ -211,18 +260,49 @@ class _Walk:
             if self.skeleton_limit is not None and self.kept > self.skeleton_limit:
                 self.keep = False  # too big to hold: checksum on, the caller reads again
                 self.parts.clear()
+                self.buffers.clear()
             else:
                 self.parts.append(data)
 
-    def payload_into_skeleton(self, n: int) -> None:
+    def payload_into_skeleton(self, n: int, what: str) -> None:
+        self.check_length(n, what)
+        if not self.keep and self.checksum.inactive and self.skeleton_checksum is None:
+            self.skip(n)  # nothing needs these bytes: only their lengths are checked
+            return
         while n:
             data = _read_exactly(self.stream, min(n, _CHUNK))
             self.position += len(data)
             n -= len(data)
             self.skeleton(data)
 
+    def skip(self, n: int) -> None:
+        """Pass over ``n`` bytes (already checked to be in the file) unread."""
+        if self.size is not None:
+            self.stream.seek(n, io.SEEK_CUR)
+            self.position += n
+            return
+        while n:
+            data = _read_exactly(self.stream, min(n, _CHUNK))
+            self.position += len(data)
+            n -= len(data)
+
+    def payload_discarded(self, n: int) -> None:
+        """Pass over a big payload nothing keeps (the skeleton grew too big): into the
+        checksum if there is one, else unread."""
+        if self.checksum.inactive:
+            self.skip(n)
+            return
+        while n:
+            data = _read_exactly(self.stream, min(n, _CHUNK))
+            self.position += len(data)
+            n -= len(data)
+            self.checksum.update_behind(data)  # (bytes: nothing changes it meanwhile)
+
     def payload_into_buffer(self, n: int) -> None:
         """Read ``n`` payload bytes into a new ``bytearray`` (checksummed behind)."""
+        if self.size is None:
+            self.buffers.append(self.payload_unsized(n))
+            return
         buffer = _new_payload_buffer(n)
         view = memoryview(buffer)
         readinto = getattr(self.stream, "readinto", None)
@@ -245,12 +325,24 @@ class _Walk:
         self.position += n
         self.buffers.append(buffer)
 
+    def payload_unsized(self, n: int) -> bytearray:
+        """A payload from a stream of unknown size: grown as it is read, so that a
+        damaged length allocates no more than the stream really holds."""
+        buffer = bytearray()
+        while len(buffer) < n:
+            data = _read_exactly(self.stream, min(n - len(buffer), _CHUNK))
+            self.checksum.update(data)
+            buffer += data
+        self.position += n
+        return buffer
+
     def payload_mapped(self, n: int) -> None:
-        assert self.mapped is not None or self.mode == "skeleton"
         if self.mapped is not None:
             if self.position + n > len(self.mapped):
                 raise ScanError("the pickle ends inside a byte payload")
             self.buffers.append(memoryview(self.mapped)[self.position : self.position + n])
+        elif self.mode != "skeleton":
+            raise ScanError("map mode needs the mapped file")  # (a caller's mistake)
         self.stream.seek(n, io.SEEK_CUR)
         self.position += n
 
@@ -272,7 +364,7 @@ class _Walk:
             self.skeleton(byte)
             opcode = byte[0]
             if opcode == _FRAME:
-                self.payload_into_skeleton(int.from_bytes(self.read(8), "little"))
+                self.payload_into_skeleton(int.from_bytes(self.read(8), "little"), "frame")
             elif opcode in _PAYLOAD_OPS:
                 self.payload(opcode, as_buffer)
             elif opcode == _STOP:
@@ -285,27 +377,31 @@ class _Walk:
 
     def payload(self, opcode: int, as_buffer: set[int]) -> None:
         length_field = _read_exactly(self.stream, _PAYLOAD_OPS[opcode])
+        self.position += len(length_field)
         n = int.from_bytes(length_field, "little")
+        # Checked before anything is allocated, read or mapped for it:
+        self.check_length(n, "byte payload")
         if opcode not in as_buffer or n < PAYLOAD_MIN_BYTES:
-            self.position += len(length_field)
             self.skeleton(length_field)
-            self.payload_into_skeleton(n)
+            self.payload_into_skeleton(n, "byte payload")
             return
         # The opcode and its length are part of the file's checksum, and of the
         # skeleton's; the skeleton kept for decoding holds NEXT_BUFFER in their place.
-        self.position += len(length_field)
         self.checksum.update(length_field)
         if self.skeleton_checksum is not None:
             self.skeleton_checksum.update(length_field)
         if self.keep and self.parts:
             self.parts[-1] = _NEXT_BUFFER  # replaces the opcode byte just read
-        if self.mode == "read":
+        if self.mode != "read":
+            self.payload_mapped(n)
+        elif self.keep:
             self.payload_into_buffer(n)
         else:
-            self.payload_mapped(n)
+            self.payload_discarded(n)
 
     def other(self, opcode: int) -> None:
-        """Any other opcode outside a frame: parse its argument with pickletools' readers."""
+        """Any other opcode outside a frame: parse its argument with pickletools' readers
+        (whose lengths go through :meth:`read`, so are checked too)."""
         try:
             op = pickletools.code2op[chr(opcode)]  # type: ignore[attr-defined]
         except KeyError:
@@ -358,13 +454,44 @@ class _Reader:
 
 
 def _read_exactly(stream: IO[bytes], n: int) -> bytes:
-    data = stream.read(n)
-    while len(data) < n:
-        more = stream.read(n - len(data))
+    """Exactly ``n`` bytes, read in pieces of at most ``_CHUNK``: a stream's ``read(n)``
+    allocates ``n`` bytes first, whatever it then finds."""
+    data = stream.read(min(n, _CHUNK))
+    if len(data) == n:
+        return data
+    pieces = [data]
+    got = len(data)
+    while got < n:
+        more = stream.read(min(n - got, _CHUNK))
         if not more:
             raise ScanError("the pickle is truncated")
-        data += more
-    return data
+        pieces.append(more)
+        got += len(more)
+    return b"".join(pieces)
+
+
+def _stream_size(stream: IO[bytes]) -> int | None:
+    """Bytes from the stream's position to its end, if it can tell: a regular file's size
+    (``fstat``), else a seekable stream's end. None otherwise."""
+    try:
+        here = stream.tell()
+    except (AttributeError, OSError, ValueError):
+        here = 0
+    try:
+        status = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # no descriptor (BytesIO, pyarrow, ...)
+        pass
+    else:
+        if stat.S_ISREG(status.st_mode):
+            return max(status.st_size - here, 0)
+    try:
+        if stream.seekable():
+            end = stream.seek(0, io.SEEK_END)
+            stream.seek(here)
+            return max(int(end) - here, 0)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return None
 
 
 def scan_pickle(
@@ -375,6 +502,7 @@ def scan_pickle(
     skeleton_checksum: Checksum | None = None,
     mapped: mmap.mmap | None = None,
     skeleton_limit: int | None = None,
+    size: int | None = None,
 ) -> ScannedPickle | None:
     """Walk the pickle in ``stream`` (at its start) once.
 
@@ -385,25 +513,32 @@ def scan_pickle(
             seeked over, unread; only the skeleton is checksummed.
         ``skeleton``: like ``map`` without keeping anything: for ``skeleton_checksum``.
 
+    ``size``: the bytes the file should have (the manifest's record); without it, what
+    the stream says it has. Every length field is checked against what is left of that
+    before anything is allocated or read for it.
+
     Returns None if the stream is not a framed pickle (protocol 4 or later) or if (in
     ``read`` and ``map`` modes) its skeleton grew past ``skeleton_limit`` bytes (then
-    the checksum still covers the whole file): the caller decodes the file the ordinary
-    way.
+    the checksum still covers the whole file, and every length was still checked): the
+    caller decodes the file the ordinary way.
 
     Raises:
-        ScanError: the stream is truncated or not a pickle.
+        ScanError: the stream is truncated, not a pickle, or a length in it runs past
+            the end of the file (any failure of the walk other than the two below).
+        OSError: the stream cannot be read.
+        MemoryError: a payload that fits in the file does not fit in memory.
     """
+    if size is None:
+        size = _stream_size(stream)
     ordered = _OrderedChecksum(checksum)
-    walk = _Walk(stream, mode, ordered, skeleton_checksum, mapped, skeleton_limit)
+    walk = _Walk(stream, mode, ordered, skeleton_checksum, mapped, skeleton_limit, size)
     try:
         try:
             complete = walk.run()
-        except IndexError:
-            raise ScanError("the pickle is truncated") from None
-        except (ValueError, UnicodeDecodeError) as exc:  # pickletools' readers
-            if isinstance(exc, ScanError):
-                raise
-            raise ScanError(f"malformed pickle ({exc})") from exc
+        except (ScanError, OSError, MemoryError):
+            raise
+        except Exception as exc:  # pickletools' readers, a damaged stream: any of them
+            raise ScanError(f"malformed pickle ({type(exc).__name__}: {exc})") from exc
         if not complete:
             _drain(stream, ordered)
             return None
@@ -426,7 +561,7 @@ def skeleton_checksum(storage: Storage, path: str, algorithm: str) -> str | None
     """The checksum of the skeleton of the pickle file at ``path`` (seeks over the big
     payloads: a few small reads). None if the file is not a framed pickle."""
     checksum = new_checksum(algorithm)
-    with storage.open_read(path) as stream:
+    with open_regular(storage, path) as stream:
         try:
             walked = scan_pickle(stream, "skeleton", skeleton_checksum=checksum)
         except ScanError:
@@ -453,33 +588,84 @@ def read_pickle_verified(
     if the file is verified but could not be scanned (not a framed pickle, or a skeleton
     over ``skeleton_limit`` bytes): the decoder then reads it the ordinary way.
 
+    Every length in the file is checked against the manifest's size before anything is
+    allocated for it; the file is opened only as a regular file.
+
     Raises:
-        CorruptCheckpointError: the file's size or checksum differs from the manifest's.
+        CorruptCheckpointError: the file's size or checksum differs from the manifest's,
+            a length in it runs past its end, or it cannot be read.
+        UnsafeCheckpointError: a symlink or special file (a FIFO, ...) is at ``path``.
+        MemoryError: the file is intact, but its arrays do not fit in memory.
     """
-    size, digest = expected
     shown = storage.display(path)
-    if mmap and skeleton is not None and isinstance(storage, LocalStorage):
-        checksum = new_checksum(algorithm, path=shown)
-        with storage.open_read(path) as stream:
-            scanned = _scan_mapped(stream, size, shown, checksum, skeleton_limit)
-        if checksum.hexdigest() != skeleton:
-            raise _corrupt(shown, f"its pickle skeleton's {algorithm} checksum differs")
-        advance(size)
-        return scanned
-    checksum = new_checksum(algorithm, path=shown)
-    start = mark()
     try:
-        with storage.open_read(path) as stream:
-            scanned = scan_pickle(
-                counted(stream), "read", checksum=checksum, skeleton_limit=skeleton_limit
-            )
-    except ScanError:
-        # Not what the walk expects (the checksum decides whether it is damaged):
-        rewind(start)
-        read_verified(storage, path, expected, algorithm, keep=False)
-        return None
+        if mmap and skeleton is not None and isinstance(storage, LocalStorage):
+            return _read_mapped_verified(storage, path, expected, algorithm, skeleton,
+                                         skeleton_limit)  # fmt: skip
+        return _read_scanned_verified(storage, path, expected, algorithm, skeleton_limit)
+    except (CheckpointError, MemoryError):
+        raise
     except OSError as exc:
         raise _corrupt(shown, f"unreadable ({exc})") from exc
+    except Exception as exc:
+        raise _corrupt(shown, f"unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_mapped_verified(
+    storage: Storage,
+    path: str,
+    expected: tuple[int, str],
+    algorithm: str,
+    skeleton: str,
+    skeleton_limit: int,
+) -> ScannedPickle | None:
+    """:func:`read_pickle_verified` with ``mmap``: the skeleton read and verified, the
+    payloads mapped."""
+    size = expected[0]
+    shown = storage.display(path)
+    checksum = new_checksum(algorithm, path=shown)
+    with open_regular(storage, path) as stream:
+        scanned = _scan_mapped(stream, size, shown, checksum, skeleton_limit)
+    if checksum.hexdigest() != skeleton:
+        raise _corrupt(shown, f"its pickle skeleton's {algorithm} checksum differs")
+    advance(size)
+    return scanned
+
+
+def _read_scanned_verified(
+    storage: Storage,
+    path: str,
+    expected: tuple[int, str],
+    algorithm: str,
+    skeleton_limit: int,
+) -> ScannedPickle | None:
+    """:func:`read_pickle_verified` reading the whole file, payloads into buffers."""
+    size, digest = expected
+    shown = storage.display(path)
+    checksum = new_checksum(algorithm, path=shown)
+    start = mark()
+    failure: ScanError | MemoryError | None = None
+    try:
+        with open_regular(storage, path) as stream:
+            scanned = scan_pickle(
+                counted(stream), "read", checksum=checksum, skeleton_limit=skeleton_limit,
+                size=size,
+            )  # fmt: skip
+    except (ScanError, MemoryError) as exc:
+        # Kept without its traceback, whose frames hold the buffers read so far.
+        failure = exc.with_traceback(None)
+    if failure is not None:
+        # Not what the walk expects, or too big for memory: the checksum decides whether
+        # the file is damaged (read in small chunks: nothing big is allocated).
+        rewind(start)
+        read_verified(storage, path, expected, algorithm, keep=False)
+        if isinstance(failure, _PastTheEnd):
+            # As the manifest records it, yet no pickle: decoding it the ordinary way
+            # would allocate what the damaged length claims.
+            raise _corrupt(shown, str(failure)) from failure
+        if isinstance(failure, MemoryError):
+            raise failure  # intact: the machine lacks the memory, the file is fine
+        return None
     if scanned is not None and scanned.size != size:
         raise _corrupt(shown, f"{scanned.size} bytes; the manifest records {size}")
     if checksum.hexdigest() != digest:
@@ -489,13 +675,59 @@ def read_pickle_verified(
     return scanned
 
 
+def read_pickle_unverified(
+    storage: Storage, path: str, *, skeleton_limit: int | None
+) -> ScannedPickle | None:
+    """Scan a pickle file no manifest verifies (``verify=False``, a level RLlib wrote),
+    its big payloads read into their own buffers, for decoding with them.
+
+    Every length field outside the frames is checked against the file's own size before
+    anything is allocated for it (``pickle.load`` allocates what a length says, then
+    finds the file shorter). What is read counts in the progress bar. Returns None where
+    the file is not a framed pickle or its skeleton is over ``skeleton_limit`` bytes (its
+    lengths still checked; the payloads then passed over unread): the decoder reads it
+    the ordinary way.
+
+    Raises:
+        CorruptCheckpointError: a length runs past the end of the file, the file is
+            truncated, not a pickle, or cannot be read.
+        UnsafeCheckpointError: a symlink or special file is at ``path``.
+    """
+    shown = storage.display(path)
+    start = mark()
+    try:
+        with open_regular(storage, path) as stream:
+            scanned = scan_pickle(counted(stream), "read", skeleton_limit=skeleton_limit)
+    except CheckpointError:
+        raise
+    except ScanError as exc:
+        raise _corrupt(shown, f"unreadable ({exc})") from exc
+    except Exception as exc:  # OSError, MemoryError: as decoding it would report them
+        raise _corrupt(shown, f"unreadable ({type(exc).__name__}: {exc})") from exc
+    if scanned is None:
+        rewind(start)  # read again by the decoder, which counts it then
+    return scanned
+
+
 def map_pickle(storage: Storage, path: str) -> ScannedPickle | None:
     """Scan an unverified pickle file for ``mmap=True``: big payloads mapped, unread.
-    None where mapping is not possible (not on the local disk, not a framed pickle)."""
+    None where mapping is not possible (not on the local disk, not a framed pickle).
+
+    Raises:
+        CorruptCheckpointError: a length runs past the end of the file, the file is
+            truncated, not a pickle, or cannot be read.
+        UnsafeCheckpointError: a symlink or special file is at ``path``.
+    """
     if not isinstance(storage, LocalStorage):
         return None
-    with storage.open_read(path) as stream:
-        return _scan_mapped(stream, None, storage.display(path), None, None)
+    shown = storage.display(path)
+    try:
+        with open_regular(storage, path) as stream:
+            return _scan_mapped(stream, None, shown, None, None)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # OSError, MemoryError (a skeleton bigger than memory), ...
+        raise _corrupt(shown, f"unreadable ({type(exc).__name__}: {exc})") from exc
 
 
 def _scan_mapped(
@@ -506,7 +738,7 @@ def _scan_mapped(
     skeleton_limit: int | None,
 ) -> ScannedPickle | None:
     """Map the open file read-only (its size checked against ``size``) and walk it in
-    ``map`` mode; None for an empty file."""
+    ``map`` mode, every length checked against the file's size; None for an empty file."""
     actual = os.fstat(stream.fileno()).st_size
     if size is not None and actual != size:
         raise _corrupt(shown, f"{actual} bytes; the manifest records {size}")
@@ -516,7 +748,7 @@ def _scan_mapped(
     try:
         return scan_pickle(
             stream, "map", skeleton_checksum=skeleton_checksum, mapped=mapped,
-            skeleton_limit=skeleton_limit,
+            skeleton_limit=skeleton_limit, size=actual,
         )  # fmt: skip
     except ScanError as exc:
         raise _corrupt(shown, f"unreadable ({exc})") from exc

@@ -30,7 +30,7 @@ import urllib.parse
 import uuid
 from typing import IO, Any, Literal, Protocol
 
-from ckptable.errors import CheckpointError
+from ckptable.errors import CheckpointError, UnsafeCheckpointError
 
 try:
     import fcntl
@@ -152,7 +152,7 @@ class LocalStorage:
             os.close(fd)
 
     def read_bytes(self, path: str) -> bytes:
-        fd = os.open(path, _READ_FLAGS)
+        fd = _open_regular(path)
         try:
             chunks = []
             while chunk := os.read(fd, 1 << 20):
@@ -166,7 +166,7 @@ class LocalStorage:
         return os.fdopen(os.open(path, _WRITE_FLAGS, 0o644), "wb", buffering=0)
 
     def open_read(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        return os.fdopen(os.open(path, _READ_FLAGS), "rb", buffering=0)
+        return os.fdopen(_open_regular(path), "rb", buffering=0)
 
     def remove_tree(self, path: str) -> None:
         if self.kind(path) == "dir":
@@ -285,7 +285,32 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
-_READ_FLAGS = os.O_RDONLY | _NOFOLLOW | _CLOEXEC
+_READ_FLAGS = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)
+
+
+def _open_regular(path: str) -> int:
+    """Open ``path`` for reading only if it is a regular file (never a symlink).
+
+    Without blocking: opening a FIFO for reading would wait for a writer, for ever. What
+    was opened is checked, not what was listed, so a file swapped for a FIFO after the
+    listing is refused too (``O_NONBLOCK`` does nothing to reads of regular files).
+    """
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if stat.S_ISREG(mode):
+        return fd
+    os.close(fd)
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
+    raise UnsafeCheckpointError(
+        f"{path} is a special file (FIFO, socket or device), not a regular file: a "
+        "checkpoint holds only regular files and directories, so it is not read.",
+        path=path,
+    )
 
 
 def _kind_of_mode(mode: int) -> EntryKind:
