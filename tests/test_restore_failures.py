@@ -211,28 +211,15 @@ def _chain(depth: int) -> Node:
     return root
 
 
-def _remove_deep(root: Path) -> None:
-    """Remove a very deep tree without recursion (``shutil.rmtree`` and pytest's clean-up
-    of old temporary directories recurse once per level)."""
-    directories: list[Path] = []
-    pending = [root]
-    while pending:
-        directory = pending.pop()
-        directories.append(directory)
-        for entry in os.scandir(directory):
-            if entry.is_dir(follow_symlinks=False):
-                pending.append(Path(entry.path))
-            else:
-                os.unlink(entry.path)
-    for directory in reversed(directories):
-        os.rmdir(directory)
-
-
 @pytest.fixture
 def deep_dir(tmp_path: Path) -> Any:
     yield tmp_path
+    from ckptable._storage import LocalStorage
+
+    # shutil.rmtree (and pytest's clean-up of old temporary directories) recurse once
+    # per level; the library's removal does not.
     for entry in list(tmp_path.iterdir()):
-        _remove_deep(entry) if entry.is_dir() else entry.unlink()
+        LocalStorage().remove_tree(str(entry))
 
 
 def test_a_tree_too_deep_to_save_fails_cleanly(deep_dir: Path) -> None:
@@ -255,3 +242,24 @@ def test_a_checkpoint_too_deep_to_restore_fails_cleanly(deep_dir: Path) -> None:
     with pytest.raises(CheckpointError, match="too deeply"):
         target.restore_from_path(tmp_path / "deep")
     assert target.name == "untouched"
+
+
+def test_a_tree_deeper_than_the_recursion_limit_is_removed(tmp_path: Path) -> None:
+    """Replacing or cleaning up such a tree removes it (shutil.rmtree recurses)."""
+    from ckptable._storage import LocalStorage
+
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    current = deep
+    for _ in range(1500):
+        current = current / "c"
+        current.mkdir()  # one level at a time: mkdir(parents=True) recurses
+    (current / "state.pkl").write_bytes(b"x")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    os.symlink(outside, deep / "c" / "link")
+
+    LocalStorage().remove_tree(str(deep))
+
+    assert os.listdir(tmp_path) == ["outside.txt"]
+    assert outside.read_text() == "keep"

@@ -23,9 +23,12 @@ from typing import Any
 from packaging.version import Version
 
 from ckptable._commit import recover_leftovers
+from ckptable._components import validate_component_name
+from ckptable._formats import codec_for_suffix
 from ckptable._layout import DEFAULT_CLASS_FILE, read_metadata_file, record_of
 from ckptable._manifest import (
     MANIFEST_FILE,
+    LevelManifest,
     check_listing,
     hash_file,
     manifest_tree_bytes,
@@ -35,18 +38,36 @@ from ckptable._manifest import (
     require_manifest_unless_foreign,
 )
 from ckptable._progress import progress_bar
-from ckptable._storage import Storage, resolve_storage
-from ckptable.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckptable._storage import EntryKind, Storage, resolve_storage
+from ckptable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
-__all__ = ["VerifyReport", "get_checkpoint_info", "stored_class_name", "verify_checkpoint"]
+__all__ = [
+    "VerifyReport",
+    "get_checkpoint_info",
+    "read_metadata",
+    "stored_class_name",
+    "tree_total",
+    "verify_checkpoint",
+]
 
 _METADATA_FILES = ("metadata.json", "rllib_checkpoint.json")
-_FORMATS = {".pkl": "cloudpickle", ".msgpack": "msgpack", ".msgpck": "msgpack"}
+#: RLlib's old-stack suffix ``.msgpck``; every other suffix is looked up in the registry.
+_FORMATS = {".msgpck": "msgpack"}
 _LEARNER_MODULES = ("learner_group", "learner", "rl_module")
+#: Longest ``checkpoint_version`` string taken as a version (RLlib writes ``"2.1"``).
+_MAX_VERSION_CHARS = 64
+#: Bytes of a class file read to find the class's import path: the ``"class"`` entry
+#: comes first in the pickle, so a class pickled by reference is found long before.
+_CLASS_SCAN_BYTES = 1 << 20
 
 
 def get_checkpoint_info(path: Any, filesystem: Any = None) -> dict[str, Any]:
     """Describe the checkpoint at ``path`` (a directory, or an old ``checkpoint-N`` file).
+
+    Nothing is unpickled or imported, and nothing outside the checkpoint is read: every
+    component name is checked to be one plain directory name, and a level holding a
+    symlink or special file (FIFO, socket, device) is refused before any file in it is
+    opened. The tree is walked without recursion, however deep it is.
 
     Returns:
         A dict with ``checkpoint_dir``, ``checkpoint_version`` (a
@@ -58,19 +79,31 @@ def get_checkpoint_info(path: Any, filesystem: Any = None) -> dict[str, Any]:
 
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
-        CorruptCheckpointError: a directory that is no checkpoint of any known layout.
+        CorruptCheckpointError: a directory that is no checkpoint of any known layout, a
+            malformed metadata file (not JSON, or a value of the wrong type), or a
+            component directory that is missing or cannot be read.
+        InvalidComponentNameError: a metadata file names a component that is not a plain
+            directory name (``..``, ``a/b``, NUL, ...).
+        UnsafeCheckpointError: the checkpoint holds a symlink or special file.
     """
     storage, root = resolve_storage(path, filesystem)
-    kind = storage.kind(root, follow_symlinks=True)
     shown = storage.display(root)
-    if kind is None:
-        raise CheckpointNotFoundError(f"No checkpoint at {shown}.", path=shown)
-    if kind == "file":
-        parent = storage.split(root)[0]
-        return _base_info(storage.display(parent), Version("0.1"), state_file=shown)
-    if kind != "dir":
-        raise CorruptCheckpointError(f"{shown} is neither a file nor a directory.", path=shown)
-    return _describe_dir(storage, root)
+    try:
+        kind = storage.kind(root, follow_symlinks=True)
+        if kind is None:
+            raise CheckpointNotFoundError(f"No checkpoint at {shown}.", path=shown)
+        if kind == "file":
+            parent = storage.split(root)[0]
+            return _base_info(storage.display(parent), Version("0.1"), state_file=shown)
+        if kind != "dir":
+            raise CorruptCheckpointError(f"{shown} is neither a file nor a directory.", path=shown)
+        return _describe_tree(storage, root)
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        raise CorruptCheckpointError(
+            f"Cannot read the checkpoint {shown}: {exc}", path=shown
+        ) from exc
 
 
 def _base_info(checkpoint_dir: str, version: Version, **extra: Any) -> dict[str, Any]:
@@ -91,40 +124,79 @@ def _base_info(checkpoint_dir: str, version: Version, **extra: Any) -> dict[str,
     return info
 
 
+def _describe_tree(storage: Storage, root: str) -> dict[str, Any]:
+    """Every level of the tree at ``root``, walked with an explicit stack (a chain of
+    thousands of components does not exhaust Python's recursion limit)."""
+    info, children = _describe_dir(storage, root, None)
+    # (parent's components dict, name, directory, metadata file hint); children are
+    # pushed in reverse so that they are described, and inserted, in their saved order.
+    pending = [(info["components"], *child) for child in reversed(children)]
+    while pending:
+        into, name, directory, hint = pending.pop()
+        child_info, grandchildren = _describe_dir(storage, directory, hint)
+        into[name] = child_info
+        pending.extend((child_info["components"], *g) for g in reversed(grandchildren))
+    return info
+
+
+def read_metadata(storage: Storage, path: str, raw: bytes | None = None) -> dict[str, Any]:
+    """``read_metadata_file``, with JSON nested too deeply to parse reported as a corrupt
+    file (naming it) instead of a ``RecursionError``.
+
+    Raises:
+        CorruptCheckpointError: the file is not valid UTF-8 JSON, or nested too deeply.
+    """
+    try:
+        return read_metadata_file(storage, path, raw)
+    except RecursionError as exc:
+        shown = storage.display(path)
+        raise CorruptCheckpointError(
+            f"{shown} is not valid metadata: its JSON is nested too deeply to be read.",
+            path=shown,
+        ) from exc
+
+
 def _describe_dir(
-    storage: Storage, directory: str, metadata_file: str | None = None
-) -> dict[str, Any]:
+    storage: Storage, directory: str, metadata_file: str | None
+) -> tuple[dict[str, Any], list[tuple[str, str, str | None]]]:
+    """One level: its info (``components`` still empty) and its components, as
+    ``(name, directory, metadata file hint)``, in their saved order."""
     shown = storage.display(directory)
     entries = storage.listdir(directory)
+    refuse_special_entries(storage, directory, entries)
     files = {name for name, kind in entries.items() if kind == "file"}
 
     for name in sorted(files):  # RLlib 0.1: a single checkpoint-<iteration> file
         if re.match(r"checkpoint-\d+", name):
-            return _base_info(shown, Version("0.1"), state_file=name)
+            return _base_info(shown, Version("0.1"), state_file=name), []
 
     metadata: dict[str, Any] = {}
+    metadata_path = storage.join(directory, _METADATA_FILES[0])
     for name in (metadata_file, *_METADATA_FILES) if metadata_file else _METADATA_FILES:
         if name in files:
-            metadata = read_metadata_file(storage, storage.join(directory, name))
+            metadata_path = storage.join(directory, name)
+            metadata = read_metadata(storage, metadata_path)
             break
+    where = storage.display(metadata_path)
     record = record_of(metadata)
-    info = _base_info(shown, Version(str(metadata.get("checkpoint_version", "1.1"))))
+    info = _base_info(shown, _checkpoint_version(metadata, where))
     info["metadata"] = metadata
     info["ckptable"] = record
-    for key in ("type", "format", "policy_ids", "module_ids"):  # rllib_checkpoint.json keys
+    for key in ("type", "format"):  # rllib_checkpoint.json keys
         if key in metadata:
-            info[key] = (
-                set(metadata[key]) if key.endswith("_ids") and metadata[key] else metadata[key]
-            )
+            info[key] = _text(metadata[key], where, key)
+    for key in ("policy_ids", "module_ids"):
+        if key in metadata:
+            info[key] = _id_set(metadata[key], where, key)
 
     for suffix in (".pkl", ".msgpck"):  # an old-stack Policy checkpoint
         if "policy_state" + suffix in files:
             info.update(
                 type="Policy",
-                format=_FORMATS[suffix],
+                format=_format_of_suffix(suffix),
                 state_file=_shown(storage, directory, "policy_state" + suffix),
             )
-            return info
+            return info, []
 
     state_file = _find_state_file(files, metadata, record)
     if state_file is None:
@@ -136,24 +208,94 @@ def _describe_dir(
         )
     stem, _, ext = state_file.rpartition(".")
     info["state_file"] = _shown(storage, directory, state_file)
-    info["format"] = record["format"] if record else _FORMATS["." + ext]
+    recorded_format = _text((record or {}).get("format"), where, "ckptable.format")
+    info["format"] = recorded_format or _format_of_suffix("." + ext)
+    if info["format"] is None:
+        raise CorruptCheckpointError(
+            f"{info['state_file']}: no registered format reads files ending in '.{ext}', "
+            f"and {where} records none.",
+            path=info["state_file"],
+        )
     if DEFAULT_CLASS_FILE in files or record:
         info["type"] = "Algorithm" if stem == "algorithm_state" else "Checkpointable"
+        recorded_class = _text((record or {}).get("class"), where, "ckptable.class")
         info["class"] = (
-            record["class"]
-            if record
+            recorded_class
+            if recorded_class is not None
             else _class_in_pickle(storage, storage.join(directory, DEFAULT_CLASS_FILE))
+            if DEFAULT_CLASS_FILE in files
+            else None
         )
-    info["components"] = _describe_components(storage, directory, entries, record)
+    children = _component_dirs(storage, directory, entries, record, where)
 
     if entries.get("policies") == "dir":
-        info["policy_ids"] = set(storage.listdir(storage.join(directory, "policies")))
-    modules = storage.join(directory, *_LEARNER_MODULES)
-    if storage.kind(modules) == "dir":
-        info["module_ids"] = {
-            name for name, kind in storage.listdir(modules).items() if kind == "dir"
-        }
-    return info
+        policies = storage.join(directory, "policies")
+        listing = storage.listdir(policies)
+        refuse_special_entries(storage, policies, listing)
+        info["policy_ids"] = set(listing)
+    modules = _learner_modules(storage, directory, entries)
+    if modules is not None:
+        info["module_ids"] = modules
+    return info, children
+
+
+def _checkpoint_version(metadata: dict[str, Any], where: str) -> Version:
+    """The level's ``checkpoint_version`` (RLlib's default ``1.1`` if none is recorded).
+
+    Raises:
+        CorruptCheckpointError: a value that is no version (naming the metadata file).
+    """
+    value = metadata.get("checkpoint_version", "1.1")
+    if not isinstance(value, bool) and isinstance(value, (str, int, float)):
+        text = str(value)
+        if len(text) <= _MAX_VERSION_CHARS:
+            try:
+                return Version(text)
+            except ValueError:  # packaging's InvalidVersion
+                pass
+    raise CorruptCheckpointError(
+        f"{where} is not valid metadata: its checkpoint_version {_brief(value)} is not a version.",
+        path=where,
+    )
+
+
+def _text(value: Any, where: str, key: str) -> str | None:
+    """``value`` if it is a string, None if it is absent (None).
+
+    Raises:
+        CorruptCheckpointError: any other type (naming the metadata file and key).
+    """
+    if value is None or isinstance(value, str):
+        return value
+    raise CorruptCheckpointError(
+        f"{where} is not valid metadata: {key} is {_brief(value)}, not a string.", path=where
+    )
+
+
+def _id_set(value: Any, where: str, key: str) -> set[Any] | None:
+    """``policy_ids`` / ``module_ids`` as RLlib reports them: a set (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, list) and not any(isinstance(v, (list, dict)) for v in value):
+        return set(value)
+    raise CorruptCheckpointError(
+        f"{where} is not valid metadata: {key} is {_brief(value)}, not a list of ids.",
+        path=where,
+    )
+
+
+def _brief(value: Any) -> str:
+    """A short description of a crafted value, for a message."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def _format_of_suffix(suffix: str) -> str | None:
+    """The format of a state file ending in ``suffix`` (None if no codec reads it)."""
+    if suffix in _FORMATS:
+        return _FORMATS[suffix]
+    codec = codec_for_suffix(suffix)
+    return None if codec is None else codec.name
 
 
 def _find_state_file(
@@ -171,41 +313,76 @@ def _find_state_file(
     return None
 
 
-def _describe_components(
-    storage: Storage, directory: str, entries: dict[str, Any], record: dict[str, Any] | None
-) -> dict[str, Any]:
-    if record is not None:
-        names = [n for n in record.get("components", []) if isinstance(n, str)]
-    else:
-        names = [
-            name
+def _component_dirs(
+    storage: Storage,
+    directory: str,
+    entries: dict[str, EntryKind],
+    record: dict[str, Any] | None,
+    where: str,
+) -> list[tuple[str, str, str | None]]:
+    """The level's components as ``(name, directory, metadata file hint)``.
+
+    ckptable's record lists them; each name must be one plain directory name of this
+    level (never ``..`` or a path), and its directory must be there. Without a record
+    (RLlib wrote the level), a component is a subdirectory holding a class file.
+    """
+    if record is None:
+        return [
+            (name, storage.join(directory, name), None)
             for name, kind in sorted(entries.items())
             if kind == "dir"
             and storage.kind(storage.join(directory, name, DEFAULT_CLASS_FILE)) == "file"
         ]
-    components = {}
-    for name in names:
+    recorded = record.get("components", [])
+    if not isinstance(recorded, list):
+        raise CorruptCheckpointError(
+            f"{where} is not valid metadata: ckptable.components is {_brief(recorded)}, "
+            "not a list of component names.",
+            path=where,
+        )
+    hints = record.get("component_metadata_files")
+    hints = hints if isinstance(hints, dict) else {}
+    shown = storage.display(directory)
+    children: dict[str, tuple[str, str, str | None]] = {}
+    for name in recorded:
+        validate_component_name(name, path=where, where=where)
         child = storage.join(directory, name)
-        if storage.kind(child) != "dir":
+        if entries.get(name) != "dir":
             raise CorruptCheckpointError(
                 f"The component directory {storage.display(child)} recorded in the "
                 "checkpoint's metadata is missing.",
-                path=storage.display(directory),
+                path=shown,
                 component=name,
             )
-        hint = (record or {}).get("component_metadata_files", {}).get(name)
-        components[name] = _describe_dir(storage, child, hint if isinstance(hint, str) else None)
-    return components
+        hint = hints.get(name)
+        children.setdefault(name, (name, child, hint if isinstance(hint, str) else None))
+    return list(children.values())
+
+
+def _learner_modules(
+    storage: Storage, directory: str, entries: dict[str, EntryKind]
+) -> set[str] | None:
+    """The module ids under ``learner_group/learner/rl_module`` (RLlib's new stack),
+    listed one directory at a time so that no symlink along the way is followed."""
+    listing = entries
+    current = directory
+    for name in _LEARNER_MODULES:
+        if listing.get(name) != "dir":
+            return None
+        current = storage.join(current, name)
+        listing = storage.listdir(current)
+        refuse_special_entries(storage, current, listing)
+    return {name for name, kind in listing.items() if kind == "dir"}
 
 
 def stored_class_name(
     storage: Storage, directory: str, metadata_file: str, class_file: str
 ) -> str | None:
     """The import path of the class a level was saved from, without unpickling; None if
-    unknown (no such files, or a class pickled by value)."""
+    unknown (no such files, a class pickled by value, or a record that is no string)."""
     entries = storage.listdir(directory)
     if entries.get(metadata_file) == "file":
-        record = record_of(read_metadata_file(storage, storage.join(directory, metadata_file)))
+        record = record_of(read_metadata(storage, storage.join(directory, metadata_file)))
         if record is not None and isinstance(record.get("class"), str):
             return str(record["class"])
     if entries.get(class_file) == "file":
@@ -218,13 +395,20 @@ def _shown(storage: Storage, directory: str, name: str) -> str:
 
 
 def _class_in_pickle(storage: Storage, path: str) -> str | None:
-    """The import path of the ``"class"`` entry of a class file, read from its opcodes.
+    """The import path of the ``"class"`` entry of a class file, read from its opcodes
+    (``pickletools.genops``: nothing is imported or executed).
 
-    Returns None when the class was pickled by value (defined in ``__main__``) or the
-    file cannot be parsed.
+    Only the file's first ``_CLASS_SCAN_BYTES`` are read. Returns None when the class was
+    pickled by value (defined in ``__main__``) or the bytes cannot be parsed.
     """
     try:
-        data = storage.read_bytes(path)
+        with storage.open_read(path) as stream:
+            chunks: list[bytes] = []
+            left = _CLASS_SCAN_BYTES
+            while left > 0 and (chunk := stream.read(left)):
+                chunks.append(chunk)
+                left -= len(chunk)
+        data = b"".join(chunks)
         strings: list[str] = []
         seen_class_key = False
         for opcode, arg, _ in pickletools.genops(data):
@@ -243,7 +427,7 @@ def _class_in_pickle(storage: Storage, path: str) -> str | None:
                 return f"{module}.{name}"
             elif seen_class_key and opcode.name in ("REDUCE", "BUILD", "TUPLE", "TUPLE2"):
                 return None  # built by a function call: pickled by value
-    except (OSError, ValueError, EOFError):
+    except Exception:  # untrusted bytes: any parse failure means "unknown"
         return None
     return None
 
@@ -300,13 +484,24 @@ def verify_checkpoint(
     try:
         with progress_bar(progress, "Verifying") as bar:
             if bar is not None:
-                bar.set_total(manifest_tree_bytes(storage, root))
+                bar.set_total(tree_total(storage, root))
             return verify_tree(storage, root)
+    except CheckpointError:
+        raise  # CheckpointNotFoundError is an OSError too: keep it as it is
     except OSError as exc:
         shown = storage.display(root)
         raise CorruptCheckpointError(
             f"Cannot read the checkpoint {shown}: {exc}", path=shown
         ) from exc
+
+
+def tree_total(storage: Storage, root: str) -> int | None:
+    """The bytes the root manifest of ``root`` records for the whole tree (a progress
+    bar's total), or None: a crafted count too long to be a number is no total."""
+    try:
+        return manifest_tree_bytes(storage, root)
+    except (ValueError, OverflowError):
+        return None
 
 
 def verify_tree(
@@ -319,55 +514,97 @@ def verify_tree(
     """``verify_checkpoint`` on a resolved storage path; ``expected_manifest``: the
     parent manifest's ``(algorithm, checksum)`` of the root's manifest.
     ``read_unverified=False`` lists levels without a manifest but does not read their
-    files (a restore reads them anyway; their byte count is then 0)."""
+    files (a restore reads them anyway; their byte count is then 0).
+
+    The tree is walked with an explicit stack, in sorted order, so a chain of thousands
+    of nested components neither exhausts the recursion limit nor changes which damage
+    is reported first. A file is opened only once its listing shows a regular file.
+    """
     if storage.kind(root, follow_symlinks=True) != "dir":
         recover_leftovers(storage, root)
         if storage.kind(root, follow_symlinks=True) != "dir":
             shown = storage.display(root)
             raise CheckpointNotFoundError(f"No checkpoint directory at {shown}.", path=shown)
-    counts = {"levels": 0, "files": 0, "bytes": 0}
+    levels = files = size = 0
     algorithms: set[str] = set()
     unverified: list[str] = []
 
-    def walk(directory: str, expected: tuple[str, str] | None) -> None:
+    pending: list[tuple[str, tuple[str, str] | None]] = [(root, expected_manifest)]
+    while pending:
+        directory, expected = pending.pop()
         entries = storage.listdir(directory)
         refuse_special_entries(storage, directory, entries)
-        counts["levels"] += 1
+        levels += 1
+        below: list[tuple[str, tuple[str, str] | None]] = []
         if MANIFEST_FILE in entries or expected is not None:
-            manifest = read_manifest(storage, directory, expected)
+            manifest = _read_level_manifest(storage, directory, expected)
             check_listing(storage, directory, manifest, entries)
             algorithms.add(manifest.algorithm)
             for name, size_digest in sorted(manifest.files.items()):
                 path = storage.join(directory, name)
                 read_verified(storage, path, size_digest, manifest.algorithm, keep=False)
-                counts["files"] += 1
-                counts["bytes"] += size_digest[0]
-            for name, digest in sorted(manifest.dirs.items()):
-                walk(storage.join(directory, name), (manifest.algorithm, digest))
-            return
-        require_manifest_unless_foreign(storage, directory, None, entries)
-        unverified.append(storage.display(directory))
-        for name, kind in sorted(entries.items()):
-            path = storage.join(directory, name)
-            if kind == "file" and not read_unverified:
-                counts["files"] += 1
-            elif kind == "file":
-                try:
-                    size, _ = hash_file(storage, path, "crc32")
-                except OSError as exc:
-                    shown = storage.display(path)
-                    raise CorruptCheckpointError(f"Cannot read {shown}: {exc}", path=shown) from exc
-                counts["files"] += 1
-                counts["bytes"] += size
-            elif kind == "dir":
-                walk(path, None)
-
-    walk(root, expected_manifest)
+                files += 1
+                size += size_digest[0]
+            below = [
+                (storage.join(directory, name), (manifest.algorithm, digest))
+                for name, digest in sorted(manifest.dirs.items())
+            ]
+        else:
+            _require_manifest_unless_foreign(storage, directory, entries)
+            unverified.append(storage.display(directory))
+            for name, kind in sorted(entries.items()):
+                path = storage.join(directory, name)
+                if kind == "file" and not read_unverified:
+                    files += 1
+                elif kind == "file":
+                    try:
+                        read, _ = hash_file(storage, path, "crc32")
+                    except OSError as exc:
+                        shown = storage.display(path)
+                        raise CorruptCheckpointError(
+                            f"Cannot read {shown}: {exc}", path=shown
+                        ) from exc
+                    files += 1
+                    size += read
+                elif kind == "dir":
+                    below.append((path, None))
+        pending.extend(reversed(below))  # depth first, in sorted order
     return VerifyReport(
         storage.display(root),
-        counts["levels"],
-        counts["files"],
-        counts["bytes"],
+        levels,
+        files,
+        size,
         tuple(sorted(algorithms)),
         tuple(unverified),
     )
+
+
+def _read_level_manifest(
+    storage: Storage, directory: str, expected: tuple[str, str] | None
+) -> LevelManifest:
+    """``read_manifest``, with a crafted manifest that breaks its parser (JSON nested too
+    deeply, a size of ``1e400``) reported as a corrupt manifest naming the file."""
+    try:
+        return read_manifest(storage, directory, expected)
+    except CheckpointError:
+        raise
+    except (RecursionError, OverflowError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        shown = storage.display(storage.join(directory, MANIFEST_FILE))
+        raise CorruptCheckpointError(
+            f"The manifest {shown} is malformed ({type(exc).__name__}: {exc}).", path=shown
+        ) from exc
+
+
+def _require_manifest_unless_foreign(
+    storage: Storage, directory: str, entries: dict[str, EntryKind]
+) -> None:
+    """``require_manifest_unless_foreign``, with a metadata file nested too deeply to
+    parse reported as a corrupt level instead of a ``RecursionError``."""
+    try:
+        require_manifest_unless_foreign(storage, directory, None, entries)
+    except RecursionError as exc:
+        shown = storage.display(directory)
+        raise CorruptCheckpointError(
+            f"The checkpoint level {shown} holds a JSON file nested too deeply to be read.",
+            path=shown,
+        ) from exc

@@ -170,8 +170,13 @@ class LocalStorage:
 
     def remove_tree(self, path: str) -> None:
         if self.kind(path) == "dir":
-            # shutil.rmtree does not follow symlinks inside the tree.
-            shutil.rmtree(path)
+            # shutil.rmtree does not follow symlinks inside the tree; it recurses once
+            # per level (Python < 3.12), so trees deeper than the recursion limit are
+            # removed by an explicit walk.
+            try:
+                shutil.rmtree(path)
+            except RecursionError:
+                _remove_deep_tree(path)
         elif self.kind(path) is not None:
             os.unlink(path)
 
@@ -286,6 +291,27 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
 _READ_FLAGS = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)
+
+
+def _remove_deep_tree(root: str) -> None:
+    """Remove the tree at ``root`` without recursion and without following symlinks
+    (a symlink is unlinked, never entered): every directory is listed once, its files
+    removed, its subdirectories visited; the directories go last, deepest first."""
+    directories: list[str] = []
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        directories.append(directory)
+        with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+    for directory in reversed(directories):
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(directory)
 
 
 def _open_regular(path: str) -> int:

@@ -6,6 +6,7 @@ Subcommands (``ckptable COMMAND -h`` for each)::
                                          versions, actor components, manifests
     ckptable verify PATH                 check every file against the manifests
     ckptable convert SRC DST --format F  rewrite every state in another format
+             [--force] [--safe]          (--force: replace a checkpoint at DST)
     ckptable diff A B                    which components and state keys differ
     ckptable demo [--dir DIR] [--keep]   save and restore a tree with Ray actors
 
@@ -24,15 +25,16 @@ import os
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
 from typing import IO, Any, NoReturn
 
 from ckptable._info import get_checkpoint_info, verify_checkpoint
 from ckptable._layout import record_of
-from ckptable._manifest import MANIFEST_FILE, LevelManifest
+from ckptable._manifest import MANIFEST_FILE, LevelManifest, refuse_special_entries
 from ckptable._storage import Storage, resolve_storage
-from ckptable.errors import CheckpointError
+from ckptable.errors import CheckpointError, CorruptCheckpointError
 
-__all__ = ["describe_checkpoint", "format_info", "human_bytes", "main"]
+__all__ = ["describe_checkpoint", "dump_json", "format_info", "human_bytes", "main"]
 
 PROG = "ckptable"
 
@@ -154,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[debug],
         help="write a copy of a checkpoint with every state in another format",
         description="Write a copy of SRC to DST with every level's state re-encoded in "
-        "FORMAT; the source is verified first, DST is published whole (it may be SRC).",
+        "FORMAT; the source is verified first, DST is published whole. DST must be new "
+        "or an empty directory (--force replaces a checkpoint there, never other files) "
+        "and may not be SRC, inside it, or contain it.",
     )
     convert.add_argument("src", metavar="SRC", help="checkpoint to convert")
     convert.add_argument("dst", metavar="DST", help="where to write the converted copy")
@@ -163,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="msgpack",
         metavar="FORMAT",
         help="msgpack (default), cloudpickle (or its alias pickle), or a registered format",
+    )
+    convert.add_argument(
+        "--force",
+        "--overwrite",
+        dest="overwrite",
+        action="store_true",
+        help="replace a checkpoint already at DST (a directory of other files is refused)",
     )
     convert.add_argument(
         "--safe",
@@ -318,27 +329,44 @@ def _unicode_ok(stream: Any) -> bool:
 
 @dataclasses.dataclass
 class _Scan:
-    """Sizes and the manifest of one directory, with its subdirectories."""
+    """Sizes and the manifest of one directory, with its subdirectories; the totals
+    (this directory and everything below it) are filled in by ``_scan``."""
 
     own_bytes: int
     own_files: int
     algorithm: str | None
     has_manifest: bool
     children: dict[str, _Scan]
-
-    @property
-    def total_bytes(self) -> int:
-        return self.own_bytes + sum(child.total_bytes for child in self.children.values())
-
-    @property
-    def total_files(self) -> int:
-        return self.own_files + sum(child.total_files for child in self.children.values())
+    total_bytes: int = 0
+    total_files: int = 0
 
 
-def _scan(storage: Storage, directory: str) -> _Scan:
+def _scan(storage: Storage, root: str) -> _Scan:
+    """Size the tree at ``root`` (every directory, component or not), walked with an
+    explicit stack so that any depth works; symlinks and special files are refused."""
+    top, names = _scan_level(storage, root)
+    order = [top]  # parents before their children
+    pending = [(top, root, names)]
+    while pending:
+        parent, directory, subdirectories = pending.pop()
+        for name in subdirectories:
+            path = storage.join(directory, name)
+            scan, below = _scan_level(storage, path)
+            parent.children[name] = scan
+            order.append(scan)
+            pending.append((scan, path, below))
+    for scan in reversed(order):  # children first: their totals are known
+        scan.total_bytes = scan.own_bytes + sum(c.total_bytes for c in scan.children.values())
+        scan.total_files = scan.own_files + sum(c.total_files for c in scan.children.values())
+    return top
+
+
+def _scan_level(storage: Storage, directory: str) -> tuple[_Scan, list[str]]:
     """List ``directory`` and size its files: from its manifest where it lists them (one
-    read per level, no stat per file on object stores), else from the filesystem."""
+    read per level, no stat per file on object stores), else from the filesystem.
+    Returns the level (children not filled in) and its subdirectories' names."""
     entries = storage.listdir(directory)
+    refuse_special_entries(storage, directory, entries)
     recorded: dict[str, tuple[int, str]] = {}
     algorithm = None
     manifest_bytes = None
@@ -348,15 +376,15 @@ def _scan(storage: Storage, directory: str) -> _Scan:
         manifest_bytes = len(data)
         try:
             manifest = LevelManifest.from_bytes(data, storage.display(path))
-        except CheckpointError:
+        except (CheckpointError, RecursionError, OverflowError, ValueError, TypeError):
             pass  # sized from the filesystem; `ckptable verify` says what is wrong
         else:
             recorded, algorithm = manifest.files, manifest.algorithm
     own_bytes = own_files = 0
-    children: dict[str, _Scan] = {}
+    subdirectories: list[str] = []
     for name, kind in sorted(entries.items()):
         if kind == "dir":
-            children[name] = _scan(storage, storage.join(directory, name))
+            subdirectories.append(name)
         elif kind == "file":
             own_files += 1
             if name == MANIFEST_FILE and manifest_bytes is not None:
@@ -365,12 +393,17 @@ def _scan(storage: Storage, directory: str) -> _Scan:
                 own_bytes += recorded[name][0]
             else:
                 own_bytes += storage.size(storage.join(directory, name))
-    return _Scan(own_bytes, own_files, algorithm, manifest_bytes is not None, children)
+    scan = _Scan(own_bytes, own_files, algorithm, manifest_bytes is not None, {})
+    return scan, subdirectories
 
 
 def describe_checkpoint(path: Any, filesystem: Any = None) -> dict[str, Any]:
     """What ``ckptable info --json`` prints: ``ckptable.get_checkpoint_info`` made
     JSON-ready, with each level's sizes, versions, actor flag and integrity record.
+
+    Like ``get_checkpoint_info``, it unpickles nothing, reads nothing outside the
+    checkpoint (symlinks and special files are refused, component names checked) and
+    handles trees of any depth.
 
     Args:
         path: A checkpoint directory or URI (or an old ``checkpoint-N`` file).
@@ -381,14 +414,25 @@ def describe_checkpoint(path: Any, filesystem: Any = None) -> dict[str, Any]:
 
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
-        CorruptCheckpointError: ``path`` is no checkpoint of any known layout.
+        CorruptCheckpointError: ``path`` is no checkpoint of any known layout, or a
+            file of it is malformed or unreadable.
+        InvalidComponentNameError: a metadata file names an impossible component.
+        UnsafeCheckpointError: the checkpoint holds a symlink or special file.
     """
     info = get_checkpoint_info(path, filesystem)
     storage, root = resolve_storage(path, filesystem)
-    if storage.kind(root, follow_symlinks=True) == "file":
-        root = storage.split(root)[0]  # RLlib 0.1: a checkpoint-N file
-    scan = _scan(storage, root)
-    tree = _describe_level(info, scan, "", actor=False)
+    try:
+        if storage.kind(root, follow_symlinks=True) == "file":
+            root = storage.split(root)[0]  # RLlib 0.1: a checkpoint-N file
+        scan = _scan(storage, root)
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        shown = storage.display(root)
+        raise CorruptCheckpointError(
+            f"Cannot read the checkpoint {shown}: {exc}", path=shown
+        ) from exc
+    tree = _describe_tree(info, scan)
     levels = list(_walk_levels(tree))
     with_manifest = sum(1 for level in levels if level["integrity"]["manifest"])
     algorithms = sorted(
@@ -418,9 +462,29 @@ def _sorted_or_none(ids: Any) -> list[str] | None:
     return None if ids is None else sorted(str(i) for i in ids)
 
 
+def _describe_tree(info: dict[str, Any], scan: _Scan) -> dict[str, Any]:
+    """The ``tree`` of ``describe_checkpoint``: every level, built with an explicit stack."""
+    tree = _describe_level(info, scan, "", actor=False)
+    pending = [(tree, info, scan)]
+    while pending:
+        level, level_info, level_scan = pending.pop()
+        actor_names = (record_of(level_info.get("metadata")) or {}).get("actor_components")
+        children = []
+        for name, child_info in (level_info.get("components") or {}).items():
+            child_scan = level_scan.children.get(name) or _Scan(0, 0, None, False, {})
+            child_actor = None if not isinstance(actor_names, list) else name in actor_names
+            component = f"{level['component']}/{name}" if level["component"] else name
+            child = _describe_level(child_info, child_scan, component, actor=child_actor)
+            level["components"][name] = child
+            children.append((child, child_info, child_scan))
+        pending.extend(reversed(children))
+    return tree
+
+
 def _describe_level(
     info: dict[str, Any], scan: _Scan, component: str, *, actor: bool | None
 ) -> dict[str, Any]:
+    """One level of the ``tree`` (its ``components`` still empty)."""
     metadata = info.get("metadata") or {}
     record = record_of(metadata)
     if record is not None:
@@ -429,15 +493,7 @@ def _describe_level(
         writer = "rllib"
     else:
         writer = None
-    actor_names = (record or {}).get("actor_components")
     state_file = info.get("state_file")
-    children = {}
-    for name, child_info in (info.get("components") or {}).items():
-        child_scan = scan.children.get(name) or _Scan(0, 0, None, False, {})
-        child_actor = None if not isinstance(actor_names, list) else name in actor_names
-        children[name] = _describe_level(
-            child_info, child_scan, f"{component}/{name}" if component else name, actor=child_actor
-        )
     return {
         "name": component.rsplit("/", 1)[-1],
         "component": component,
@@ -464,14 +520,82 @@ def _describe_level(
         "total_bytes": scan.total_bytes,
         "total_files": scan.total_files,
         "metadata": metadata,
-        "components": children,
+        "components": {},
     }
 
 
-def _walk_levels(level: dict[str, Any]) -> Any:
-    yield level
-    for child in level["components"].values():
-        yield from _walk_levels(child)
+def _walk_levels(level: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every level of a ``tree``, parents before children, in saved order."""
+    pending = [level]
+    while pending:
+        current = pending.pop()
+        yield current
+        pending.extend(reversed(list(current["components"].values())))
+
+
+#: Nesting depth beyond which ``dump_json`` indents no further.
+_MAX_JSON_INDENT_DEPTH = 64
+
+
+def dump_json(value: Any, indent: int = 2) -> str:
+    """``json.dumps(value, indent=indent, default=str)``, written without recursion: a
+    ``describe_checkpoint`` document nests two levels per component, which is deeper
+    than ``json``'s own encoders go for a chain of a thousand components.
+
+    Indentation stops growing below ``_MAX_JSON_INDENT_DEPTH`` levels of nesting (the
+    document stays valid JSON): indenting every line of a chain of thousands of
+    components by its depth would make the output grow with the square of the depth.
+    """
+    parts: list[str] = []
+    # Each item: text to write, or a value to write at an indentation depth.
+    pending: list[tuple[str, Any, int]] = [("value", value, 0)]
+    while pending:
+        what, item, depth = pending.pop()
+        if what == "text":
+            parts.append(item)
+            continue
+        inner = min(depth + 1, _MAX_JSON_INDENT_DEPTH)
+        if isinstance(item, dict) and item:
+            pad = "\n" + " " * (indent * inner)
+            todo: list[tuple[str, Any, int]] = [("text", "{", 0)]
+            for index, (key, child) in enumerate(item.items()):
+                comma = "," if index else ""
+                todo.append(("text", f"{comma}{pad}{json.dumps(_json_key(key))}: ", 0))
+                todo.append(("value", child, depth + 1))
+            todo.append(("text", "\n" + " " * (indent * (inner - 1)) + "}", 0))
+            pending.extend(reversed(todo))
+        elif isinstance(item, (list, tuple)) and item:
+            pad = "\n" + " " * (indent * inner)
+            todo = [("text", "[", 0)]
+            for index, child in enumerate(item):
+                todo.append(("text", f"{',' if index else ''}{pad}", 0))
+                todo.append(("value", child, depth + 1))
+            todo.append(("text", "\n" + " " * (indent * (inner - 1)) + "]", 0))
+            pending.extend(reversed(todo))
+        elif isinstance(item, dict):
+            parts.append("{}")
+        elif isinstance(item, (list, tuple)):
+            parts.append("[]")
+        else:
+            parts.append(json.dumps(item, default=str))
+    return "".join(parts)
+
+
+def _json_key(key: Any) -> str:
+    """A dict key as ``json`` writes it (``None`` and booleans as ``null``/``true``)."""
+    if isinstance(key, str):
+        return key
+    return json.dumps(key) if key is None or isinstance(key, bool) else str(key)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``): names and classes
+    come from the checkpoint's files, which must not drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
 
 
 def format_info(doc: dict[str, Any], *, unicode: bool = True) -> str:
@@ -516,28 +640,37 @@ def format_info(doc: dict[str, Any], *, unicode: bool = True) -> str:
         branch, last, pipe, space = ("|-- ", "`-- ", "|   ", "    ")
     rows: list[list[str]] = [["COMPONENT", "CLASS", "FORMAT", "OWN", "TOTAL", "STATE", "CHECK"]]
 
-    def add(level: dict[str, Any], prefix: str, connector: str, inner: str) -> None:
+    # (level, prefix, connector, inner): written parents first, children in saved order.
+    pending: list[tuple[dict[str, Any], str, str, str]] = [(tree, "", "", "")]
+    while pending:
+        level, prefix, connector, inner = pending.pop()
         name = level["name"] or "(root)"
         if level["actor"]:
             name += " [actor]"
         state_version = level["versions"]["state_version"]
         rows.append(
             [
-                prefix + connector + name,
-                level["class"] or "?",
-                level["format"] or "?",
+                _printable(prefix + connector + name),
+                _printable(str(level["class"] or "?")),
+                _printable(str(level["format"] or "?")),
                 human_bytes(level["own_bytes"]),
                 human_bytes(level["total_bytes"]),
-                f"v{state_version}" if state_version is not None else "-",
+                _printable(f"v{state_version}" if state_version is not None else "-"),
                 "manifest" if level["integrity"]["manifest"] else "none",
             ]
         )
         children = list(level["components"].values())
-        for index, child in enumerate(children):
+        for index in reversed(range(len(children))):
             is_last = index == len(children) - 1
-            add(child, inner, last if is_last else branch, inner + (space if is_last else pipe))
+            pending.append(
+                (
+                    children[index],
+                    inner,
+                    last if is_last else branch,
+                    inner + (space if is_last else pipe),
+                )
+            )
 
-    add(tree, "", "", "")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     right = {3, 4}  # sizes align right
     for row in rows:
@@ -546,13 +679,13 @@ def format_info(doc: dict[str, Any], *, unicode: bool = True) -> str:
             for i, cell in enumerate(row)
         ]
         lines.append("  " + "  ".join(cells).rstrip())
-    return "\n".join(lines)
+    return "\n".join(_printable(line) for line in lines)
 
 
 def _run_info(args: argparse.Namespace) -> int:
     doc = describe_checkpoint(args.path)
     if args.json:
-        print(json.dumps(doc, indent=2, default=str))
+        print(dump_json(doc))
     else:
         print(format_info(doc, unicode=_unicode_ok(sys.stdout)))
     return EXIT_OK
@@ -597,7 +730,9 @@ def _run_convert(args: argparse.Namespace) -> int:
         codec = get_codec(args.format)
     except CheckpointError as exc:  # an unknown format is a usage mistake
         raise UsageError(f"argument --format: {exc}") from exc
-    written = convert_checkpoint(args.src, args.dst, format=codec.name, safe=args.safe)
+    written = convert_checkpoint(
+        args.src, args.dst, format=codec.name, safe=args.safe, overwrite=args.overwrite
+    )
     print(f"converted {args.src} to {codec.name}: {written}")
     return EXIT_OK
 
