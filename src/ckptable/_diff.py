@@ -27,7 +27,7 @@ from ckptable._restore import (
     require_directory,
 )
 from ckptable._storage import Storage, resolve_storage
-from ckptable.errors import CorruptCheckpointError, UnsafeCheckpointError
+from ckptable.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
 __all__ = ["DecodedLevel", "DiffResult", "diff_checkpoints", "format_diff", "load_states"]
 
@@ -86,6 +86,13 @@ def load_states(path: Any, *, safe: bool = True, filesystem: Any = None) -> Deco
         shown = storage.display(root)
         raise CorruptCheckpointError(
             f"Cannot read the checkpoint {shown}: {exc}", path=shown
+        ) from exc
+    except RecursionError as exc:
+        shown = storage.display(root)
+        raise CheckpointError(
+            f"The checkpoint {shown} nests its components too deeply to compare with "
+            f"Python's recursion limit ({exc}).",
+            path=shown,
         ) from exc
     return DecodedTree(storage.display(root), levels, tuple(session.unverified))
 

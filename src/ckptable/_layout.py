@@ -67,7 +67,7 @@ def read_metadata_file(storage: Storage, path: str, raw: bytes | None = None) ->
     """
     try:
         data = json.loads((storage.read_bytes(path) if raw is None else raw).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         shown = storage.display(path)
         raise CorruptCheckpointError(f"{shown} is not valid JSON: {exc}", path=shown) from exc
     return data if isinstance(data, dict) else {}
