@@ -132,6 +132,7 @@ class Checkpointable(abc.ABC):
         verify: bool = True,
         safe: bool = False,
         mmap: bool = False,
+        map_location: Any = None,
         transfer: Any = None,
         on_actor_failure: str = "raise",
         progress: bool | None = None,
@@ -161,6 +162,19 @@ class Checkpointable(abc.ABC):
                 costs next to nothing, pages are read when used. With ``verify``, all
                 but the arrays' bytes is verified (``verify_checkpoint`` checks those).
                 Byte strings of 1 MiB or more come back as read-only ``memoryview``.
+                Torch tensors are copied out of the mapping (torch has no read-only
+                tensors).
+            map_location: Where torch tensors go, with ``torch.load``'s meanings: a
+                device string (``"cpu"``, ``"cuda:0"``) or ``torch.device`` for all of
+                them; a dict of saved device strings to target devices
+                (``{"cuda:1": "cuda:0"}``; devices it does not name follow the default);
+                or a callable ``(tensor, saved_device) -> tensor``, called with each
+                tensor built on the CPU and the string of the device it was saved from,
+                that returns it moved (or None for the default). Default (None): each
+                tensor goes back to the device it was saved from if this machine has
+                it, else to the CPU, with one ``UserWarning`` per restore counting the
+                tensors moved. Also for tensors pickled by torch itself (older
+                checkpoints, RLlib's). See ``docs/torch.md``.
             transfer: A ``ckptable.ray.TransferHook`` that moves the directories of
                 components held by Ray actors to the actors' nodes (default:
                 ``ckptable.ray.get_default_transfer()``).
@@ -190,6 +204,10 @@ class Checkpointable(abc.ABC):
             SetStateError: a ``set_state`` raised; it names the level, its class and
                 state version, says what became of the levels set before it, and has
                 the original exception as its cause.
+            CheckpointError: ``map_location`` sends tensors to a device this machine
+                does not have, or its callable returned something else than the
+                tensor moved (before any ``set_state``).
+            TypeError: ``map_location`` is not one of the types above.
         """
         restore_checkpointable(
             self,
@@ -204,6 +222,7 @@ class Checkpointable(abc.ABC):
                 on_actor_failure=on_actor_failure,
                 progress=progress,
                 rollback=rollback,
+                map_location=map_location,
             ),
             kwargs=kwargs,
         )
@@ -217,6 +236,7 @@ class Checkpointable(abc.ABC):
         verify: bool = True,
         safe: bool = False,
         mmap: bool = False,
+        map_location: Any = None,
         progress: bool | None = None,
         **kwargs: Any,
     ) -> _C:
@@ -231,11 +251,14 @@ class Checkpointable(abc.ABC):
                 ``cls`` or a subclass of it that is already imported (plus the
                 allowlist), and its constructor arguments only allowlisted types.
             mmap: As in ``restore_from_path``.
+            map_location: As in ``restore_from_path``; it also places tensors among the
+                stored constructor arguments.
             progress: As in ``restore_from_path``.
             **kwargs: Keyword arguments naming constructor parameters override the
                 stored constructor arguments; the others go on to ``restore_from_path``.
-                (``verify``, ``safe``, ``mmap`` and ``progress`` are ckptable's own: a
-                constructor parameter of any of these names cannot be overridden here.)
+                (``verify``, ``safe``, ``mmap``, ``map_location`` and ``progress`` are
+                ckptable's own: a constructor parameter of any of these names cannot be
+                overridden here.)
 
         The class file is verified and decoded before the constructor runs; the state
         files are verified by the restore that follows, before any ``set_state``.
@@ -243,7 +266,9 @@ class Checkpointable(abc.ABC):
         Raises:
             IncompatibleCheckpointError: if the stored class is not a subclass of ``cls``.
         """
-        options = RestoreOptions(verify=verify, safe=safe, mmap=mmap, progress=progress)
+        options = RestoreOptions(
+            verify=verify, safe=safe, mmap=mmap, progress=progress, map_location=map_location
+        )
         return construct_from_checkpoint(cls, path, filesystem, options, kwargs)
 
     @abc.abstractmethod

@@ -9,16 +9,28 @@ the middle of a save.
 Built in:
 
 - ``cloudpickle`` (alias ``pickle``): the default, RLlib's default too. Loading it runs
-  whatever code the pickle names, so only load checkpoints you trust.
+  whatever code the pickle names, so only load checkpoints you trust. Torch tensors are
+  written as numpy arrays (big out-of-band payloads) plus a record naming torch's own
+  rebuild function, and placed on devices by ``map_location`` when loaded: see
+  :mod:`ckptable._torch`, which this codec plugs in (it imports torch only when torch
+  is imported already, or a pickle names it).
 - ``msgpack``: portable across Python versions. Numpy arrays use msgpack-numpy's
   encoding, so the files are the ones RLlib's ``use_msgpack=True`` writes and reads;
   ckptable calls msgpack-numpy's hooks directly and never ``msgpack_numpy.patch()``
   (process-global). Note that msgpack-numpy's decoder unpickles object-dtype arrays;
   in safe mode ckptable's own hook refuses them instead.
+- ``safetensors`` (:mod:`ckptable._safetensors`): nested dicts of numpy arrays, torch
+  tensors and JSON-like values as a standard ``.safetensors`` file, readable by any
+  safetensors reader; loading runs no code. Imports numpy (and torch) only for states
+  that hold arrays (tensors).
 
 A codec may also have ``load_restricted(stream, *, allowed, allow_subclasses_of,
 source)``, used by ``restore_from_path(..., safe=True)``; a codec without one cannot be
-loaded in safe mode.
+loaded in safe mode; and ``load_mapped(stream)``, used by ``mmap=True`` restores: it
+decodes the regular local file open as ``stream`` (it has a ``fileno()``) with its big
+data mapped from the file rather than read (and takes ``tensors=`` as ``load`` does, where
+the codec ``accepts_tensors``). ``load_mapped`` must run no code the file names (safe
+restores use it as well, for codecs that have a ``load_restricted``).
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any, Protocol, cast, runtime_checkable
 
+from ckptable._torch import TensorPlacement, load_pickle, pickler_class
 from ckptable.errors import CheckpointError
 
 __all__ = [
@@ -39,9 +52,11 @@ __all__ = [
     "Codec",
     "MsgpackCodec",
     "accepts_buffers",
+    "accepts_tensors",
     "codec_for_suffix",
     "get_codec",
     "locate_unencodable",
+    "maps_files",
     "register_codec",
     "registered_codecs",
     "unpatched_msgpack",
@@ -78,15 +93,25 @@ class CloudpickleCodec:
     suffix = ".pkl"
 
     def dump(self, state: Any, stream: IO[bytes]) -> None:
-        import cloudpickle
-
-        cloudpickle.dump(state, stream, protocol=pickle.HIGHEST_PROTOCOL)
+        # cloudpickle's Pickler, or its subclass that writes tensors as arrays once torch
+        # is imported (``_torch.pickler_class``).
+        pickler_class()(stream, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
 
     #: Restores may pass the big byte payloads separately (see ``_pickle_scan``).
     accepts_buffers = True
+    #: Restores pass the restore's ``TensorPlacement`` (``map_location``) as ``tensors``.
+    accepts_tensors = True
 
-    def load(self, stream: IO[bytes], *, buffers: Iterable[Any] | None = None) -> Any:
-        return pickle.load(stream, buffers=buffers)
+    def load(
+        self,
+        stream: IO[bytes],
+        *,
+        buffers: Iterable[Any] | None = None,
+        tensors: TensorPlacement | None = None,
+    ) -> Any:
+        """Unpickle, torch tensors placed by ``tensors`` (a default placement, which
+        warns by itself when tensors had to move to the CPU, if None)."""
+        return load_pickle(stream, buffers=buffers, placement=tensors)
 
     def load_restricted(
         self,
@@ -96,17 +121,28 @@ class CloudpickleCodec:
         allow_subclasses_of: type | None = None,
         source: str = "",
         buffers: Iterable[Any] | None = None,
+        tensors: TensorPlacement | None = None,
     ) -> Any:
-        """``load`` for ``safe=True``: only allowlisted globals may be named."""
+        """``load`` for ``safe=True``: only allowlisted globals may be named; tensors
+        only in the records ckptable writes (``_safe_torch``), placed by ``tensors``."""
         from ckptable._safe import safe_pickle_load
+        from ckptable._safe_torch import placing
 
-        return safe_pickle_load(
-            stream,
-            allowed=allowed,
-            allow_subclasses_of=allow_subclasses_of,
-            source=source,
-            buffers=buffers,
-        )
+        placement = TensorPlacement() if tensors is None else tensors
+        with placing(placement):
+            try:
+                state = safe_pickle_load(
+                    stream,
+                    allowed=allowed,
+                    allow_subclasses_of=allow_subclasses_of,
+                    source=source,
+                    buffers=buffers,
+                )
+            finally:
+                placement.finish_file()
+        if tensors is None:
+            placement.warn(stacklevel=2)
+        return state
 
 
 class MsgpackCodec:
@@ -237,8 +273,21 @@ def accepts_buffers(codec: Codec) -> bool:
     return bool(getattr(codec, "accepts_buffers", False))
 
 
+def accepts_tensors(codec: Codec) -> bool:
+    """Whether ``codec.load`` (and ``load_restricted``) take ``tensors=``: the restore's
+    :class:`~ckptable._torch.TensorPlacement`, which applies ``map_location``."""
+    return bool(getattr(codec, "accepts_tensors", False))
+
+
+def maps_files(codec: Codec) -> bool:
+    """Whether ``codec`` has ``load_mapped(stream)``: ``mmap=True`` restores then map its
+    files (from the local disk) instead of reading them."""
+    return callable(getattr(codec, "load_mapped", None))
+
+
 def get_codec(name: str) -> Codec:
-    """The codec registered as ``name`` (``"cloudpickle"``, ``"pickle"``, ``"msgpack"``)."""
+    """The codec registered as ``name`` (``"cloudpickle"``, ``"pickle"``, ``"msgpack"``,
+    ``"safetensors"``)."""
     codec = _REGISTRY.get(_ALIASES.get(name, name))
     if codec is None:
         known = ", ".join(sorted([*_REGISTRY, *_ALIASES]))
@@ -263,3 +312,14 @@ def registered_codecs() -> Mapping[str, Codec]:
 
 register_codec(CloudpickleCodec())
 register_codec(MsgpackCodec())
+
+
+def _register_safetensors() -> None:
+    # (Imported here, at the end: the module imports nothing of this one, and no numpy,
+    # torch or safetensors either; those only when a state needs them.)
+    from ckptable._safetensors import SafetensorsCodec
+
+    register_codec(SafetensorsCodec())
+
+
+_register_safetensors()

@@ -140,6 +140,7 @@ def restore_checkpointable(
             apply_tree(session, obj, level)
         finally:
             current_restore.reset(token)
+        session.warn_moved_tensors()
 
 
 #: Reads of a checkpoint that a concurrent save replaces are repeated up to this often.
@@ -160,6 +161,7 @@ def _read_consistently(session: RestoreSession, root: str, obj: Any) -> Level:
         before = storage.identity(root)
         session.unverified.clear()
         session.keep_budget = KEEP_TOTAL_BYTES
+        session.tensors = None  # tensors moved to the CPU count once, for this attempt
         rewind(start)  # the bytes of an attempt read again count once
         try:
             try:

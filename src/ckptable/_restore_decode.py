@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 from ckptable._components import (
     force_list,
 )
-from ckptable._formats import Codec, accepts_buffers
+from ckptable._formats import Codec, accepts_buffers, accepts_tensors, maps_files
 from ckptable._manifest import (
     MANIFEST_FILE,
+    open_regular,
     read_manifest,
     read_verified,
     require_manifest_unless_foreign,
@@ -25,7 +26,8 @@ from ckptable._manifest import (
 from ckptable._pickle_scan import ScannedPickle, map_pickle
 from ckptable._progress import counted_open
 from ckptable._restore_session import Level, RestoreOptions, RestoreSession
-from ckptable._storage import Storage
+from ckptable._storage import LocalStorage, Storage
+from ckptable._torch import TensorPlacement
 from ckptable.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -55,8 +57,14 @@ def decode_tree(session: RestoreSession, level: Level) -> None:
     if level.codec is None:
         return
     path = session.storage.join(level.path, level.state_file)
-    if level.raw_state is None and session.options.mmap and accepts_buffers(level.codec):
-        level.raw_state = map_pickle(session.storage, path)  # unverified: mapped as is
+    mapped = False
+    if level.raw_state is None and session.options.mmap:
+        if accepts_buffers(level.codec):
+            level.raw_state = map_pickle(session.storage, path)  # unverified: mapped as is
+        else:
+            # A codec that maps its files itself (safetensors): step 1 verified the file
+            # whole (if it had a manifest); its data is mapped here, not read again.
+            mapped = maps_files(level.codec) and isinstance(session.storage, LocalStorage)
     try:
         state = decode_file(
             session.storage,
@@ -66,6 +74,8 @@ def decode_tree(session: RestoreSession, level: Level) -> None:
             session.options,
             allowed=session.allowed,
             count_reads=not level.verified,
+            tensors=session.tensor_placement(),
+            mapped=mapped,
         )
     except CheckpointError:
         if not level.read_ahead:
@@ -95,16 +105,53 @@ def decode_file(
     allowed: set[type] | frozenset[type] = frozenset(),
     allow_subclasses_of: type | None = None,
     count_reads: bool = False,
+    tensors: TensorPlacement | None = None,
+    mapped: bool = False,
 ) -> Any:
     """Decode one file (from ``raw`` if step 1 kept its bytes or scanned it); errors name
     the file. ``count_reads``: count what is read from the file in the progress bar (a
-    file no manifest verified, which step 1 did not read)."""
+    file no manifest verified, which step 1 did not read). ``tensors``: the restore's
+    placement of torch tensors (``map_location``), which counts the tensors moved to the
+    CPU for the restore's one warning; without it, one made from
+    ``options.map_location`` warns for this file alone. ``mapped``: decode with the
+    codec's ``load_mapped`` (``mmap=True``; ``path`` is a local file)."""
     shown = storage.display(path)
     extra: dict[str, Any] = {}
     if isinstance(raw, ScannedPickle):
         extra["buffers"] = iter(raw.buffers)
+    own_placement = tensors is None and accepts_tensors(codec)
+    if accepts_tensors(codec):
+        extra["tensors"] = tensors if tensors is not None else TensorPlacement(options.map_location)
+    state = _decode(storage, path, codec, raw, options, shown, extra, allowed,
+                    allow_subclasses_of, count_reads, mapped)  # fmt: skip
+    if own_placement:
+        extra["tensors"].warn(stacklevel=4)  # the caller of from_checkpoint, say
+    return state
+
+
+def _decode(
+    storage: Storage,
+    path: str,
+    codec: Codec,
+    raw: bytes | ScannedPickle | None,
+    options: RestoreOptions,
+    shown: str,
+    extra: dict[str, Any],
+    allowed: set[type] | frozenset[type],
+    allow_subclasses_of: type | None,
+    count_reads: bool,
+    mapped: bool = False,
+) -> Any:
+    """:func:`decode_file`'s body: every failure becomes an error naming the file."""
     try:
-        with _open_source(storage, path, raw, count_reads) as stream:
+        if mapped:
+            opened = open_regular(storage, path)
+        else:
+            opened = _open_source(storage, path, raw, count_reads)
+        with opened as stream:
+            if mapped and (not options.safe or hasattr(codec, "load_restricted")):
+                # load_mapped runs no code the file names (the protocol's contract).
+                return codec.load_mapped(stream, **extra)  # type: ignore[attr-defined]
             if not options.safe:
                 return codec.load(stream, **extra)
             load_restricted = getattr(codec, "load_restricted", None)

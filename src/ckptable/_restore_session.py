@@ -19,6 +19,7 @@ from ckptable._layout import (
 )
 from ckptable._pickle_scan import ScannedPickle
 from ckptable._storage import Storage
+from ckptable._torch import TensorPlacement, check_map_location
 from ckptable.errors import (
     UnverifiedCheckpointWarning,
 )
@@ -77,7 +78,8 @@ class RestoreOptions:
     ``mmap`` big arrays mapped from their files instead of read; for components held by
     Ray actors, the ``transfer`` hook and what ``on_actor_failure`` does; whether to
     show a ``progress`` bar; whether to ``rollback`` the levels applied when a later
-    ``set_state`` fails."""
+    ``set_state`` fails; where torch tensors go (``map_location``, see
+    :class:`ckptable._torch.TensorPlacement`)."""
 
     verify: bool = True
     safe: bool = False
@@ -86,8 +88,10 @@ class RestoreOptions:
     on_actor_failure: str = "raise"
     progress: bool | None = None
     rollback: bool = False
+    map_location: Any = None
 
     def __post_init__(self) -> None:
+        check_map_location(self.map_location)
         if self.on_actor_failure not in ("raise", "mark_unhealthy"):
             raise ValueError(
                 f"on_actor_failure must be 'raise' or 'mark_unhealthy', not "
@@ -100,7 +104,7 @@ class RestoreOptions:
         return {
             name: value
             for name, value in non_default_options(self).items()
-            if name in ("verify", "safe", "mmap")
+            if name in ("verify", "safe", "mmap", "map_location")
         }
 
 
@@ -138,6 +142,20 @@ class RestoreSession:
     #: Every level whose ``set_state`` was called, in order, with its state from before
     #: (``None`` where ``rollback`` is off: then only the count and names matter).
     applied: list[AppliedLevel] = dataclasses.field(default_factory=list)
+    #: Where the restore's torch tensors go, and how many had to move to the CPU
+    #: (made on first use: :meth:`tensor_placement`).
+    tensors: TensorPlacement | None = None
+
+    def tensor_placement(self) -> TensorPlacement:
+        """The restore's :class:`TensorPlacement` (``options.map_location``)."""
+        if self.tensors is None:
+            self.tensors = TensorPlacement(self.options.map_location)
+        return self.tensors
+
+    def warn_moved_tensors(self) -> None:
+        """One ``UserWarning`` if tensors went to the CPU because a device is missing."""
+        if self.tensors is not None:
+            self.tensors.warn(stacklevel=4)
 
     def component_of(self, directory: str) -> str | None:
         """``"a/b"`` for a level below the root; None for the root (or elsewhere)."""
@@ -172,7 +190,7 @@ current_restore: contextvars.ContextVar[RestoreSession | None] = contextvars.Con
 )
 
 
-def non_default_options(options: RestoreOptions) -> dict[str, bool]:
+def non_default_options(options: RestoreOptions) -> dict[str, Any]:
     """The options to pass on as keywords: only those that differ from the defaults, so
     overriding methods written for RLlib see the keywords they always saw."""
     default = RestoreOptions()
@@ -186,6 +204,8 @@ def non_default_options(options: RestoreOptions) -> dict[str, bool]:
             "on_actor_failure",
             "progress",
             "rollback",
+            "map_location",
         )
-        if (value := getattr(options, name)) != getattr(default, name)
+        if (value := getattr(options, name)) is not getattr(default, name)
+        and value != getattr(default, name)
     }

@@ -86,6 +86,25 @@ BUILTIN_ALLOWED: dict[tuple[str, str], tuple[str, str]] = {
             ("numeric", "_frombuffer"),
         )
     },
+    # torch's tensor records (ckptable._torch) resolve to the stand-ins of
+    # ckptable._safe_torch, whose rules check them; torch.<dtype> globals resolve there
+    # too (resolve_torch_global). TensorBase (_TensorBase before torch 2.2) is found as
+    # torch.Tensor's base: a name every torch has, so nothing fails to resolve.
+    **{
+        ("torch._utils", name): ("ckptable._safe_torch", stand_in)
+        for name, stand_in in (
+            ("_rebuild_device_tensor_from_numpy", "rebuild_device_tensor_from_numpy"),
+            ("_rebuild_parameter", "rebuild_parameter"),
+            ("_rebuild_tensor_v2", "rebuild_tensor_v2"),
+        )
+    },
+    ("torch.storage", "_load_from_bytes"): ("ckptable._safe_torch", "load_from_bytes"),
+    **{("torch._C", base): ("torch", "Tensor.__base__") for base in ("TensorBase", "_TensorBase")},
+    **{
+        ("torch._C", f"{base}.{method}"): ("ckptable._safe_torch", f"tensor_{method}")
+        for base in ("TensorBase", "_TensorBase")
+        for method in ("view", "requires_grad_")
+    },
 }
 
 _RESOLVED: dict[tuple[str, str], object] = {}

@@ -55,6 +55,7 @@ from ckptable._safe_rules import (
     rule_getattr,
     rule_names,
 )
+from ckptable._safe_torch import build_problem, resolve_torch_global
 from ckptable.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
 __all__ = [
@@ -263,6 +264,9 @@ class SafeUnpickler(pickle._Unpickler):
             return self._getattr
         if key in BUILTIN_ALLOWED:
             return resolve_builtin(key)
+        torch_dtype = resolve_torch_global(module, name)
+        if torch_dtype is not None:
+            return torch_dtype
         if self._allow_subclasses_of is not None:
             found = lookup_subclass(module, name, self._allow_subclasses_of)
             if found is not None:
@@ -469,6 +473,9 @@ class SafeUnpickler(pickle._Unpickler):
                 f"the pickle sets the state of {inst!r}, which is not an instance (it "
                 "would change it for the whole process)"
             )
+        torch_problem = build_problem(inst)
+        if torch_problem is not None:
+            raise self._refuse(torch_problem)
         numpy = imported_numpy()
         if numpy is not None:
             if isinstance(inst, numpy.dtype):

@@ -85,6 +85,7 @@ def roundtrip(
     rtol: float = 0.0,
     atol: float = 0.0,
     restore_kwargs: Mapping[str, Any] | None = None,
+    map_location: Any = None,
     **save_kwargs: Any,
 ) -> _C:
     """Save ``obj`` to ``path``, rebuild it from the checkpoint and compare the states.
@@ -116,6 +117,10 @@ def roundtrip(
         restore_kwargs: Keywords for ``from_checkpoint`` (whole) or
             ``restore_from_path`` (partial): ``safe=True``, ``mmap=True``,
             ``filesystem=...``, constructor overrides for ``from_checkpoint``, ...
+        map_location: Where the restored object's torch tensors go, as in
+            ``restore_from_path`` (short for ``restore_kwargs={"map_location": ...}``):
+            a GPU object rebuilt on the CPU, say. Tensors on different devices do not
+            compare equal: check such states yourself (``compare=False``).
         **save_kwargs: Keywords for ``save_to_path`` (``filesystem``, ``durable``,
             ``use_msgpack``, ...).
 
@@ -128,6 +133,8 @@ def roundtrip(
     """
     __tracebackhide__ = True
     restore_options = dict(restore_kwargs or {})
+    if map_location is not None:
+        restore_options["map_location"] = map_location
     if format is not None:
         save_kwargs["format"] = format
     saved = obj.save_to_path(path, **save_kwargs)

@@ -1,0 +1,574 @@
+"""Torch tensors in ckptable's pickles: written as numpy arrays, placed on devices on restore.
+
+Why: pickled the ordinary way, a ``torch.Tensor`` goes through ``torch.save`` into a
+byte string inside the pickle (``torch.storage._load_from_bytes``). That is slow (a
+second serializer, a copy), cannot be loaded with ``safe=True`` without allowing
+``torch.load`` (which runs pickles), and a tensor saved from a GPU cannot be loaded on a
+CPU-only machine at all: torch's loader raises "Attempting to deserialize object on a
+CUDA device".
+
+**Saving.** Once ``torch`` is imported (ckptable never imports it for states without
+tensors), the cloudpickle codec pickles with :func:`pickler_class`, whose dispatch table
+sends ``torch.Tensor`` (exactly that type; ``torch.nn.Parameter`` pickles itself as
+``_rebuild_parameter`` around its plain ``.data`` tensor) to :func:`reduce_tensor`:
+the tensor's bytes become a numpy array, which pickle protocol 5 writes as one big
+out-of-band payload (read straight into its final memory by ``_pickle_scan``), plus a
+small record naming only torch's and numpy's own functions, so any process with torch
+and numpy loads it with plain ``pickle.load`` (RLlib never imports ckptable)::
+
+    torch._utils._rebuild_device_tensor_from_numpy(array, torch.float32, "cuda:0", True)
+
+For dtypes numpy lacks (``bfloat16``, ``float8_*``, ``complex32``, sub-byte and bit
+types), the array holds the bytes as a same-width integer type and the record views
+them back, through the method descriptors as pickle writes them
+(``builtins.getattr(torch._C.TensorBase, "view")``)::
+
+    getattr(TensorBase, "requires_grad_")(
+        getattr(TensorBase, "view")(_rebuild_device_tensor_from_numpy(
+            int16_array, torch.int16, "cuda:0", False), torch.bfloat16),
+        True)                                   # only when requires_grad
+
+What changes in a round trip: strides (every tensor comes back contiguous); tensors
+that shared one storage (views of each other, tied weights as distinct tensor objects)
+come back as independent copies (the same tensor *object* twice stays one object);
+conjugate and negative bits are resolved into the values. Values are bit-exact (NaN
+payloads included), and so are dtype, shape, ``requires_grad`` and ``Parameter``-ness.
+
+Kept on torch's own reducer (``torch.save`` inside the pickle, as before): sparse,
+quantized, nested and meta tensors, tensor subclasses other than ``Parameter``, named
+tensors, tensors (and Parameters) carrying attributes of their own, and dtypes this
+module does not know.
+
+**Restoring** (:class:`TensorPlacement`, one per restore): ckptable's unpickler
+(:class:`TensorUnpickler`) resolves ``_rebuild_device_tensor_from_numpy``,
+``torch.storage._load_from_bytes`` and ``torch._utils._rebuild_tensor_v2`` to methods
+of the placement, which put each tensor where ``map_location`` says: for the records
+above and for tensors that torch's reducer wrote (older ckptable checkpoints, RLlib's).
+The default puts each tensor back on the device it was saved from where this machine
+has it, else on the CPU, with one ``UserWarning`` per restore counting the tensors
+moved.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import io
+import pickle
+import sys
+import threading
+import types
+import warnings
+from collections.abc import Iterable
+from typing import IO, Any
+
+from ckptable.errors import CheckpointError
+
+__all__ = [
+    "INSTALL_HINT",
+    "MapLocation",
+    "TensorPlacement",
+    "TensorUnpickler",
+    "check_map_location",
+    "import_torch",
+    "load_pickle",
+    "pickler_class",
+    "reduce_tensor",
+]
+
+INSTALL_HINT = "pip install 'ckptable[torch]'"
+
+
+def import_torch() -> types.ModuleType:
+    """``torch``, or an ImportError that says how to install it."""
+    try:
+        return importlib.import_module("torch")
+    except ImportError as exc:
+        raise ImportError(
+            f"This checkpoint holds torch tensors, which need PyTorch: {INSTALL_HINT} ({exc})."
+        ) from exc
+
+
+# --------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------
+
+
+class _Call:
+    """A call written into the pickle as ``fn(*args)``: an argument of a record that is
+    itself a call (the integer tensor that a ``view`` turns back into ``bfloat16``).
+    Only ``fn`` is named in the pickle, never this class."""
+
+    __slots__ = ("args", "fn")
+
+    def __init__(self, fn: Any, args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return self.fn, self.args
+
+
+class _Dtypes:
+    """What :func:`reduce_tensor` needs to know of torch's dtypes (built once)."""
+
+    def __init__(self, torch: Any) -> None:
+        names = (
+            "bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32",
+            "float64", "complex64", "complex128", "uint16", "uint32", "uint64",
+        )  # fmt: skip
+        #: dtypes whose tensors have a ``.numpy()``: written as they are.
+        self.numpy: frozenset[Any] = frozenset(
+            getattr(torch, name) for name in names if hasattr(torch, name)
+        )
+        #: the signed integer dtype of each width, for the bytes of the other dtypes.
+        self.by_width = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        quantized = {
+            getattr(torch, name)
+            for name in ("qint8", "quint8", "qint32", "quint4x2", "quint2x4")
+            if hasattr(torch, name)
+        }
+        #: the other dtypes: written as integers of their width, viewed back.
+        self.viewed: dict[Any, Any] = {}
+        for value in vars(torch).values():
+            if isinstance(value, torch.dtype) and value not in self.numpy:
+                width = value.itemsize
+                if value not in quantized and width in self.by_width:
+                    self.viewed[value] = self.by_width[width]
+        self.strided = torch.strided
+        self.rebuild = torch._utils._rebuild_device_tensor_from_numpy
+        self.view = torch._C.TensorBase.view
+        self.requires_grad_ = torch._C.TensorBase.requires_grad_
+
+
+_DTYPES: _Dtypes | None = None
+_PICKLER: type | None = None
+_SETUP_LOCK = threading.Lock()
+
+
+def _dtypes() -> _Dtypes:
+    global _DTYPES
+    if _DTYPES is None:
+        _DTYPES = _Dtypes(import_torch())
+    return _DTYPES
+
+
+def pickler_class() -> type:
+    """The pickler class of the cloudpickle codec for this process.
+
+    ``cloudpickle.Pickler`` as long as torch is not imported (no tensor can exist, and
+    nothing is imported here), else its subclass whose dispatch table (looked up by the
+    C pickler by exact type, so it costs nothing for other objects) writes
+    ``torch.Tensor`` with :func:`reduce_tensor`.
+    """
+    import cloudpickle
+
+    if "torch" not in sys.modules:
+        return cloudpickle.Pickler  # type: ignore[no-any-return]
+    global _PICKLER
+    if _PICKLER is None:
+        with _SETUP_LOCK:
+            if _PICKLER is None:
+                torch = import_torch()
+                table = collections.ChainMap(
+                    {torch.Tensor: reduce_tensor}, cloudpickle.Pickler.dispatch_table
+                )
+                _PICKLER = type(
+                    "TensorPickler",
+                    (cloudpickle.Pickler,),
+                    {"dispatch_table": table, "__module__": __name__},
+                )
+    return _PICKLER
+
+
+def _own_reducer(tensor: Any) -> Any:
+    return tensor.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+
+
+def reduce_tensor(tensor: Any) -> Any:
+    """The pickle record of a ``torch.Tensor`` (see the module docstring); torch's own
+    reduction for tensors the record cannot express."""
+    dtypes = _dtypes()
+    dtype = tensor.dtype
+    if (
+        tensor.layout is not dtypes.strided
+        or tensor.is_quantized
+        or tensor.is_nested
+        or tensor.is_meta
+        or (dtype not in dtypes.numpy and dtype not in dtypes.viewed)
+        or tensor.__dict__
+        or any(name is not None for name in getattr(tensor, "names", ()))
+    ):
+        return _own_reducer(tensor)
+    device = str(tensor.device)
+    on_cpu = tensor.device.type == "cpu"
+    data = tensor.detach()
+    if data.is_conj():
+        data = data.resolve_conj()
+    if data.is_neg():
+        data = data.resolve_neg()
+    requires_grad = bool(tensor.requires_grad)
+    if dtype in dtypes.numpy:
+        data = data.contiguous() if on_cpu else data.contiguous().to("cpu")
+        return dtypes.rebuild, (data.numpy(), dtype, device, requires_grad)
+    # Viewed as integers first (same item size: any strides), then copied: devices need
+    # no copy kernel for the exotic dtype itself.
+    width_type = dtypes.viewed[dtype]
+    data = data.view(width_type).contiguous()
+    if not on_cpu:
+        data = data.to("cpu")
+    raw = _Call(dtypes.rebuild, (data.numpy(), width_type, device, False))
+    if not requires_grad:
+        return dtypes.view, (raw, dtype)
+    return dtypes.requires_grad_, (_Call(dtypes.view, (raw, dtype)), True)
+
+
+# --------------------------------------------------------------------------------------
+# Restoring: map_location
+# --------------------------------------------------------------------------------------
+
+#: ``map_location`` as ``restore_from_path`` takes it (see :class:`TensorPlacement`).
+MapLocation = Any
+
+
+def check_map_location(map_location: MapLocation) -> None:
+    """Refuse a ``map_location`` of the wrong type when the restore is called, before
+    anything is read (without importing torch).
+
+    Raises:
+        TypeError: not None, a string, a ``torch.device``, a dict of those, or a callable.
+    """
+    if map_location is None or callable(map_location) or _is_device_like(map_location):
+        return
+    if isinstance(map_location, dict):
+        for key, value in map_location.items():
+            if not (_is_device_like(key) and _is_device_like(value)):
+                raise TypeError(
+                    "map_location as a dict maps saved device strings to target devices "
+                    f"(strings or torch.device), not {key!r}: {value!r}."
+                )
+        return
+    raise TypeError(
+        "map_location must be None, a device string, a torch.device, a dict of saved -> "
+        f"target devices or a callable (tensor, saved_device) -> tensor, not {map_location!r}."
+    )
+
+
+def _is_device_like(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.device)
+
+
+class TensorPlacement:
+    """Where the tensors of one restore go, and how many had to leave their device.
+
+    ``map_location`` has ``torch.load``'s meanings:
+
+    - None (the default): each tensor goes back to the device it was saved from if this
+      machine has it, else to the CPU; :meth:`warn` then says how many moved.
+    - a device string or ``torch.device``: every tensor goes there.
+    - a dict of saved device strings to target devices (``{"cuda:1": "cuda:0"}``):
+      devices it does not name follow the default.
+    - a callable ``(tensor, saved_device: str) -> tensor | None``: called with each
+      tensor as built on the CPU and the string of the device it was saved from; it
+      returns the tensor to use (``tensor.to(...)``), or None for the default. It may
+      only move the tensor: a result of another dtype or shape is refused. (Unlike
+      ``torch.load``'s ``(storage, location)``: ckptable's records hold tensors, not
+      storages. For dtypes numpy lacks, ``bfloat16`` say, the callable gets the
+      same-width integer tensor of the bytes; the dtype view follows on its device.)
+
+    One instance per restore, used by every file it decodes (thread-safe); it never
+    imports torch unless a pickle names one of the functions it replaces.
+    """
+
+    def __init__(self, map_location: MapLocation = None) -> None:
+        check_map_location(map_location)
+        self.map_location = map_location
+        self._lock = threading.Lock()
+        #: Saved device -> tensors put on the CPU because this machine lacks it.
+        self._moved: collections.Counter[str] = collections.Counter()
+        self._available: dict[str, bool] = {}
+        #: Storages that torch's reducer wrote, as placed by ``load_from_bytes``: id ->
+        #: [storage, saved location, moved by the default?, counted?]. Kept until
+        #: :meth:`finish_file` (the storage object keeps its id unique meanwhile).
+        self._storages: dict[int, list[Any]] = {}
+
+    # -- what the unpickler resolves -----------------------------------------------------
+
+    def replacement(self, module: str, name: str) -> Any:
+        """The function to use for the global ``module.name`` in a pickle, or None."""
+        if module == "torch._utils":
+            if name == "_rebuild_device_tensor_from_numpy":
+                return self.rebuild_from_numpy
+            if name == "_rebuild_tensor_v2":
+                return self.rebuild_tensor_v2
+        elif module == "torch.storage" and name == "_load_from_bytes":
+            return self.load_from_bytes
+        return None
+
+    def rebuild_from_numpy(self, data: Any, dtype: Any, device: Any, requires_grad: Any) -> Any:
+        """``torch._utils._rebuild_device_tensor_from_numpy``, placed by ``map_location``."""
+        torch = import_torch()
+        numpy = importlib.import_module("numpy")
+        if not isinstance(data, numpy.ndarray):
+            raise TypeError(f"a tensor record holds a {type(data).__name__}, not an array")
+        if not isinstance(device, str):
+            raise TypeError(f"a tensor record's device is {device!r}, not a string")
+        if not data.flags.writeable:
+            # A mapped file (mmap=True) or a read-only byte string: torch has no
+            # read-only tensors, and a write to a read-only mapping kills the process.
+            data = data.copy()
+        tensor = torch.from_numpy(data)
+        if tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        tensor = self.place(tensor, device)
+        tensor.requires_grad = bool(requires_grad)
+        return tensor
+
+    def load_from_bytes(self, data: bytes) -> Any:
+        """``torch.storage._load_from_bytes`` (a storage as torch's reducer writes it:
+        ``torch.save``'s bytes), loaded with this placement's mapping."""
+        return self.load_storage(data, weights_only=False)
+
+    def load_storage(self, data: bytes, *, weights_only: bool) -> Any:
+        """``torch.load`` of a storage's bytes (``weights_only=True``: torch's restricted
+        unpickler, for safe loads), on the device the mapping chooses; remembered until
+        :meth:`finish_file` so that ``_rebuild_tensor_v2`` knows where it came from."""
+        torch = import_torch()
+        seen: list[tuple[str, bool]] = []
+
+        def restore_location(storage: Any, location: str) -> Any:
+            if callable(self.map_location):
+                target, fell_back = "cpu", False  # the callable gets the tensors built on it
+            else:
+                target, fell_back = self._decide(location)
+            seen.append((location, fell_back))
+            return torch.serialization.default_restore_location(storage, str(target))
+
+        storage = torch.load(
+            io.BytesIO(data), map_location=restore_location, weights_only=weights_only
+        )
+        if seen:
+            location, fell_back = seen[0]
+            with self._lock:
+                self._storages[id(storage)] = [storage, location, fell_back, False]
+        return storage
+
+    def rebuild_tensor_v2(
+        self,
+        storage: Any,
+        storage_offset: Any,
+        size: Any,
+        stride: Any,
+        requires_grad: Any,
+        backward_hooks: Any,
+        metadata: Any = None,
+    ) -> Any:
+        """``torch._utils._rebuild_tensor_v2``: counts the tensors on storages moved to
+        the CPU, and hands them to a callable ``map_location``."""
+        torch = import_torch()
+        entry = self._storages.get(id(storage))
+        if entry is None or not callable(self.map_location):
+            tensor = torch._utils._rebuild_tensor_v2(
+                storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata
+            )
+            if entry is not None and entry[2]:
+                with self._lock:
+                    self._moved[entry[1]] += 1
+                    entry[3] = True
+            return tensor
+        tensor = torch._utils._rebuild_tensor_v2(
+            storage, storage_offset, size, stride, False, backward_hooks, metadata
+        )
+        tensor = self._call(tensor, entry[1])
+        tensor.requires_grad = bool(requires_grad)
+        return tensor
+
+    def loaded_storage(self, storage: Any) -> bool:
+        """Whether ``storage`` came from :meth:`load_storage` in the file being decoded."""
+        entry = self._storages.get(id(storage))
+        return entry is not None and entry[0] is storage
+
+    def finish_file(self) -> None:
+        """A file is decoded: count moved storages no tensor was built on (a sparse
+        tensor's, say) once each, and forget the storages."""
+        with self._lock:
+            for _, location, moved, counted in self._storages.values():
+                if moved and not counted:
+                    self._moved[location] += 1
+            self._storages.clear()
+
+    # -- where a tensor goes ---------------------------------------------------------------
+
+    def place(self, tensor: Any, saved: str) -> Any:
+        """Put ``tensor`` (on the CPU, just built) where the mapping sends a tensor saved
+        on ``saved``."""
+        if callable(self.map_location):
+            return self._call(tensor, saved)
+        target, fell_back = self._decide(saved)
+        if fell_back:
+            self._count(saved)
+        return tensor.to(target)
+
+    def _call(self, tensor: Any, saved: str) -> Any:
+        result = self.map_location(tensor, saved)
+        if result is None:
+            target, fell_back = self._default(saved)
+            if fell_back:
+                self._count(saved)
+            return tensor.to(target)
+        torch = import_torch()
+        if not isinstance(result, torch.Tensor):
+            raise CheckpointError(
+                f"The map_location callable returned a {type(result).__name__} for a "
+                f"tensor saved on {saved}, not a tensor (or None for the default)."
+            )
+        if result.dtype != tensor.dtype or result.shape != tensor.shape:
+            raise CheckpointError(
+                f"The map_location callable turned a {tensor.dtype} tensor of shape "
+                f"{tuple(tensor.shape)} saved on {saved} into a {result.dtype} one of "
+                f"shape {tuple(result.shape)}: it may only move tensors between devices."
+            )
+        return result
+
+    def _decide(self, saved: str) -> tuple[Any, bool]:
+        """Where a tensor saved on ``saved`` goes (for every mapping but a callable), and
+        whether it goes to the CPU only because this machine lacks ``saved``."""
+        mapping = self.map_location
+        if mapping is None:
+            return self._default(saved)
+        if isinstance(mapping, dict):
+            target = _lookup(mapping, saved)
+            if target is None:
+                return self._default(saved)
+        else:
+            target = mapping
+        return self._require(target), False
+
+    def _default(self, saved: str) -> tuple[str, bool]:
+        if self.available(saved):
+            return saved, False
+        return "cpu", True
+
+    def _count(self, saved: str) -> None:
+        with self._lock:
+            self._moved[saved] += 1
+
+    def _require(self, target: Any) -> Any:
+        """An explicit target (from ``map_location``) that this machine must have."""
+        if not self.available(str(target)):
+            raise CheckpointError(
+                f"map_location sends tensors to {str(target)!r}, which this machine does "
+                "not have (or torch cannot use)."
+            )
+        return target
+
+    def available(self, device: str) -> bool:
+        """Whether this machine has ``device`` (``"cuda:1"``: CUDA with 2+ GPUs)."""
+        known = self._available.get(device)
+        if known is None:
+            known = _device_available(device)
+            self._available[device] = known
+        return known
+
+    # -- the warning -----------------------------------------------------------------------
+
+    def moved(self) -> dict[str, int]:
+        """Saved device -> tensors restored to the CPU because that device is missing."""
+        with self._lock:
+            return dict(self._moved)
+
+    def reset(self) -> None:
+        """Forget the counts (a restore reads the checkpoint again)."""
+        with self._lock:
+            self._moved.clear()
+            self._storages.clear()
+
+    def warn(self, stacklevel: int = 2) -> None:
+        """One ``UserWarning`` if tensors were moved to the CPU (then forgets them)."""
+        with self._lock:
+            moved, self._moved = dict(self._moved), collections.Counter()
+        if not moved:
+            return
+        count = sum(moved.values())
+        where = ", ".join(f"{device} ({n})" for device, n in sorted(moved.items()))
+        lacks = "that device" if len(moved) == 1 else "those devices"
+        warnings.warn(
+            f"{count} tensor{'s' if count != 1 else ''} saved on {where} "
+            f"{'were' if count != 1 else 'was'} restored to the CPU: this machine does "
+            f"not have {lacks}. Pass map_location= to choose where tensors go.",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
+def _lookup(mapping: dict[Any, Any], saved: str) -> Any:
+    target = mapping.get(saved)
+    if target is None:
+        for key, value in mapping.items():
+            if not isinstance(key, str) and str(key) == saved:
+                return value
+    return target
+
+
+def _device_available(device: str) -> bool:
+    torch = import_torch()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    if parsed.type == "cpu":
+        return True
+    if parsed.type == "cuda":
+        index = 0 if parsed.index is None else parsed.index
+        return bool(torch.cuda.is_available()) and index < torch.cuda.device_count()
+    try:
+        torch.empty(0, device=parsed)
+    except Exception:
+        return False
+    return True
+
+
+class TensorUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` (C speed) whose torch rebuild functions are those of
+    ``placement``; every other global resolves as usual (see the module docstring)."""
+
+    def __init__(
+        self,
+        file: IO[bytes],
+        *,
+        placement: TensorPlacement,
+        buffers: Iterable[Any] | None = None,
+    ) -> None:
+        super().__init__(file, buffers=buffers)
+        self._placement = placement
+
+    def find_class(self, module: str, name: str) -> Any:
+        if not module.startswith("torch"):
+            return super().find_class(module, name)
+        replaced = self._placement.replacement(module, name)
+        if replaced is not None:
+            return replaced
+        if module.split(".")[0] == "torch":
+            import_torch()  # an ImportError that says how to install torch, if missing
+        return super().find_class(module, name)
+
+
+def load_pickle(
+    stream: IO[bytes],
+    *,
+    buffers: Iterable[Any] | None = None,
+    placement: TensorPlacement | None = None,
+) -> Any:
+    """``pickle.load`` with tensors placed by ``placement`` (a new default one, which
+    warns by itself, if None)."""
+    own = placement is None
+    used = TensorPlacement() if placement is None else placement
+    try:
+        return TensorUnpickler(stream, placement=used, buffers=buffers).load()
+    finally:
+        used.finish_file()
+        if own:
+            used.warn(stacklevel=3)
