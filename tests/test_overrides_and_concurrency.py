@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.helpers import reseal
 
 import ckptable
 from ckptable import Checkpointable, CorruptCheckpointError, UnsafeCheckpointError, _storage
@@ -210,6 +211,10 @@ def test_a_damaged_level_under_an_rllib_written_parent_is_not_skipped(tmp_path: 
     metadata = json.loads((path / "metadata.json").read_text())
     del metadata["ckptable"]
     (path / "metadata.json").write_text(json.dumps(metadata))
+    # x as ckptable publishes a component saved on its own under RLlib's parent: its
+    # manifest is a root's, not one written inside a parent's save (those mark the tree
+    # as ckptable's whole: test_provenance.py).
+    reseal(path / "x")
     flip(path / "x" / "state.pkl", -3)
     target = GrowsX(False, k=0)
     with pytest.raises(CorruptCheckpointError, match=r"x/state\.pkl"):
