@@ -71,7 +71,7 @@ from bench_core import (
     plain_write,
 )
 
-from ckptable import _manifest
+from ckptable import _checksums, _manifest
 from ckptable._commit import SYNCFS_MIN_FILES
 
 #: The issue's budget: checksums may cost at most this fraction of the save time.
@@ -103,21 +103,21 @@ def checksums(mode: str) -> Iterator[None]:
     ``_ALGORITHMS``), so patching the module's attributes is enough. The originals are
     put back on exit.
     """
-    algorithms = dict(_manifest._ALGORITHMS)
-    has_xxhash = _manifest._has_xxhash
+    algorithms = dict(_checksums._ALGORITHMS)
+    has_xxhash = _checksums._has_xxhash
     try:
         if mode == "none":
-            for name in _manifest._ALGORITHMS:
-                _manifest._ALGORITHMS[name] = NoChecksum
+            for name in _checksums._ALGORITHMS:
+                _checksums._ALGORITHMS[name] = NoChecksum
         elif mode == "crc32":
-            _manifest._has_xxhash = lambda: False  # type: ignore[assignment]
+            _checksums._has_xxhash = lambda: False  # type: ignore[assignment]
         elif mode != "default":
             raise ValueError(mode)
         yield
     finally:
-        _manifest._ALGORITHMS.clear()
-        _manifest._ALGORITHMS.update(algorithms)
-        _manifest._has_xxhash = has_xxhash
+        _checksums._ALGORITHMS.clear()
+        _checksums._ALGORITHMS.update(algorithms)
+        _checksums._has_xxhash = has_xxhash
 
 
 def checksum_speed(payloads: Sequence[Payload], algorithm: str) -> float:

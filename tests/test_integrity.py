@@ -107,16 +107,16 @@ def test_a_copied_checkpoint_and_a_copied_component_still_verify(
 def test_crc32_is_used_without_xxhash_and_verifies(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ckptable import _manifest
+    from ckptable import _checksums
 
-    monkeypatch.setattr(_manifest, "_has_xxhash", lambda: False)
+    monkeypatch.setattr(_checksums, "_has_xxhash", lambda: False)
     three_level_tree().save_to_path(tmp_path / "ckpt")
     assert verify_checkpoint(tmp_path / "ckpt").algorithms == ("crc32",)
     # Such a checkpoint is read with or without xxhash; an xxh3 one needs xxhash.
     three_level_tree().save_to_path(tmp_path / "xxh")  # still crc32 here
     monkeypatch.undo()
     three_level_tree().save_to_path(tmp_path / "xxh")
-    monkeypatch.setattr(_manifest, "_has_xxhash", lambda: False)
+    monkeypatch.setattr(_checksums, "_has_xxhash", lambda: False)
     with pytest.raises(ckptable.IncompatibleCheckpointError, match="pip install xxhash"):
         verify_checkpoint(tmp_path / "xxh")
     restored = blank_three_level_tree()

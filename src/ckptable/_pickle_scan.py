@@ -16,34 +16,34 @@ The same walk, with seeks instead of reads, maps the payloads from the file
 (``mmap=True``) and computes the skeleton's own checksum, which the manifest records at
 save time so that a mapped restore can still verify everything pickle will run.
 
-Nothing read from the file is trusted before it is checked: every length field (a
-payload's, a frame's, an opcode argument's) is compared with what is left of the file
-(its size from the manifest, or from the open file when it is not verified) *before*
-anything is allocated or read for it, so a flipped bit in a length is a
-:class:`ScanError` (then a ``CorruptCheckpointError`` naming the file), never a
-``MemoryError`` or ``SystemError``. Files are opened with
-:func:`~ckptable._manifest.open_regular`: never a FIFO or device.
+The walk itself is in :mod:`ckptable._pickle_walk`: it checks every length field it
+reads against what is left of the file before anything is allocated or read for it, so
+a damaged length is a :class:`ScanError` (here a ``CorruptCheckpointError`` naming the
+file), never a ``MemoryError``. This module gives the walk the memory for the payloads
+(:func:`scan_pickle`) and holds the reads the restore and the save use. Files are opened
+with :func:`~ckptable._manifest.open_regular`: never a FIFO or device.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import dataclasses
 import io
 import mmap
 import os
-import pickle
-import pickletools
 import stat
-from typing import IO, Any, Literal
+from typing import IO, Any
 
-from ckptable._manifest import (
-    Checksum,
-    _checksum_executor,
-    new_checksum,
-    open_regular,
-    read_verified,
+from ckptable._checksums import Checksum, new_checksum
+from ckptable._manifest import open_regular, read_verified
+from ckptable._pickle_walk import (
+    PAYLOAD_MIN_BYTES,
+    Mode,
+    OrderedChecksum,
+    PastTheEnd,
+    ScanError,
+    Walk,
+    drain,
 )
 from ckptable._progress import advance, counted, mark, rewind
 from ckptable._storage import LocalStorage, Storage
@@ -59,42 +59,6 @@ __all__ = [
     "scan_pickle",
     "skeleton_checksum",
 ]
-
-#: Payloads of at least this many bytes are read into (or mapped as) buffers of their
-#: own; smaller ones stay in the skeleton (copying them costs nothing worth saving).
-PAYLOAD_MIN_BYTES = 1 << 20
-
-_CHUNK = 8 << 20
-_PROTO = pickle.PROTO[0]
-_FRAME = pickle.FRAME[0]
-_STOP = pickle.STOP[0]
-_NEXT_BUFFER = pickle.NEXT_BUFFER
-#: Opcode → size of its length field, for the payload opcodes pickle writes unframed.
-_PAYLOAD_OPS = {
-    pickle.BYTEARRAY8[0]: 8,
-    pickle.BINBYTES8[0]: 8,
-    pickle.BINBYTES[0]: 4,
-    pickle.BINUNICODE8[0]: 8,
-    pickle.BINUNICODE[0]: 4,
-}
-#: Of those, the one whose payload becomes a buffer: ``BYTEARRAY8``, what protocol 5
-#: writes for a writable array's memory (the buffer *is* the ``bytearray`` pickle would
-#: make, or, mapped, a read-only ``memoryview``). Byte strings stay in the skeleton:
-#: ``bytes`` values, read-only arrays and arrays pickled by copy (non-contiguous ones,
-#: whose ``__setstate__`` takes only ``bytes``) need a real ``bytes`` object.
-_AS_BUFFER = {pickle.BYTEARRAY8[0]}
-
-Mode = Literal["read", "map", "skeleton"]
-
-
-class ScanError(ValueError):
-    """The file is not a pickle the walk understands (truncated, or not a pickle)."""
-
-
-class _PastTheEnd(ScanError):
-    """A length field claims more bytes than the file has left: the pickle is damaged
-    (a flipped bit in a length, say), whatever its checksum says, and decoding it the
-    ordinary way would allocate what the length claims."""
 
 
 @dataclasses.dataclass
@@ -161,255 +125,6 @@ class _PiecesReader(io.RawIOBase):
         return bytes(buffer[: self.readinto(buffer)])
 
 
-class _OrderedChecksum:
-    """A checksum fed in file order, big chunks on a helper thread while the next is read."""
-
-    def __init__(self, checksum: Checksum | None) -> None:
-        self._checksum = checksum
-        self._pending: concurrent.futures.Future[None] | None = None
-
-    @property
-    def inactive(self) -> bool:
-        return self._checksum is None
-
-    def update(self, data: Any) -> None:
-        if self._checksum is None:
-            return
-        self.wait()
-        self._checksum.update(data)
-
-    def update_behind(self, data: Any) -> None:
-        """Checksum ``data`` on a helper thread; the caller must not change it meanwhile."""
-        if self._checksum is None:
-            return
-        self.wait()
-        self._pending = _checksum_executor().submit(self._checksum.update, data)
-
-    def wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-
-class _Walk:
-    """State of one walk over a pickle stream (see :func:`scan_pickle`)."""
-
-    def __init__(
-        self,
-        stream: IO[bytes],
-        mode: Mode,
-        checksum: _OrderedChecksum,
-        skeleton_checksum: Checksum | None,
-        mapped: mmap.mmap | None,
-        skeleton_limit: int | None,
-        size: int | None,
-    ) -> None:
-        self.stream = stream
-        self.mode = mode
-        self.checksum = checksum
-        self.skeleton_checksum = skeleton_checksum
-        self.mapped = mapped
-        self.skeleton_limit = skeleton_limit
-        #: Bytes in the file (from its start): every length read is checked against what
-        #: is left of them. None: unknown (a stream that cannot tell; payloads are then
-        #: read piece by piece, never allocated ahead).
-        self.size = size
-        self.keep = mode != "skeleton"
-        self.parts: list[bytes] = []
-        self.kept = 0
-        self.buffers: list[Any] = []
-        self.position = 0
-
-    # -- reading -----------------------------------------------------------------------
-
-    def check_length(self, n: int, what: str) -> None:
-        """Refuse a length read from the file before anything is allocated or read for
-        it: it must fit in what is left of the file."""
-        if n < 0:
-            raise ScanError(f"a negative {what} length ({n}) at offset {self.position}")
-        if self.size is not None and n > self.size - self.position:
-            left = max(self.size - self.position, 0)
-            raise _PastTheEnd(
-                f"a {what} of {n} bytes at offset {self.position} runs past the end of "
-                f"the file ({left} bytes left): its length field is damaged"
-            )
-
-    def read(self, n: int) -> bytes:
-        """Exactly ``n`` skeleton bytes (checksummed, kept)."""
-        self.check_length(n, "pickle argument")
-        data = _read_exactly(self.stream, n)
-        self.position += n
-        self.skeleton(data)
-        return data
-
-    def readline(self) -> bytes:
-        left = _CHUNK if self.size is None else max(self.size - self.position, 0)
-        data = self.stream.readline(left)
-        if not data.endswith(b"\n"):
-            raise ScanError("the pickle ends inside a text argument")
-        self.position += len(data)
-        self.skeleton(data)
-        return data
-
-    def skeleton(self, data: bytes) -> None:
-        self.checksum.update(data)
-        if self.skeleton_checksum is not None:
-            self.skeleton_checksum.update(data)
-        if self.keep:
-            self.kept += len(data)
-            if self.skeleton_limit is not None and self.kept > self.skeleton_limit:
-                self.keep = False  # too big to hold: checksum on, the caller reads again
-                self.parts.clear()
-                self.buffers.clear()
-            else:
-                self.parts.append(data)
-
-    def payload_into_skeleton(self, n: int, what: str) -> None:
-        self.check_length(n, what)
-        if not self.keep and self.checksum.inactive and self.skeleton_checksum is None:
-            self.skip(n)  # nothing needs these bytes: only their lengths are checked
-            return
-        while n:
-            data = _read_exactly(self.stream, min(n, _CHUNK))
-            self.position += len(data)
-            n -= len(data)
-            self.skeleton(data)
-
-    def skip(self, n: int) -> None:
-        """Pass over ``n`` bytes (already checked to be in the file) unread."""
-        if self.size is not None:
-            self.stream.seek(n, io.SEEK_CUR)
-            self.position += n
-            return
-        while n:
-            data = _read_exactly(self.stream, min(n, _CHUNK))
-            self.position += len(data)
-            n -= len(data)
-
-    def payload_discarded(self, n: int) -> None:
-        """Pass over a big payload nothing keeps (the skeleton grew too big): into the
-        checksum if there is one, else unread."""
-        if self.checksum.inactive:
-            self.skip(n)
-            return
-        while n:
-            data = _read_exactly(self.stream, min(n, _CHUNK))
-            self.position += len(data)
-            n -= len(data)
-            self.checksum.update_behind(data)  # (bytes: nothing changes it meanwhile)
-
-    def payload_into_buffer(self, n: int) -> None:
-        """Read ``n`` payload bytes into a new ``bytearray`` (checksummed behind)."""
-        if self.size is None:
-            self.buffers.append(self.payload_unsized(n))
-            return
-        buffer = _new_payload_buffer(n)
-        view = memoryview(buffer)
-        readinto = getattr(self.stream, "readinto", None)
-        start = 0
-        while start < n:
-            chunk = view[start : start + _CHUNK]
-            filled = 0
-            while filled < len(chunk):
-                if readinto is not None:
-                    got = readinto(chunk[filled:])
-                else:
-                    data = self.stream.read(len(chunk) - filled)
-                    got = len(data)
-                    chunk[filled : filled + got] = data
-                if not got:
-                    raise ScanError("the pickle ends inside a byte payload")
-                filled += got
-            self.checksum.update_behind(chunk)
-            start += len(chunk)
-        self.position += n
-        self.buffers.append(buffer)
-
-    def payload_unsized(self, n: int) -> bytearray:
-        """A payload from a stream of unknown size: grown as it is read, so that a
-        damaged length allocates no more than the stream really holds."""
-        buffer = bytearray()
-        while len(buffer) < n:
-            data = _read_exactly(self.stream, min(n - len(buffer), _CHUNK))
-            self.checksum.update(data)
-            buffer += data
-        self.position += n
-        return buffer
-
-    def payload_mapped(self, n: int) -> None:
-        if self.mapped is not None:
-            if self.position + n > len(self.mapped):
-                raise ScanError("the pickle ends inside a byte payload")
-            self.buffers.append(memoryview(self.mapped)[self.position : self.position + n])
-        elif self.mode != "skeleton":
-            raise ScanError("map mode needs the mapped file")  # (a caller's mistake)
-        self.stream.seek(n, io.SEEK_CUR)
-        self.position += n
-
-    # -- the walk ----------------------------------------------------------------------
-
-    def run(self) -> bool:
-        """Walk to STOP or the end; False if the stream is not a framed (protocol 4+)
-        pickle. Frames are kept whole, unparsed: pickle writes big payloads outside them."""
-        head = self.read(2)
-        if head[0] != _PROTO or head[1] < 4:
-            return False
-        # (BYTEARRAY8 exists from protocol 5 on, as NEXT_BUFFER does.)
-        as_buffer = _AS_BUFFER
-        while True:
-            byte = self.stream.read(1)
-            if not byte:
-                break  # the STOP opcode was inside the last frame (pickle checks it)
-            self.position += 1
-            self.skeleton(byte)
-            opcode = byte[0]
-            if opcode == _FRAME:
-                self.payload_into_skeleton(int.from_bytes(self.read(8), "little"), "frame")
-            elif opcode in _PAYLOAD_OPS:
-                self.payload(opcode, as_buffer)
-            elif opcode == _STOP:
-                break
-            else:
-                self.other(opcode)
-        if self.stream.read(1):
-            raise ScanError("bytes follow the pickle's STOP opcode")
-        return True
-
-    def payload(self, opcode: int, as_buffer: set[int]) -> None:
-        length_field = _read_exactly(self.stream, _PAYLOAD_OPS[opcode])
-        self.position += len(length_field)
-        n = int.from_bytes(length_field, "little")
-        # Checked before anything is allocated, read or mapped for it:
-        self.check_length(n, "byte payload")
-        if opcode not in as_buffer or n < PAYLOAD_MIN_BYTES:
-            self.skeleton(length_field)
-            self.payload_into_skeleton(n, "byte payload")
-            return
-        # The opcode and its length are part of the file's checksum, and of the
-        # skeleton's; the skeleton kept for decoding holds NEXT_BUFFER in their place.
-        self.checksum.update(length_field)
-        if self.skeleton_checksum is not None:
-            self.skeleton_checksum.update(length_field)
-        if self.keep and self.parts:
-            self.parts[-1] = _NEXT_BUFFER  # replaces the opcode byte just read
-        if self.mode != "read":
-            self.payload_mapped(n)
-        elif self.keep:
-            self.payload_into_buffer(n)
-        else:
-            self.payload_discarded(n)
-
-    def other(self, opcode: int) -> None:
-        """Any other opcode outside a frame: parse its argument with pickletools' readers
-        (whose lengths go through :meth:`read`, so are checked too)."""
-        try:
-            op = pickletools.code2op[chr(opcode)]  # type: ignore[attr-defined]
-        except KeyError:
-            raise ScanError(f"unknown pickle opcode {opcode:#04x}") from None
-        if op.arg is not None:
-            op.arg.reader(_Reader(self))
-
-
 def _uninitialised_bytearray_factory() -> Any:
     """CPython's ``PyByteArray_FromStringAndSize(NULL, n)``, or None where ctypes cannot
     reach it (another interpreter): a ``bytearray`` whose memory is not zero-filled."""
@@ -438,36 +153,6 @@ def _new_payload_buffer(n: int) -> bytearray:
         return bytearray(n)
     buffer: bytearray = _NEW_BYTEARRAY(None, n)
     return buffer
-
-
-class _Reader:
-    """What pickletools' argument readers need (``read``, ``readline``), on the walk."""
-
-    def __init__(self, walk: _Walk) -> None:
-        self._walk = walk
-
-    def read(self, n: int) -> bytes:
-        return self._walk.read(n)
-
-    def readline(self) -> bytes:
-        return self._walk.readline()
-
-
-def _read_exactly(stream: IO[bytes], n: int) -> bytes:
-    """Exactly ``n`` bytes, read in pieces of at most ``_CHUNK``: a stream's ``read(n)``
-    allocates ``n`` bytes first, whatever it then finds."""
-    data = stream.read(min(n, _CHUNK))
-    if len(data) == n:
-        return data
-    pieces = [data]
-    got = len(data)
-    while got < n:
-        more = stream.read(min(n - got, _CHUNK))
-        if not more:
-            raise ScanError("the pickle is truncated")
-        pieces.append(more)
-        got += len(more)
-    return b"".join(pieces)
 
 
 def _stream_size(stream: IO[bytes]) -> int | None:
@@ -530,8 +215,11 @@ def scan_pickle(
     """
     if size is None:
         size = _stream_size(stream)
-    ordered = _OrderedChecksum(checksum)
-    walk = _Walk(stream, mode, ordered, skeleton_checksum, mapped, skeleton_limit, size)
+    ordered = OrderedChecksum(checksum)
+    # The payload buffers come from _new_payload_buffer, looked up here at each call.
+    walk = Walk(
+        stream, mode, ordered, skeleton_checksum, mapped, skeleton_limit, size, _new_payload_buffer
+    )
     try:
         try:
             complete = walk.run()
@@ -540,21 +228,13 @@ def scan_pickle(
         except Exception as exc:  # pickletools' readers, a damaged stream: any of them
             raise ScanError(f"malformed pickle ({type(exc).__name__}: {exc})") from exc
         if not complete:
-            _drain(stream, ordered)
+            drain(stream, ordered)
             return None
     finally:
         ordered.wait()
     if not walk.keep and mode != "skeleton":
         return None
     return ScannedPickle(walk.parts, walk.buffers, walk.position)
-
-
-def _drain(stream: IO[bytes], checksum: _OrderedChecksum) -> None:
-    """Checksum the rest of a stream the walk does not understand."""
-    if checksum.inactive:
-        return
-    while chunk := stream.read(_CHUNK):
-        checksum.update(chunk)
 
 
 def skeleton_checksum(storage: Storage, path: str, algorithm: str) -> str | None:
@@ -659,7 +339,7 @@ def _read_scanned_verified(
         # the file is damaged (read in small chunks: nothing big is allocated).
         rewind(start)
         read_verified(storage, path, expected, algorithm, keep=False)
-        if isinstance(failure, _PastTheEnd):
+        if isinstance(failure, PastTheEnd):
             # As the manifest records it, yet no pickle: decoding it the ordinary way
             # would allocate what the damaged length claims.
             raise _corrupt(shown, str(failure)) from failure
