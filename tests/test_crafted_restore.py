@@ -15,6 +15,7 @@ from tests.helpers import reseal
 from tests.trees import Leaf, Model, blank_three_level_tree, three_level_tree
 
 from ckptable import CheckpointError, CorruptCheckpointError, IncompatibleCheckpointError
+from ckptable._manifest import MANIFEST_FILE
 
 
 class _Raises:
@@ -133,3 +134,40 @@ def test_a_metadata_file_that_is_not_json_is_corrupt(tmp_path: Path) -> None:
     reseal(path)
     with pytest.raises(CorruptCheckpointError, match=r"encoder/metadata\.json"):
         blank_three_level_tree().restore_from_path(path)
+
+
+def _rewrite_manifest(manifest: Path, change: Any) -> None:
+    """Change a manifest's body and give it a matching CRC (as an attacker can)."""
+    import zlib
+
+    raw = manifest.read_bytes()
+    prefix, suffix = b'{"ckptable_manifest": ', b', "crc32": "'
+    body = json.loads(raw[len(prefix) : raw.rindex(suffix)])
+    change(body)
+    body_bytes = json.dumps(body, indent=1, sort_keys=True).encode("ascii")
+    manifest.write_bytes(prefix + body_bytes + suffix + b"%08x" % zlib.crc32(body_bytes) + b'"}')
+
+
+@pytest.mark.parametrize(
+    ("what", "change"),
+    [
+        ("size-overflows", lambda body: body["files"]["state.pkl"].__setitem__(0, 1e400)),
+        ("size-negative", lambda body: body["files"]["state.pkl"].__setitem__(0, -1)),
+        ("size-float", lambda body: body["files"]["state.pkl"].__setitem__(0, 12.5)),
+        ("tree-bytes-too-long", lambda body: body.__setitem__("tree_bytes", int("9" * 5000))),
+    ],
+)
+def test_a_crafted_manifest_is_a_checkpoint_error(tmp_path: Path, what: str, change: Any) -> None:
+    import sys
+
+    sys.set_int_max_str_digits(0)  # to write the 5,000-digit number (reading refuses it)
+    try:
+        path = tmp_path / "ckpt"
+        three_level_tree().save_to_path(path)
+        _rewrite_manifest(path / MANIFEST_FILE, change)
+    finally:
+        sys.set_int_max_str_digits(4300)
+    target = blank_three_level_tree()
+    with pytest.raises(CorruptCheckpointError, match="manifest"):
+        target.restore_from_path(path, progress=True)
+    assert target.children["head"].steps == 0

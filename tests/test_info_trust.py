@@ -181,12 +181,9 @@ def test_metadata_nested_too_deeply_is_corrupt_not_a_recursion_error(
             call(root)
         assert str(metadata) in str(caught.value)
     assert_cli_error(["info", str(root)], str(metadata))
-    if rllib:  # no manifest: verify reads the JSON files to tell RLlib's from ckptable's
-        with pytest.raises(CorruptCheckpointError, match="nested too deeply"):
-            verify_checkpoint(root)
-        assert_cli_error(["verify", str(root)], str(root / "encoder"))
-    else:
-        verify_checkpoint(root)  # intact as resealed: verify decodes nothing
+    # verify decodes no state: a JSON file it cannot parse is no ckptable record (RLlib
+    # layout), or intact as resealed; either way no RecursionError comes out.
+    verify_checkpoint(root)
 
 
 def test_a_sweep_of_crafted_values_never_escapes_the_error_tree(tmp_path: Path) -> None:

@@ -30,9 +30,9 @@ from ckptable._formats import (
     locate_unencodable,
     registered_codecs,
 )
-from ckptable._info import read_metadata, tree_total, verify_tree
-from ckptable._layout import DEFAULT_METADATA_FILE, RECORD_KEY, record_of
-from ckptable._manifest import MANIFEST_FILE, refuse_special_entries
+from ckptable._info import verify_tree
+from ckptable._layout import DEFAULT_METADATA_FILE, RECORD_KEY, read_metadata_file, record_of
+from ckptable._manifest import MANIFEST_FILE, manifest_tree_bytes, refuse_special_entries
 from ckptable._progress import advance, progress_bar, uncounted
 from ckptable._restore import RestoreOptions, decode_file, require_directory, state_file_of
 from ckptable._save import _SaveSession, publish_tree
@@ -93,7 +93,7 @@ def convert_checkpoint(
     dst_storage, dst_root = resolve_storage(dst, filesystem)
     require_directory(src_storage, src_root)
     _check_destination(src_storage, src_root, dst_storage, dst_root, overwrite)
-    total = tree_total(src_storage, src_root)
+    total = manifest_tree_bytes(src_storage, src_root)
     with progress_bar(progress, "Verifying", total=total):
         report = verify_tree(src_storage, src_root)
     if report.unverified:
@@ -216,7 +216,7 @@ def _convert_level(
     raw_metadata = b""
     if entries.get(meta_name) == "file":
         raw_metadata = src_storage.read_bytes(meta_path)
-        metadata = read_metadata(src_storage, meta_path, raw_metadata)
+        metadata = read_metadata_file(src_storage, meta_path, raw_metadata)
     record = record_of(metadata)
     old_codec: Codec | None = None
     state_name = None

@@ -44,9 +44,7 @@ from ckptable.errors import CheckpointError, CheckpointNotFoundError, CorruptChe
 __all__ = [
     "VerifyReport",
     "get_checkpoint_info",
-    "read_metadata",
     "stored_class_name",
-    "tree_total",
     "verify_checkpoint",
 ]
 
@@ -139,23 +137,6 @@ def _describe_tree(storage: Storage, root: str) -> dict[str, Any]:
     return info
 
 
-def read_metadata(storage: Storage, path: str, raw: bytes | None = None) -> dict[str, Any]:
-    """``read_metadata_file``, with JSON nested too deeply to parse reported as a corrupt
-    file (naming it) instead of a ``RecursionError``.
-
-    Raises:
-        CorruptCheckpointError: the file is not valid UTF-8 JSON, or nested too deeply.
-    """
-    try:
-        return read_metadata_file(storage, path, raw)
-    except RecursionError as exc:
-        shown = storage.display(path)
-        raise CorruptCheckpointError(
-            f"{shown} is not valid metadata: its JSON is nested too deeply to be read.",
-            path=shown,
-        ) from exc
-
-
 def _describe_dir(
     storage: Storage, directory: str, metadata_file: str | None
 ) -> tuple[dict[str, Any], list[tuple[str, str, str | None]]]:
@@ -175,7 +156,7 @@ def _describe_dir(
     for name in (metadata_file, *_METADATA_FILES) if metadata_file else _METADATA_FILES:
         if name in files:
             metadata_path = storage.join(directory, name)
-            metadata = read_metadata(storage, metadata_path)
+            metadata = read_metadata_file(storage, metadata_path)
             break
     where = storage.display(metadata_path)
     record = record_of(metadata)
@@ -382,7 +363,7 @@ def stored_class_name(
     unknown (no such files, a class pickled by value, or a record that is no string)."""
     entries = storage.listdir(directory)
     if entries.get(metadata_file) == "file":
-        record = record_of(read_metadata(storage, storage.join(directory, metadata_file)))
+        record = record_of(read_metadata_file(storage, storage.join(directory, metadata_file)))
         if record is not None and isinstance(record.get("class"), str):
             return str(record["class"])
     if entries.get(class_file) == "file":
@@ -484,7 +465,7 @@ def verify_checkpoint(
     try:
         with progress_bar(progress, "Verifying") as bar:
             if bar is not None:
-                bar.set_total(tree_total(storage, root))
+                bar.set_total(manifest_tree_bytes(storage, root))
             return verify_tree(storage, root)
     except CheckpointError:
         raise  # CheckpointNotFoundError is an OSError too: keep it as it is
@@ -493,15 +474,6 @@ def verify_checkpoint(
         raise CorruptCheckpointError(
             f"Cannot read the checkpoint {shown}: {exc}", path=shown
         ) from exc
-
-
-def tree_total(storage: Storage, root: str) -> int | None:
-    """The bytes the root manifest of ``root`` records for the whole tree (a progress
-    bar's total), or None: a crafted count too long to be a number is no total."""
-    try:
-        return manifest_tree_bytes(storage, root)
-    except (ValueError, OverflowError):
-        return None
 
 
 def verify_tree(
@@ -550,7 +522,7 @@ def verify_tree(
                 for name, digest in sorted(manifest.dirs.items())
             ]
         else:
-            _require_manifest_unless_foreign(storage, directory, entries)
+            require_manifest_unless_foreign(storage, directory, None, entries)
             unverified.append(storage.display(directory))
             for name, kind in sorted(entries.items()):
                 path = storage.join(directory, name)
@@ -592,19 +564,4 @@ def _read_level_manifest(
         shown = storage.display(storage.join(directory, MANIFEST_FILE))
         raise CorruptCheckpointError(
             f"The manifest {shown} is malformed ({type(exc).__name__}: {exc}).", path=shown
-        ) from exc
-
-
-def _require_manifest_unless_foreign(
-    storage: Storage, directory: str, entries: dict[str, EntryKind]
-) -> None:
-    """``require_manifest_unless_foreign``, with a metadata file nested too deeply to
-    parse reported as a corrupt level instead of a ``RecursionError``."""
-    try:
-        require_manifest_unless_foreign(storage, directory, None, entries)
-    except RecursionError as exc:
-        shown = storage.display(directory)
-        raise CorruptCheckpointError(
-            f"The checkpoint level {shown} holds a JSON file nested too deeply to be read.",
-            path=shown,
         ) from exc

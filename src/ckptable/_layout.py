@@ -63,13 +63,19 @@ def read_metadata_file(storage: Storage, path: str, raw: bytes | None = None) ->
     already read.
 
     Raises:
-        CorruptCheckpointError: the file is not valid UTF-8 JSON.
+        CorruptCheckpointError: the file is not valid UTF-8 JSON, or nested too deeply.
     """
     try:
         data = json.loads((storage.read_bytes(path) if raw is None else raw).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         shown = storage.display(path)
         raise CorruptCheckpointError(f"{shown} is not valid JSON: {exc}", path=shown) from exc
+    except RecursionError as exc:
+        shown = storage.display(path)
+        raise CorruptCheckpointError(
+            f"{shown} is not valid metadata: its JSON is nested too deeply to be read.",
+            path=shown,
+        ) from exc
     return data if isinstance(data, dict) else {}
 
 

@@ -184,7 +184,12 @@ def manifest_tree_bytes(storage: Storage, directory: str) -> int | None:
     except (OSError, CheckpointError):
         return None
     found = _TREE_BYTES.search(data)
-    return int(found.group(1)) if found else None
+    if found is None:
+        return None
+    try:
+        return int(found.group(1))
+    except ValueError:  # more digits than int() converts: a crafted count, no total
+        return None
 
 
 _TREE_BYTES = re.compile(rb'\n "tree_bytes": (\d+),?\n')

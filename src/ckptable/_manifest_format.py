@@ -98,9 +98,9 @@ class LevelManifest:
             body = json.loads(body_bytes)
             if not isinstance(body, dict):
                 raise TypeError("the manifest body is not an object")
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise CorruptCheckpointError(
-                f"The manifest {shown} is unreadable ({exc}).", path=shown
+                f"The manifest {shown} is unreadable ({type(exc).__name__}: {exc}).", path=shown
             ) from exc
         version = body.get("version")
         if not isinstance(version, int) or version > MANIFEST_VERSION:
@@ -110,13 +110,13 @@ class LevelManifest:
                 path=shown,
             )
         try:
-            files = {str(n): (int(s), str(d)) for n, (s, d) in body["files"].items()}
+            files = {str(n): (_size(s), str(d)) for n, (s, d) in body["files"].items()}
             dirs = {str(n): str(d) for n, d in body["dirs"].items()}
             algorithm = str(body["algorithm"])
             skeletons = {str(n): str(d) for n, d in body.get("skeletons", {}).items()}
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             raise CorruptCheckpointError(
-                f"The manifest {shown} is malformed ({exc}).", path=shown
+                f"The manifest {shown} is malformed ({type(exc).__name__}: {exc}).", path=shown
             ) from exc
         tree_bytes = body.get("tree_bytes")
         if isinstance(tree_bytes, bool) or not isinstance(tree_bytes, int) or tree_bytes < 0:
@@ -129,3 +129,11 @@ class LevelManifest:
 _PREFIX = b'{"ckptable_manifest": '
 _SUFFIX_START = b', "crc32": "'
 _SUFFIX_END = b'"}'
+
+
+def _size(value: object) -> int:
+    """A file size from a manifest: a non-negative int, nothing else (not a float, whose
+    ``int()`` could overflow or round, nor a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"a file size must be a non-negative integer, not {value!r}")
+    return value
