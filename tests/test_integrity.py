@@ -33,15 +33,21 @@ def saved(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def unpickle_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts ``pickle.load`` calls (the cloudpickle codec's decoder) during a test."""
+    """Counts the cloudpickle codec's decodes (``_formats.load_pickle``, the unpickler
+    that places torch tensors) and any plain ``pickle.load`` during a test."""
+    from ckptable import _formats
+
     calls: list[int] = []
-    real_load = pickle.load
 
-    def counting_load(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return real_load(*args, **kwargs)
+    def counting(real: Any) -> Any:
+        def counting_load(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(pickle, "load", counting_load)
+        return counting_load
+
+    monkeypatch.setattr(pickle, "load", counting(pickle.load))
+    monkeypatch.setattr(_formats, "load_pickle", counting(_formats.load_pickle))
     return calls
 
 

@@ -539,11 +539,6 @@ def test_through_a_pyarrow_filesystem_too(tmp_path: Path, allocations: list[int]
         assert_names(raised, MANIFEST_FILE)
 
 
-@pytest.mark.xfail(
-    reason="needs the restore's decode step to read unverified pickles with "
-    "_pickle_scan.read_pickle_unverified (plain pickle allocates what a length says)",
-    strict=False,
-)
 def test_an_unverified_restore_allocates_no_more_than_the_file(tmp_path: Path) -> None:
     import tracemalloc
 

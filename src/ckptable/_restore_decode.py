@@ -23,9 +23,9 @@ from ckptable._manifest import (
     read_verified,
     require_manifest_unless_foreign,
 )
-from ckptable._pickle_scan import ScannedPickle, map_pickle
+from ckptable._pickle_scan import ScannedPickle, map_pickle, read_pickle_unverified
 from ckptable._progress import counted_open
-from ckptable._restore_session import Level, RestoreOptions, RestoreSession
+from ckptable._restore_session import KEEP_TOTAL_BYTES, Level, RestoreOptions, RestoreSession
 from ckptable._storage import LocalStorage, Storage
 from ckptable._torch import TensorPlacement
 from ckptable.errors import (
@@ -58,14 +58,20 @@ def decode_tree(session: RestoreSession, level: Level) -> None:
         return
     path = session.storage.join(level.path, level.state_file)
     mapped = False
-    if level.raw_state is None and session.options.mmap:
-        if accepts_buffers(level.codec):
-            level.raw_state = map_pickle(session.storage, path)  # unverified: mapped as is
-        else:
+    try:
+        if level.raw_state is None and accepts_buffers(level.codec):
+            if session.options.mmap:
+                level.raw_state = map_pickle(session.storage, path)  # unverified: mapped as is
+            elif not level.verified:
+                # No manifest vouches for it (RLlib's levels, verify=False): read in the
+                # bounded scan, every length checked against the file before allocating.
+                level.raw_state = read_pickle_unverified(
+                    session.storage, path, skeleton_limit=KEEP_TOTAL_BYTES
+                )
+        elif level.raw_state is None and session.options.mmap:
             # A codec that maps its files itself (safetensors): step 1 verified the file
             # whole (if it had a manifest); its data is mapped here, not read again.
             mapped = maps_files(level.codec) and isinstance(session.storage, LocalStorage)
-    try:
         state = decode_file(
             session.storage,
             path,
