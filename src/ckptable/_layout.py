@@ -14,6 +14,7 @@ A class may rename the three files (RLlib's Algorithm uses ``rllib_checkpoint.js
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ckptable.errors import CorruptCheckpointError
@@ -30,6 +31,7 @@ __all__ = [
     "RECORD_KEY",
     "checkpoint_file_names",
     "is_state_version",
+    "loads_json",
     "read_metadata_file",
     "record_of",
 ]
@@ -58,6 +60,33 @@ def record_of(metadata: Any) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+#: JSON documents ckptable reads (metadata, manifests, headers) nest a few levels.
+MAX_JSON_DEPTH = 64
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def loads_json(data: bytes | str, **kwargs: Any) -> Any:
+    """``json.loads`` of a document that must nest at most ``MAX_JSON_DEPTH`` levels.
+
+    The depth is checked first, without recursion, so that a document nested too deeply
+    is a ``ValueError`` (a damaged or crafted file), while a ``RecursionError`` from the
+    parse itself can only mean the caller's own stack ran out (deep in a tree), which
+    is no fault of the file and is left to the caller.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        depth = 0
+        for token in _JSON_TOKENS.finditer(raw):
+            symbol = token.group()
+            if symbol in (b"[", b"{"):
+                depth += 1
+                if depth > MAX_JSON_DEPTH:
+                    raise ValueError(f"JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+            elif symbol in (b"]", b"}"):
+                depth -= 1
+    return json.loads(data, **kwargs)
+
+
 def read_metadata_file(storage: Storage, path: str, raw: bytes | None = None) -> dict[str, Any]:
     """A level's metadata JSON (``{}`` if it holds no object); ``raw``: its bytes, if
     already read.
@@ -66,16 +95,10 @@ def read_metadata_file(storage: Storage, path: str, raw: bytes | None = None) ->
         CorruptCheckpointError: the file is not valid UTF-8 JSON, or nested too deeply.
     """
     try:
-        data = json.loads((storage.read_bytes(path) if raw is None else raw).decode("utf-8"))
+        data = loads_json((storage.read_bytes(path) if raw is None else raw).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         shown = storage.display(path)
         raise CorruptCheckpointError(f"{shown} is not valid JSON: {exc}", path=shown) from exc
-    except RecursionError as exc:
-        shown = storage.display(path)
-        raise CorruptCheckpointError(
-            f"{shown} is not valid metadata: its JSON is nested too deeply to be read.",
-            path=shown,
-        ) from exc
     return data if isinstance(data, dict) else {}
 
 

@@ -26,6 +26,7 @@ import json
 import zlib
 from typing import Any
 
+from ckptable._layout import loads_json
 from ckptable.errors import CorruptCheckpointError, IncompatibleCheckpointError
 
 __all__ = ["MANIFEST_FILE", "MANIFEST_VERSION", "LevelManifest"]
@@ -95,10 +96,10 @@ class LevelManifest:
                 f"The manifest {shown} is damaged (its own checksum does not match).", path=shown
             )
         try:
-            body = json.loads(body_bytes)
+            body = loads_json(body_bytes)
             if not isinstance(body, dict):
                 raise TypeError("the manifest body is not an object")
-        except (ValueError, TypeError, RecursionError) as exc:
+        except (ValueError, TypeError) as exc:
             raise CorruptCheckpointError(
                 f"The manifest {shown} is unreadable ({type(exc).__name__}: {exc}).", path=shown
             ) from exc

@@ -27,6 +27,7 @@ import os
 import sys
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
+from ckptable._layout import loads_json
 from ckptable._safetensors_format import DTYPES, FORMAT_NAME, FORMAT_VERSION, METADATA_KEY
 from ckptable.errors import IncompatibleCheckpointError
 
@@ -103,7 +104,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _json(text: str | bytes, what: str) -> Any:
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+        return loads_json(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         raise _corrupt(f"{what} is not valid JSON ({exc})") from None
 
