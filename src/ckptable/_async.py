@@ -5,6 +5,12 @@ a thread then runs the ordinary ``save_to_path`` with that copy as ``state=``, s
 async save writes exactly what a synchronous save at the moment of the call would have
 written, with the same staging, checksums, flushes and atomic publish.
 
+Torch tensors (``ckptable._snapshot_torch``): CPU tensors are copied like arrays; GPU
+tensors into a reused block of pinned host memory, on a side stream, and the call returns
+once those copies are complete (not serialised: that is the thread's work). The thread
+then writes them from the host block, recording their devices, so that restores put them
+back on their GPUs.
+
 The thread is not a daemon: a Python process that exits normally first finishes the
 saves in flight (a killed one leaves the previous checkpoint, as any interrupted save).
 """
@@ -18,7 +24,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ckptable._snapshot import SnapshotPool, collect_tree_state, take_snapshot
+from ckptable._formats import get_codec
+from ckptable._snapshot import SnapshotPool, collect_tree_state, saved_by_ckptable, take_snapshot
 
 __all__ = ["release_snapshot_memory", "save_async", "start_background_save"]
 
@@ -33,8 +40,9 @@ def save_async(obj: Any, path: Any = None, **save_kwargs: Any) -> concurrent.fut
 
     The tree's state is gathered (``get_state()``, as a synchronous save does) and copied
     before this returns, so changes made to ``obj`` afterwards never reach the checkpoint.
-    The copy takes memory: the size of the state's arrays, kept after the save for the
-    next async save (``ckptable.release_snapshot_memory()`` frees it).
+    The copy takes memory: the size of the state's arrays and tensors (those on a GPU in
+    pinned host memory), kept after the save for the next async save
+    (``ckptable.release_snapshot_memory()`` frees it).
 
     Args:
         obj: The ``Checkpointable`` to save.
@@ -57,8 +65,9 @@ def save_async(obj: Any, path: Any = None, **save_kwargs: Any) -> concurrent.fut
 
 
 def release_snapshot_memory() -> None:
-    """Free the memory ``ckptable.save_async`` keeps for its next snapshot."""
-    _default_pool.clear()
+    """Free the memory ``ckptable.save_async`` keeps for its next snapshot (the pinned
+    host memory of GPU tensors included)."""
+    _default_pool.close()
 
 
 def start_background_save(
@@ -84,6 +93,7 @@ def start_background_save(
             f"{type(obj).__name__}.save_to_path() does not accept these arguments: {exc}"
         ) from None
     snapshot = take_snapshot(collect_tree_state(obj, given_state), pool)
+    device_records = snapshot.has_device_tensors and _writes_records(obj, kwargs)
     future: concurrent.futures.Future[str] = concurrent.futures.Future()
     future.set_running_or_notify_cancel()
     run_save = save or _save_to_path
@@ -92,7 +102,7 @@ def start_background_save(
         # The arena goes back to the pool before the future completes, so that a save
         # started as soon as this one is seen done finds it there.
         try:
-            state = snapshot.materialize()
+            state = snapshot.materialize(device_records=device_records)
             result = run_save(obj, path, {**kwargs, "state": state})
         except BaseException as exc:
             snapshot.release(reuse=False)
@@ -104,6 +114,17 @@ def start_background_save(
 
     threading.Thread(target=run, name=name, daemon=False).start()
     return future
+
+
+def _writes_records(obj: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether the save hands every level's state to the cloudpickle codec untouched:
+    GPU tensors may then stay host copies that pickle as tensors on their devices
+    (``StateSnapshot.materialize``); other codecs need real tensors."""
+    name = kwargs.get("format") or ("msgpack" if kwargs.get("use_msgpack") else "cloudpickle")
+    try:
+        return get_codec(name).name == "cloudpickle" and saved_by_ckptable(obj)
+    except Exception:
+        return False  # (real tensors always do; the save raises what is wrong, if anything)
 
 
 def _save_to_path(obj: Any, path: Any, kwargs: dict[str, Any]) -> str:
