@@ -67,8 +67,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import datetime
 import gc
@@ -89,8 +87,10 @@ from typing import Any
 _SRC = Path(__file__).resolve().parents[1] / "src"
 if (_SRC / "ckptable" / "__init__.py").exists() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))  # this checkout's ckptable, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _memory
 
 import torch  # noqa: E402
+from _memory import MALLOC_TRIM, PeakRss  # noqa: E402
 
 import ckptable  # noqa: E402
 
@@ -207,55 +207,6 @@ def check_state(actual: Any, expected: Any, *, device: str | None, what: str) ->
 
 
 # ------------------------------------------------------------------ untimed preparation
-
-
-def proc_status() -> dict[str, int]:
-    """The ``kB`` fields of ``/proc/self/status``, in bytes ({} if unreadable)."""
-    fields: dict[str, int] = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                parts = value.split()
-                if len(parts) == 2 and parts[1] == "kB":
-                    fields[name] = int(parts[0]) * 1024
-    except OSError:
-        return {}
-    return fields
-
-
-class PeakRss:
-    """Peak resident set over a call, above the resident set before it (Linux: the
-    ``VmHWM`` mark is reset by writing ``5`` to ``/proc/self/clear_refs``)."""
-
-    def __init__(self) -> None:
-        self.available = self._reset() and "VmHWM" in proc_status()
-
-    @staticmethod
-    def _reset() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            return False
-        return True
-
-    def start(self) -> int | None:
-        if not self.available or not self._reset():
-            return None
-        return proc_status().get("VmRSS")
-
-    def extra(self, start: int | None) -> int | None:
-        peak = proc_status().get("VmHWM") if start is not None else None
-        return None if peak is None or start is None else max(0, peak - start)
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-
-
-MALLOC_TRIM = _malloc_trim()
 
 
 class Untimed:

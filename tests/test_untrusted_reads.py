@@ -49,6 +49,7 @@ from ckptable._manifest import MANIFEST_FILE, manifest_tree_bytes
 from ckptable._pickle_scan import PAYLOAD_MIN_BYTES, ScanError, scan_pickle
 from ckptable._storage import LocalStorage
 from helpers import assert_states_equal, reseal
+from test_big_arrays import Arrays as Box  # a state of big arrays and small values
 
 #: Bytes of the big array: over the threshold above which a payload gets its own buffer.
 BIG = 2 * PAYLOAD_MIN_BYTES
@@ -57,22 +58,6 @@ BIG = 2 * PAYLOAD_MIN_BYTES
 UNKEPT = 17 << 20
 #: Seconds any one call may take before it counts as hung.
 HANG_SECONDS = 30.0
-
-
-class Box(Checkpointable):
-    """A state of one big array and a small value."""
-
-    def __init__(self, state: dict[str, Any] | None = None) -> None:
-        self.state = state if state is not None else {}
-
-    def get_state(self, components: Any = None, *, not_components: Any = None, **kw: Any) -> dict:
-        return dict(self.state)
-
-    def set_state(self, state: dict) -> None:
-        self.state = state
-
-    def get_ctor_args_and_kwargs(self) -> tuple[tuple, dict]:
-        return (), {}
 
 
 class Holder(Checkpointable):
