@@ -30,8 +30,10 @@ StateDict = dict[str, Any]
 class Checkpointable(abc.ABC):
     """An object whose state, and that of its checkpointable components, saves to a directory.
 
-    Subclasses implement ``get_state``, ``set_state`` and ``get_ctor_args_and_kwargs``,
-    and list their checkpointable parts in ``get_checkpointable_components``. Then
+    Subclasses implement ``get_state`` and ``set_state``; one whose constructor takes
+    arguments also returns them from ``get_ctor_args_and_kwargs`` (for
+    ``from_checkpoint``); one with checkpointable parts lists them in
+    ``get_checkpointable_components``. Then
     ``save_to_path`` writes the whole tree (one subdirectory per component),
     ``restore_from_path`` restores all of it or one component, and ``from_checkpoint``
     builds a new object from a checkpoint alone.
@@ -162,8 +164,8 @@ class Checkpointable(abc.ABC):
                 costs next to nothing, pages are read when used. With ``verify``, all
                 but the arrays' bytes is verified (``verify_checkpoint`` checks those).
                 Byte strings of 1 MiB or more come back as read-only ``memoryview``.
-                Torch tensors are copied out of the mapping (torch has no read-only
-                tensors).
+                Torch tensors (which have no read-only form) are mapped copy-on-write:
+                writable, and a write never reaches the file.
             map_location: Where torch tensors go, with ``torch.load``'s meanings: a
                 device string (``"cpu"``, ``"cuda:0"``) or ``torch.device`` for all of
                 them; a dict of saved device strings to target devices
@@ -291,9 +293,15 @@ class Checkpointable(abc.ABC):
     def set_state(self, state: StateDict) -> None:
         """Set the state from ``state``; keys that are missing are left as they are."""
 
-    @abc.abstractmethod
     def get_ctor_args_and_kwargs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The ``(args, kwargs)`` that rebuild ``self`` from its class."""
+        """The ``(args, kwargs)`` that rebuild ``self`` from its class.
+
+        ``from_checkpoint`` calls the stored class with them. The default, ``((), {})``,
+        fits a class whose constructor needs no arguments; a class whose constructor
+        takes some overrides it (RLlib's base class declares it abstract: classes
+        written for RLlib override it and keep working unchanged).
+        """
+        return (), {}
 
     def upgrade_state(self, state: StateDict, from_version: int) -> StateDict:
         """Turn a state saved at ``from_version`` into one of ``STATE_VERSION``.

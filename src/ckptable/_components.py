@@ -9,6 +9,7 @@ RLlib's ``Checkpointable._check_component`` / ``_get_subcomponents``.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -18,10 +19,12 @@ __all__ = [
     "MAX_NAME_BYTES",
     "RESERVED_PREFIX",
     "check_component",
+    "did_you_mean",
     "force_list",
     "get_subcomponents",
     "is_actor_manager",
     "is_ckptable_object",
+    "runs_ckptable_method",
     "split_component_path",
     "uses_ckptable_method",
     "validate_component_name",
@@ -86,6 +89,15 @@ def validate_component_name(
     return name
 
 
+def did_you_mean(name: str, names: Iterable[str]) -> str:
+    """``" Did you mean 'policy'?"`` for a mistyped component ``name`` among ``names``
+    (close matches by ``difflib``, at most three); ``""`` if none is close."""
+    matches = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
+    if not matches:
+        return ""
+    return f" Did you mean {' or '.join(repr(match) for match in matches)}?"
+
+
 def split_component_path(component: str) -> list[str]:
     """Split ``"a/b/c"`` into validated names; a bad segment raises InvalidComponentNameError."""
     if not isinstance(component, str) or not component:
@@ -142,13 +154,35 @@ def uses_ckptable_method(component: object, method: str) -> bool:
     )
 
 
-def is_ckptable_object(component: object) -> bool:
-    """True if ``component`` is an instance of ``ckptable.Checkpointable`` (checked by
-    name: this module sits below the one defining the class)."""
+def runs_ckptable_method(component: object, method: str) -> bool:
+    """True if calling ``component.<method>`` (``save_to_path``, ``restore_from_path``)
+    runs ckptable's pipeline, decided by the function the call really finds, not only by
+    the class's bases: Ray copies the driver's methods onto actor classes, so an actor
+    may run ckptable's method over RLlib's bases, or RLlib's over ckptable's.
+
+    ckptable's own function (or a copy of it) → True; RLlib's base function → False; an
+    override (which calls ``super()``) → whether its class derives from
+    ``ckptable.Checkpointable`` (checked by name: this module sits below the one
+    defining the class).
+    """
+    function = getattr(type(component), method, None)
+    if getattr(function, "__qualname__", None) == f"Checkpointable.{method}":
+        module = getattr(function, "__module__", None)
+        if module == "ckptable._checkpointable":
+            return True
+        if module == "ray.rllib.utils.checkpoints":
+            return False
     return any(
         cls.__module__ == "ckptable._checkpointable" and cls.__qualname__ == "Checkpointable"
         for cls in type(component).__mro__
     )
+
+
+def is_ckptable_object(component: object) -> bool:
+    """True if restoring ``component`` runs ckptable's pipeline (see
+    :func:`runs_ckptable_method`): its levels are then read, decoded and applied by
+    ckptable; any other object restores itself with its own ``restore_from_path``."""
+    return runs_ckptable_method(component, "restore_from_path")
 
 
 def is_actor_manager(component: object) -> bool:

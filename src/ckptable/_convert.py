@@ -26,8 +26,8 @@ from typing import Any
 from ckptable._formats import (
     Codec,
     accepts_buffers,
+    explain_unencodable,
     get_codec,
-    locate_unencodable,
     registered_codecs,
 )
 from ckptable._info import verify_tree
@@ -261,7 +261,13 @@ def _convert_level(
         elif name == state_name and old_codec is not None and stem is not None:
             state = decode_file(src_storage, src_path, old_codec, None, options, count_reads=True)
             with uncounted():  # counted as it was read
-                _write_state(session, dst_storage.join(dst_dir, stem + new_codec.suffix), state)
+                _write_state(
+                    session,
+                    dst_storage.join(dst_dir, stem + new_codec.suffix),
+                    state,
+                    src_storage.display(src_path),
+                    old_codec.name,
+                )
         elif name == meta_name and record is not None and stem is not None:
             converted = dict(metadata)
             converted[RECORD_KEY] = {
@@ -297,7 +303,11 @@ def _metadata_bytes(storage: Storage, path: str, metadata: dict[str, Any]) -> by
         ) from exc
 
 
-def _write_state(session: _SaveSession, path: str, state: Any) -> None:
+def _write_state(
+    session: _SaveSession, path: str, state: Any, source: str, source_format: str
+) -> None:
+    """Encode the state read from ``source`` (the source's state file, in
+    ``source_format``) into ``path``."""
     codec = session.codec
     try:
         with session.open_write(path, pickled=accepts_buffers(codec)) as stream:
@@ -306,14 +316,22 @@ def _write_state(session: _SaveSession, path: str, state: Any) -> None:
         raise
     except Exception as exc:  # the encoder's error, for a value it cannot hold
         try:
-            where = locate_unencodable(codec, state)
+            what, instead = explain_unencodable(codec, state)
         except Exception:  # a state nested too deeply to walk, say
-            where = "a value of the state"
+            what, instead = "a value of the state cannot be encoded", ""
         component = session.component_path(session.storage.split(path)[0])
+        level = f"component {component!r}" if component else "the root level"
+        advice = (
+            f" Keep the checkpoint in {source_format} (it converts as a whole), or have "
+            f"the class's get_state {instead} and save the checkpoint again."
+            if instead
+            else ""
+        )
         raise StateEncodingError(
-            f"Cannot convert {session.describe(session.storage.split(path)[0])} to "
-            f"{codec.name}: {where} cannot be encoded ({exc}).",
-            path=session.target,
+            f"Cannot convert {level} of the checkpoint ({source}) to {codec.name}: {what} "
+            f"({type(exc).__name__}: {exc}).{advice} Nothing was written to "
+            f"{session.target}.",
+            path=source,
             component=component,
         ) from exc
 

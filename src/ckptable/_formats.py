@@ -54,6 +54,7 @@ __all__ = [
     "accepts_buffers",
     "accepts_tensors",
     "codec_for_suffix",
+    "explain_unencodable",
     "get_codec",
     "locate_unencodable",
     "maps_files",
@@ -243,18 +244,77 @@ def locate_unencodable(codec: Codec, state: Any, path: str = "state") -> str:
     their own and the first failing one is followed down. Returns ``path`` itself if
     every item encodes (the container as a whole does not: a dict key, say).
     """
-    if isinstance(state, dict):
-        items: Iterable[tuple[str, Any]] = ((f"{path}[{k!r}]", v) for k, v in state.items())
-    elif isinstance(state, (list, tuple)):
-        items = ((f"{path}[{i}]", v) for i, v in enumerate(state))
+    return _locate(codec, state, path)[0]
+
+
+def _locate(codec: Codec, state: Any, path: str) -> tuple[str, Any]:
+    """``locate_unencodable``'s key path, and the value found there."""
+    while True:
+        if isinstance(state, dict):
+            items: Iterable[tuple[str, Any]] = ((f"{path}[{k!r}]", v) for k, v in state.items())
+        elif isinstance(state, (list, tuple)):
+            items = ((f"{path}[{i}]", v) for i, v in enumerate(state))
+        else:
+            return path, state
+        for item_path, value in items:
+            try:
+                codec.dump(value, cast(IO[bytes], _Discard()))
+            except Exception:
+                path, state = item_path, value
+                break
+        else:
+            return path, state
+
+
+#: The integers msgpack holds: int64 and uint64.
+_MSGPACK_INT_RANGE = (-(2**63), 2**64 - 1)
+
+
+def explain_unencodable(codec: Codec, state: Any) -> tuple[str, str]:
+    """Where in ``state`` the value that ``codec`` cannot encode is, and why; then what
+    to store instead. Called after an encoding failed.
+
+    Returns ``(what, instead)``: ``"state['rng']['state'] cannot be encoded: it is an
+    int of 128 bits, and msgpack holds integers of at most 64 bits ..."``, and what
+    ``get_state`` could return instead (``""`` for codecs other than msgpack).
+    """
+    path, value = _locate(codec, state, "state")
+    if codec.name != "msgpack":
+        return f"{path} cannot be encoded (it is {_type_name(value)})", ""
+    numpy_random = type(value).__module__.startswith("numpy.random")
+    if isinstance(value, int) and not (_MSGPACK_INT_RANGE[0] <= value <= _MSGPACK_INT_RANGE[1]):
+        what = (
+            f"{path} cannot be encoded: it is an int of {value.bit_length()} bits, and "
+            "msgpack holds integers of at most 64 bits (-2**63 to 2**64-1)"
+        )
+        note = (
+            "; numpy's random generators hold such integers in rng.bit_generator.state"
+            if "state" in path.removeprefix("state")
+            else ""
+        )
+        instead = f"return the integer as a string (str(value), int(...) in set_state{note})"
+        return what, instead
+    what = (
+        f"{path} cannot be encoded: it is {_type_name(value)}, and msgpack holds only "
+        "dicts, lists, strings, bytes, numbers (integers of at most 64 bits), booleans, "
+        "None, and numpy arrays and scalars"
+    )
+    if numpy_random:
+        instead = (
+            "return rng.bit_generator.state instead of the generator, with its 128-bit "
+            "integers as strings, and set it back in set_state"
+        )
     else:
-        return path
-    for item_path, value in items:
-        try:
-            codec.dump(value, cast(IO[bytes], _Discard()))
-        except Exception:
-            return locate_unencodable(codec, value, item_path)
-    return path
+        instead = "return the value as plain data (strings, numbers, lists, dicts, arrays)"
+    return what, instead
+
+
+def _type_name(value: Any) -> str:
+    cls = type(value)
+    name = (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+    return f"a {name}"
 
 
 class _Discard(io.RawIOBase):

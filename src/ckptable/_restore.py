@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckptable._commit import recover_leftovers
 from ckptable._components import (
+    did_you_mean,
     is_actor_manager,
     is_ckptable_object,
     split_component_path,
@@ -64,6 +66,13 @@ from ckptable._restore_apply import (
     upgrade_tree,
 )
 from ckptable._restore_decode import decode_file, decode_tree, parse_class_record, read_class_file
+from ckptable._restore_hints import (
+    class_name,
+    constructor_hint,
+    main_module_class_error,
+    manager_directory_error,
+    refuse_component_directory,
+)
 from ckptable._restore_read import read_level, refuse_foreign_in_safe_mode, state_file_of
 from ckptable._restore_session import (
     KEEP_TOTAL_BYTES,
@@ -130,8 +139,15 @@ def restore_checkpointable(
         if component is not None:
             _restore_component_path(obj, storage, root, component, options, kwargs)
             return
+        refuse_component_directory(storage, root, obj)
         session = RestoreSession(storage, kwargs, options, root=root)
-        level = _read_consistently(session, root, obj)
+        try:
+            level = _read_consistently(session, root, obj)
+        except CorruptCheckpointError as exc:
+            not_a_checkpoint = manager_directory_error(storage, root)
+            if not_a_checkpoint is not None:
+                raise not_a_checkpoint from exc
+            raise
         session.warn_unverified()
         upgrade_tree(session, obj, level)
         restore_actor_tree(session, obj, level)
@@ -212,6 +228,9 @@ def construct_from_checkpoint(
     )
     refuse_special_entries(storage, root, storage.listdir(root))
     if storage.kind(class_file) != "file":
+        not_a_checkpoint = manager_directory_error(storage, root, building=True)
+        if not_a_checkpoint is not None:
+            raise not_a_checkpoint
         raise CorruptCheckpointError(
             f"The checkpoint at {storage.display(root)} has no {storage.split(class_file)[1]}: "
             "it cannot say which class to build.",
@@ -223,6 +242,8 @@ def construct_from_checkpoint(
     )
     ctor, args, ctor_kwargs = parse_class_record(info, storage.display(class_file))
     if not issubclass(ctor, cls):
+        if ctor.__module__ == "__main__" and not _importable_as_main(ctor):
+            raise main_module_class_error(ctor, cls, storage.display(root))
         raise IncompatibleCheckpointError(
             f"The class {ctor.__module__}.{ctor.__qualname__} stored in the checkpoint at "
             f"{storage.display(root)} is not a subclass of {cls.__module__}.{cls.__qualname__}.",
@@ -247,11 +268,13 @@ def construct_from_checkpoint(
     try:
         obj: Any = ctor(*args, **ctor_kwargs)
     except Exception as exc:
+        hint = constructor_hint(ctor, args, ctor_kwargs) or (
+            " The arguments do not fit this version of the class (pass the ones that "
+            "changed to from_checkpoint as keywords), or the file was altered."
+        )
         raise IncompatibleCheckpointError(
             f"Building {_name_of(ctor)} with the constructor arguments stored in {shown} "
-            f"failed ({type(exc).__name__}: {exc}): the arguments do not fit this version "
-            "of the class (pass the ones that changed to from_checkpoint as keywords), or "
-            "the file was altered.",
+            f"failed ({type(exc).__name__}: {exc}).{hint}",
             path=shown,
         ) from exc
     if is_ckptable_object(obj):
@@ -260,8 +283,14 @@ def construct_from_checkpoint(
     return obj  # type: ignore[no-any-return]
 
 
-def _name_of(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+_name_of = class_name
+
+
+def _importable_as_main(cls: type) -> bool:
+    """Whether ``cls`` is this program's own ``__main__`` class of that name (a class
+    stored by value and rebuilt in the process that defined it is that class itself)."""
+    main = sys.modules.get("__main__")
+    return getattr(main, cls.__qualname__, None) is cls
 
 
 def _check_mmap(storage: Storage, root: str, options: RestoreOptions) -> None:
@@ -309,7 +338,7 @@ def _restore_component_path(
             owner = "/".join(names[:depth]) or type(obj).__name__
             raise UnknownComponentError(
                 f"Unknown component {component!r}: {owner} has no component {name!r} "
-                f"(it has: {', '.join(sorted(comps)) or 'none'}).",
+                f"(it has: {', '.join(sorted(comps)) or 'none'}).{did_you_mean(name, comps)}",
                 path=storage.display(root),
                 component=component,
             )

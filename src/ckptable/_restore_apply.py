@@ -153,6 +153,16 @@ def _set_state(session: RestoreSession, obj: Any, level: Level, component_names:
     levels of their own) is taken first, deep-copied: ``get_state`` may hand out live
     references that ``set_state`` then changes in place.
     """
+    if level.codec is None:  # read as foreign, never decoded: never set_state(None)
+        shown = session.storage.display(level.path)
+        raise CheckpointError(
+            f"{_class_name(obj)} has no decoded state for {shown} (its restore_from_path "
+            "is not ckptable's, so ckptable left the level to it); its set_state was not "
+            "called. In Ray workers, switch RLlib onto ckptable there too: "
+            "ckptable.rllib.enable() before ray.init().",
+            path=shown,
+            component=session.component_of(level.path),
+        )
     previous = None
     if session.options.rollback:
         previous = _own_state(session, obj, level, component_names)
@@ -187,11 +197,21 @@ def _set_state_error(
 ) -> SetStateError:
     component = session.component_of(level.path)
     where = f"component {component!r}" if component else "the root level"
-    version = (level.record or {}).get("state_version", 1)
+    record = level.record or {}
+    version = record.get("state_version", 1)
     shown = session.storage.display(level.path)
+    stored = record.get("class")
+    saved_from = f"saved from {stored}, " if isinstance(stored, str) else ""
+    other_class = ""
+    if isinstance(stored, str) and stored not in {_name(c) for c in type(obj).__mro__}:
+        other_class = (
+            f" The level was saved from {stored}, not from {_class_name(obj)}: check that "
+            f"{shown} is the checkpoint (or component directory) you meant."
+        )
     return SetStateError(
         f"{_class_name(obj)}.{method} failed restoring {where} of the checkpoint "
-        f"(state version {version}, from {shown}): {type(exc).__name__}: {exc}.",
+        f"({saved_from}state version {version}, from {shown}): {type(exc).__name__}: "
+        f"{exc}.{other_class}",
         path=shown,
         component=component,
         class_name=_class_name(obj),
@@ -199,7 +219,10 @@ def _set_state_error(
 
 
 def _class_name(obj: Any) -> str:
-    cls = type(obj)
+    return _name(type(obj))
+
+
+def _name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 

@@ -24,8 +24,11 @@ The hierarchy:
     ├── ActorCheckpointError             Ray actor components failed to save/restore
     └── TransferError                    moving a directory between nodes failed
 
-One warning: ``UnverifiedCheckpointWarning`` (a ``UserWarning``), when a checkpoint
-without ckptable's manifest (written by RLlib) is restored without an integrity check.
+Two warnings, both subclasses of ``UserWarning``: ``UnverifiedCheckpointWarning``, when
+a checkpoint without ckptable's manifest (written by RLlib) is restored without an
+integrity check; ``MainModuleClassWarning``, when a save stores a class defined in
+``__main__`` (by value: ``from_checkpoint`` in another program will not accept it as
+that program's class).
 
 The ``ValueError`` and ``TypeError`` bases keep ``except ValueError`` / ``except
 TypeError`` working for code written against RLlib, which raises those in these places.
@@ -40,6 +43,7 @@ __all__ = [
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
     "InvalidComponentNameError",
+    "MainModuleClassWarning",
     "SetStateError",
     "StateEncodingError",
     "StepConflictError",
@@ -164,3 +168,22 @@ class UnverifiedCheckpointWarning(UserWarning):
     def __init__(self, message: str, *, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class MainModuleClassWarning(UserWarning):
+    """A checkpoint stores a class defined in ``__main__`` (the script being run).
+
+    cloudpickle stores such a class by value, a copy of its code, in the level's
+    ``class_and_ctor_args.pkl``. ``from_checkpoint`` in another program then builds
+    that copy, which is not the other program's class of the same name (refused when
+    called on it), and ``safe=True`` refuses to load code. Defining the class in a module
+    that is imported avoids both. Warned once per class and process.
+
+    Args:
+        message: What was stored, where, and what to do.
+        class_name: The class's name (``"__main__.Model"``).
+    """
+
+    def __init__(self, message: str, *, class_name: str | None = None) -> None:
+        super().__init__(message)
+        self.class_name = class_name
