@@ -232,13 +232,45 @@ def test_big_tensors_are_out_of_band_payloads_read_into_place(tmp_path: Path) ->
     assert "torch.storage._load_from_bytes" not in pickle_globals(path / "state.pkl")
 
 
-def test_mmap_restore_gives_writable_tensors(tmp_path: Path) -> None:
-    """With mmap=True the payloads are read-only mappings: tensors are copied out of
-    them (torch has no read-only tensors), so writing to them is safe."""
+def _mapped_file_of(address: int) -> str | None:
+    """The file whose mapping holds ``address`` in this process (None: anonymous memory)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= address < hi:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
+def test_mmap_restore_gives_tensors_on_the_checkpoints_pages(tmp_path: Path) -> None:
+    """With mmap=True a tensor (every dtype, the viewed ones too) lives on the checkpoint
+    file's own pages, not a copy (so a big state opens without being read), and is writable
+    copy-on-write: a write changes this process's tensor, never the file."""
     big = torch.randn(1 << 19)
-    restored = save_and_restore(tmp_path, {"big": big}, mmap=True)
-    restored["big"].add_(1.0)
-    assert torch.equal(restored["big"], big + 1.0)
+    state = {"big": big, "bf16": big.to(torch.bfloat16), "half": big.to(torch.float16)}
+    path = tmp_path / "ckpt"
+    holder = Holder()
+    holder.state = state
+    holder.save_to_path(path)
+    state_file = str((path / "state.pkl").resolve())
+    before = (path / "state.pkl").read_bytes()
+    restored = Holder()
+    restored.restore_from_path(path, mmap=True)
+    for key, tensor in restored.state.items():
+        assert _mapped_file_of(tensor.data_ptr()) == state_file, key
+        assert torch.equal(tensor, state[key]), key
+    restored.state["big"].add_(1.0)
+    assert torch.equal(restored.state["big"], big + 1.0)
+    assert (path / "state.pkl").read_bytes() == before
+    again = Holder()
+    again.restore_from_path(path, mmap=True)
+    assert torch.equal(again.state["big"], big)
+    # NumPy arrays of the same file stay read-only views, as mmap=True always gave them.
+    holder.state = {"array": np.arange(1 << 17, dtype=np.float64)}
+    holder.save_to_path(tmp_path / "arrays")
+    arrays = Holder()
+    arrays.restore_from_path(tmp_path / "arrays", mmap=True)
+    assert not arrays.state["array"].flags.writeable
 
 
 def test_pickle_names_only_torch_numpy_and_builtins(tmp_path: Path) -> None:

@@ -146,8 +146,9 @@ def _new_payload_buffer(n: int) -> bytearray:
     ``bytearray(n)`` zero-fills its memory, touching every page before the read touches
     it again: for 1 GiB of arrays that made a verified restore 1.2x a plain read. The
     buffer is allocated uninitialised instead; nothing sees it before the read filled
-    every byte (or it is dropped). Advising huge pages for it was tried and measured
-    slower and erratic (2-4x) on a 2-core VM, so the kernel's default is kept.
+    every byte (or it is dropped). Advising huge pages for it was tried twice and measured
+    slower and erratic (2-4x, direct compaction on a VM whose memory is page cache) on a
+    2-core VM, so the kernel's default is kept.
     """
     if _NEW_BYTEARRAY is None:
         return bytearray(n)
@@ -417,14 +418,19 @@ def _scan_mapped(
     skeleton_checksum: Checksum | None,
     skeleton_limit: int | None,
 ) -> ScannedPickle | None:
-    """Map the open file read-only (its size checked against ``size``) and walk it in
-    ``map`` mode, every length checked against the file's size; None for an empty file."""
+    """Map the open file (its size checked against ``size``) and walk it in ``map`` mode,
+    every length checked against the file's size; None for an empty file.
+
+    The mapping is private and copy-on-write (``ACCESS_COPY``): a write to its pages never
+    reaches the file. The payloads are handed out as read-only views (NumPy arrays stay
+    read-only, as before), and torch tensors, which have no read-only form, are built on
+    writable views of the same pages instead of copies."""
     actual = os.fstat(stream.fileno()).st_size
     if size is not None and actual != size:
         raise _corrupt(shown, f"{actual} bytes; the manifest records {size}")
     if actual == 0:
         return None
-    mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+    mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_COPY)
     try:
         return scan_pickle(
             stream, "map", skeleton_checksum=skeleton_checksum, mapped=mapped,

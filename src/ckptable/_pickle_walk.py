@@ -257,7 +257,11 @@ class Walk:
         if self.mapped is not None:
             if self.position + n > len(self.mapped):
                 raise ScanError("the pickle ends inside a byte payload")
-            self.buffers.append(memoryview(self.mapped)[self.position : self.position + n])
+            # Read-only views of the (copy-on-write) mapping: arrays stay read-only, as
+            # mapped arrays always were; torch tensors get writable views of the same
+            # pages (``_torch.TensorPlacement.rebuild_from_numpy``).
+            view = memoryview(self.mapped)[self.position : self.position + n]
+            self.buffers.append(view.toreadonly())
         elif self.mode != "skeleton":
             raise ScanError("map mode needs the mapped file")  # (a caller's mistake)
         self.stream.seek(n, io.SEEK_CUR)

@@ -54,6 +54,7 @@ from __future__ import annotations
 import collections
 import importlib
 import io
+import mmap
 import pickle
 import sys
 import threading
@@ -317,9 +318,10 @@ class TensorPlacement:
         if not isinstance(device, str):
             raise TypeError(f"a tensor record's device is {device!r}, not a string")
         if not data.flags.writeable:
-            # A mapped file (mmap=True) or a read-only byte string: torch has no
-            # read-only tensors, and a write to a read-only mapping kills the process.
-            data = data.copy()
+            # torch has no read-only tensors: on the pages of a copy-on-write mapping
+            # (mmap=True) the tensor gets a writable view of those pages (a write stays in
+            # this process), anything else read-only (a byte string) is copied.
+            data = _writable_view(data, numpy)
         tensor = torch.from_numpy(data)
         if tensor.dtype != dtype:
             tensor = tensor.to(dtype)
@@ -502,6 +504,31 @@ class TensorPlacement:
             UserWarning,
             stacklevel=stacklevel + 1,
         )
+
+
+def _writable_view(array: Any, numpy: Any) -> Any:
+    """A writable array on the memory of the read-only ``array``: the same pages where
+    they belong to a private, copy-on-write mapping (``mmap.ACCESS_COPY``, what
+    ``mmap=True`` maps pickle files with), else a copy.
+
+    NumPy keeps the buffer an array was made from in its ``base`` chain; a read-only
+    ``memoryview`` of such a mapping names the mapping as its ``obj``."""
+    base = array
+    while isinstance(base, numpy.ndarray):
+        base = base.base
+    mapped = base.obj if isinstance(base, memoryview) else None
+    if not isinstance(mapped, mmap.mmap) or mapped.closed:
+        return array.copy()
+    whole = numpy.frombuffer(mapped, dtype=numpy.uint8)
+    if not whole.flags.writeable:  # mapped read-only (ACCESS_READ): copy
+        return array.copy()
+    offset = array.__array_interface__["data"][0] - whole.__array_interface__["data"][0]
+    contiguous = array.flags.c_contiguous or array.flags.f_contiguous
+    if not contiguous or offset < 0 or offset + array.nbytes > len(whole):
+        return array.copy()
+    return numpy.ndarray(
+        array.shape, array.dtype, buffer=whole, offset=offset, strides=array.strides
+    )
 
 
 def _lookup(mapping: dict[Any, Any], saved: str) -> Any:
