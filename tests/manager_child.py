@@ -21,7 +21,9 @@ def model_at(step: int, width: int) -> Model:
 
 def main() -> None:
     directory, mode, keep_last, width = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    manager = CheckpointManager(directory, keep_last=keep_last, keep_best=1, metric="score")
+    manager = CheckpointManager(
+        directory, keep_last=keep_last, keep_best=1, metric="score", mode="max"
+    )
     step = (manager.latest_step() or 0) + 1
     print("ready", flush=True)
     while True:

@@ -49,6 +49,7 @@ def main() -> None:
         keep_last=args.keep_last,
         keep_best=args.keep_best,
         metric="score" if args.keep_best else None,
+        mode="max" if args.keep_best else None,
     )
     if args.wait:
         print("ready", flush=True)

@@ -7,8 +7,10 @@ console script) in a child process, as a user's shell does.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +22,11 @@ import numpy as np
 import pytest
 
 import ckptable
-from ckptable import Checkpointable
+from ckptable import Checkpointable, CheckpointManager
 from ckptable._compare import state_differences
+from ckptable._manifest import MANIFEST_FILE
 from ckptable.cli import human_bytes, main
+from ckptable.manager import RECORD_FILE
 from helpers import reseal
 from s3_server import S3Server
 from trees import Leaf, Model, Node, three_level_tree, trained_model
@@ -60,13 +64,20 @@ def assert_one_error_line(err: str, *fragments: str) -> None:
 
 
 def disk_sizes(root: Path) -> tuple[int, int]:
-    """Bytes and files under ``root``, from the filesystem."""
-    files = [p for p in root.rglob("*") if p.is_file()]
+    """Bytes and files under ``root``, from the filesystem, counted as ``info`` and
+    ``verify`` count them: every file but the manifests."""
+    files = [p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_FILE]
     return sum(p.stat().st_size for p in files), len(files)
 
 
+def manifest_sizes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob(MANIFEST_FILE))
+
+
 def own_size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+    return sum(
+        p.stat().st_size for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE
+    )
 
 
 class Token:
@@ -100,7 +111,7 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
 
     code, out, _ = cli(capsys, "-h")
     assert code == 0
-    for command in ("info", "verify", "convert", "diff", "demo"):
+    for command in ("info", "ls", "verify", "convert", "diff", "demo"):
         assert command in out
 
     code, out, _ = cli(capsys, "diff", "-h")
@@ -170,6 +181,7 @@ def test_info_json_describes_every_level(
         "levels_with_manifest": 5,
         "levels_without_manifest": 0,
         "algorithms": ["xxh3_64"],
+        "manifest_bytes": manifest_sizes(path),
     }
     root = doc["tree"]
     assert list(root["components"]) == ["layer0", "layer1", "optimizer"]
@@ -184,7 +196,7 @@ def test_info_json_describes_every_level(
     assert moments["integrity"] == {"manifest": True, "algorithm": "xxh3_64"}
     assert moments["own_bytes"] == own_size(path / "optimizer" / "moments")
     assert moments["total_bytes"] == moments["own_bytes"]
-    assert moments["own_files"] == 4  # metadata, class file, state, manifest
+    assert moments["own_files"] == 3  # metadata, class file, state (the manifest apart)
     optimizer = root["components"]["optimizer"]
     assert optimizer["total_bytes"] == disk_sizes(path / "optimizer")[0]
     assert optimizer["own_bytes"] == own_size(path / "optimizer")
@@ -339,6 +351,298 @@ def test_info_verify_and_diff_of_an_s3_uri(
     code, out, err = cli(capsys, "diff", uri, str(tmp_path / "local"))
     assert code == 0, out + err
     assert "equal" in out
+
+
+# --------------------------------------------------------------------------- manager directories
+
+
+def managed_run(directory: Path) -> CheckpointManager:
+    """A manager's directory: steps 1-4 kept (3 the best by loss), one incomplete
+    checkpoint (step 9, no manifest), one damaged (step 8, a file added) and a staging
+    tree a killed save left."""
+    manager = CheckpointManager(directory, keep_last=2, keep_best=1, metric="loss", mode="min")
+    for step, loss in [(1, 0.9), (2, 0.8), (3, 0.1), (4, 0.5)]:
+        manager.save(trained_model(), step, {"loss": loss, "reward": step * 10})
+    assert manager.steps() == [3, 4]
+    incomplete = directory / "checkpoint_000009"
+    shutil.copytree(manager.path(4), incomplete)
+    (incomplete / MANIFEST_FILE).unlink()
+    damaged = directory / "checkpoint_000008"
+    shutil.copytree(manager.path(4), damaged)
+    (damaged / "notes.txt").write_text("added")
+    (directory / ".checkpoint_000010.ckptable-staging-0123abcd").mkdir()
+    return manager
+
+
+def record_time(path: str) -> str:
+    saved = json.loads((Path(path) / RECORD_FILE).read_text())["saved_at"]
+    return datetime.datetime.fromtimestamp(saved, tz=datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M:%S"
+    )
+
+
+def tree_listing(root: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_ls_lists_steps_save_times_metrics_latest_and_best_and_marks_the_rest(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "run"
+    manager = managed_run(directory)
+    before = tree_listing(directory)
+
+    result = run("ls", str(directory))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0] == str(directory)
+    assert lines[1] == (
+        "  CheckpointManager directory: 2 checkpoints (steps 3 to 4); 2 not listed (see below)"
+    )
+    assert lines[2] == f"  latest: step 4  {manager.path(4)}"
+    assert lines[3] == f"  best:   step 3 by loss (min)  {manager.path(3)}"
+    rows = {line.split()[0]: line for line in lines[5:11] if line.strip()}
+    assert rows["STEP"].split() == ["STEP", "SAVED", "(UTC)", "STATUS", "METRICS"]
+    assert rows["3"].split()[1:] == [*record_time(manager.path(3)).split(), "ok,", "best",
+                                     "loss=0.1", "reward=30"]  # fmt: skip
+    assert rows["4"].split()[3:] == ["ok,", "latest", "loss=0.5", "reward=40"]
+    assert rows["8"].split()[1:] == ["-", "corrupt", "-"]
+    assert rows["9"].split()[1:] == ["-", "incomplete", "-"]
+    text = result.stdout
+    assert "not listed (never deleted nor counted by retention):" in text
+    assert f"step 9: incomplete: {directory / 'checkpoint_000009'} has no manifest" in text
+    assert f"step 8: corrupt: {directory / 'checkpoint_000008' / 'notes.txt'}" in text
+    assert (
+        ".checkpoint_000010.ckptable-staging-0123abcd: a save in progress, or interrupted" in text
+    )
+    assert tree_listing(directory) == before  # nothing repaired, moved or deleted
+
+
+def test_info_of_a_manager_directory_is_its_listing(tmp_path: Path) -> None:
+    managed_run(tmp_path / "run")
+    info = run("info", str(tmp_path / "run"))
+    ls = run("ls", str(tmp_path / "run"))
+    assert info.returncode == ls.returncode == 0, info.stderr + ls.stderr
+    assert info.stdout == ls.stdout
+
+
+def test_ls_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = tmp_path / "run"
+    manager = managed_run(directory)
+
+    code, out, err = cli(capsys, "ls", str(directory), "--json")
+
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["type"] == "CheckpointManager" and doc["path"] == str(directory)
+    assert doc["steps"] == manager.steps() == [3, 4]
+    assert doc["latest"] == {"step": 4, "path": manager.latest()}
+    assert doc["best"] == {"step": 3, "path": manager.best(), "metric": "loss", "mode": "min"}
+    by_step = {c["step"]: c for c in doc["checkpoints"]}
+    assert sorted(by_step) == [3, 4, 8, 9]
+    assert by_step[3]["status"] == "ok" and by_step[3]["metrics"] == {"loss": 0.1, "reward": 30}
+    assert (
+        by_step[3]["saved_at"]
+        == json.loads((Path(manager.path(3)) / RECORD_FILE).read_text())["saved_at"]
+    )
+    assert by_step[3]["saved_at_utc"] == record_time(manager.path(3))
+    assert (by_step[8]["status"], by_step[9]["status"]) == ("corrupt", "incomplete")
+    assert "has no manifest" in by_step[9]["reason"]
+    assert doc["leftovers"] == [
+        {
+            "name": ".checkpoint_000010.ckptable-staging-0123abcd",
+            "what": "a save in progress, or interrupted",
+        }
+    ]
+
+
+def test_ls_ranks_by_another_metric_when_told_its_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "run"
+    manager = managed_run(directory)
+
+    code, out, err = cli(capsys, "ls", str(directory), "--metric", "reward", "--mode", "max")
+    assert code == 0, err
+    assert f"best:   step 4 by reward (max)  {manager.path(4)}" in out
+
+    code, out, err = cli(capsys, "ls", str(directory), "--metric", "reward")
+    assert code == 2
+    assert_one_error_line(err, "--metric reward needs --mode")
+    code, out, err = cli(capsys, "info", str(directory), "--mode", "max")
+    assert code == 2
+    assert_one_error_line(err, "--mode needs --metric")
+
+
+def test_ls_without_a_recorded_metric_shows_no_best(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manager = CheckpointManager(tmp_path / "run")
+    manager.save(trained_model(), 5)
+
+    code, out, err = cli(capsys, "ls", str(tmp_path / "run"))
+
+    assert code == 0, err
+    assert "  CheckpointManager directory: 1 checkpoint" in out
+    assert "best:   - (no metric recorded; pass --metric and --mode)" in out
+    assert json.loads(main_json(capsys, "ls", str(tmp_path / "run")))["best"] is None
+
+
+def main_json(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    code, out, err = cli(capsys, *args, "--json")
+    assert code == 0, err
+    return out
+
+
+def test_ls_of_a_checkpoint_or_of_nothing_says_so(tmp_path: Path) -> None:
+    trained_model().save_to_path(tmp_path / "ckpt")
+
+    checkpoint = run("ls", str(tmp_path / "ckpt"))
+    nothing = run("ls", str(tmp_path / "nothing"))
+
+    assert checkpoint.returncode == 2
+    assert_one_error_line(
+        checkpoint.stderr, "is a checkpoint, not a CheckpointManager directory",
+        f"'ckptable info {tmp_path / 'ckpt'}'",
+    )  # fmt: skip
+    assert nothing.returncode == 1
+    assert_one_error_line(
+        nothing.stderr, f"No CheckpointManager directory at {tmp_path / 'nothing'}"
+    )
+
+
+def test_info_of_a_managed_checkpoint_shows_its_step_and_metrics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "run"
+    manager = CheckpointManager(directory, metric="loss", mode="min")
+    path = manager.save(trained_model(), 12, {"loss": 0.25, "epoch": 3})
+    assert path is not None
+
+    result = run("info", path)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[3] == (
+        f"  step 12 of the CheckpointManager directory {directory}, saved "
+        f"{record_time(path)} UTC; metrics: epoch=3 loss=0.25"
+    )
+    doc = json.loads(main_json(capsys, "info", path))
+    assert doc["manager"] == {
+        "directory": str(directory),
+        "step": 12,
+        "metrics": {"loss": 0.25, "epoch": 3},
+        "saved_at": json.loads((Path(path) / RECORD_FILE).read_text())["saved_at"],
+        "saved_at_utc": record_time(path),
+        "metric": "loss",
+        "mode": "min",
+    }
+    trained_model().save_to_path(tmp_path / "plain")
+    assert json.loads(main_json(capsys, "info", str(tmp_path / "plain")))["manager"] is None
+
+
+def test_ls_of_a_manager_directory_on_a_memory_uri(capsys: pytest.CaptureFixture[str]) -> None:
+    import uuid
+
+    uri = f"memory://ls-{uuid.uuid4().hex}/run"
+    manager = CheckpointManager(uri, keep_last=1, metric="loss", mode="min")
+    manager.save(trained_model(), 1, {"loss": 1.0})
+    manager.save(trained_model(), 2, {"loss": 2.0})
+
+    code, out, err = cli(capsys, "info", uri)
+
+    assert code == 0, err
+    assert out.splitlines()[0] == manager.directory
+    assert f"latest: step 2  {manager.latest()}" in out
+    assert f"best:   step 2 by loss (min)  {manager.best()}" in out  # step 1 was deleted
+    assert manager.latest() == f"{manager.directory}/checkpoint_000002"
+
+
+def test_ls_of_a_manager_directory_on_s3(
+    s3_server: S3Server, s3_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri = s3_server.uri(f"{s3_prefix}/run")
+    manager = CheckpointManager(uri, keep_best=1, metric="loss", mode="min")
+    for step, loss in [(1, 0.3), (2, 0.1), (3, 0.2)]:
+        manager.save(trained_model(), step, {"loss": loss})
+
+    doc = json.loads(main_json(capsys, "ls", uri))
+
+    assert doc["steps"] == manager.steps() == [2, 3]
+    assert doc["latest"] == {"step": 3, "path": manager.latest()}
+    assert doc["best"]["path"] == manager.best()
+    assert [c["status"] for c in doc["checkpoints"]] == ["ok", "ok"]
+
+
+# --------------------------------------------------------------------------- files, counts
+
+
+def test_info_of_a_file_in_a_checkpoint_names_the_directory_to_pass(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt"
+    trained_model().save_to_path(path)
+
+    for command in ("info", "verify"):
+        result = run(command, str(path / "state.pkl"))
+
+        assert result.returncode == 1, result.stdout
+        assert result.stdout == ""
+        assert_one_error_line(
+            result.stderr,
+            f"{path / 'state.pkl'} is a file, not a checkpoint directory",
+            f"it is part of the checkpoint {path}: pass that directory instead",
+        )
+    stray = tmp_path / "notes.txt"
+    stray.write_text("x")
+    result = run("info", str(stray))
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, "is a file, not a checkpoint directory", str(tmp_path))
+
+
+def test_info_verify_and_the_demo_count_files_and_bytes_the_same(tmp_path: Path) -> None:
+    """One count everywhere: every file but the manifests (which ``info`` reports
+    apart), for ``info``'s header and JSON, ``verify`` and the demo's lines."""
+    from ckptable._demo import Learner, saved_summary
+    from ckptable.cli import describe_checkpoint
+
+    path = tmp_path / "learner"
+    Learner(layers=(8, 16, 4)).save_to_path(path)
+    report = ckptable.verify_checkpoint(path)
+    doc = describe_checkpoint(path)
+    total, files = disk_sizes(path)
+
+    assert (doc["levels"], doc["files"], doc["bytes"]) == (2, files, total)
+    assert (report.levels, report.files, report.bytes) == (2, files, total)
+    counts = f"2 levels, {files} files, {human_bytes(total)}"
+    assert saved_summary(str(path), doc) == f"{path}: {counts}"
+    info = run("info", str(path))
+    verify = run("verify", str(path))
+    assert f"  {counts}; every level has a manifest" in info.stdout
+    assert verify.stdout.startswith(f"ok: {path}: {counts} checked against the manifests")
+
+
+def test_the_demo_ends_with_what_to_try_next_on_its_real_paths(tmp_path: Path) -> None:
+    from ckptable._demo import Learner, next_steps
+
+    path, changed = tmp_path / "ckptable-demo", tmp_path / "ckptable-demo-changed"
+    learner = Learner(layers=(8, 16, 4))
+    learner.save_to_path(path)
+    learner.weights["w0"][:] = 0
+    learner.save_to_path(changed)
+
+    lines = next_steps(str(path), str(changed), kept=True)
+
+    assert lines[0] == f"checkpoint kept: {path} (and the changed state: {changed})"
+    assert lines[1] == "try next:"
+    commands = [line.split("#")[0].split() for line in lines[2:]]
+    assert commands == [
+        ["ckptable", "info", str(path)],
+        ["ckptable", "verify", str(path)],
+        ["ckptable", "diff", str(path), str(changed)],
+    ]
+    codes = [run(*command[1:]).returncode for command in commands]
+    assert codes == [0, 0, 1]  # diff: they differ
+    assert "--keep" in next_steps(str(path), None, kept=False)[0]
 
 
 # --------------------------------------------------------------------------- verify
@@ -697,7 +1001,17 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert "2 of 2 actors" in out  # the actors' states had changed before the restore
     assert len(out.splitlines()) < 25
     path = tmp_path / "ckptable-demo"
-    assert f"checkpoint kept: ckptable info {path}" in out
+    changed = tmp_path / "ckptable-demo-changed"
+    assert f"checkpoint kept: {path} (and the changed state: {changed})" in out
+    assert out.rstrip().splitlines()[-1].split("#")[0].split() == [
+        "ckptable", "diff", str(path), str(changed),
+    ]  # fmt: skip
+    # The demo counts as info and verify do.
+    doc_line = next(line for line in out.splitlines() if "(ckptable info):" in line)
+    verified = next(line for line in out.splitlines() if "[8/8] verified " in line)
+    counts = doc_line.split(": ", 1)[1].split(" (ckptable info)")[0]
+    assert f"verified {counts} (xxh3_64)" in verified
+    assert run("verify", str(path)).stdout.startswith(f"ok: {path}: {counts} checked")
     report = ckptable.verify_checkpoint(path)
     assert report.verified and report.levels == 4
     info = ckptable.get_checkpoint_info(path)

@@ -227,3 +227,35 @@ def test_info_reports_no_class_for_a_class_pickled_by_value(tmp_path: Path) -> N
     (path / "metadata.json").write_text(json.dumps(metadata))
 
     assert ckptable.get_checkpoint_info(path)["class"] is None
+
+
+# --------------------------------------------------------------------------- wrong paths
+
+
+def test_info_of_a_file_of_a_checkpoint_names_the_directory(tmp_path: Path) -> None:
+    trained_model().save_to_path(tmp_path / "ckpt")
+    state = tmp_path / "ckpt" / "optimizer" / "state.pkl"
+
+    for call in (ckptable.get_checkpoint_info, ckptable.verify_checkpoint):
+        with pytest.raises(ckptable.CheckpointNotFoundError) as caught:
+            call(state)
+        assert str(caught.value) == (
+            f"{state} is a file, not a checkpoint directory; it is part of the checkpoint "
+            f"{tmp_path / 'ckpt' / 'optimizer'}: pass that directory instead."
+        )
+        assert caught.value.path == str(state)
+
+
+def test_info_of_a_manager_directory_says_what_it_is_and_where_the_checkpoints_are(
+    tmp_path: Path,
+) -> None:
+    manager = ckptable.CheckpointManager(tmp_path / "run")
+    manager.save(trained_model(), 3)
+
+    with pytest.raises(ckptable.CheckpointNotFoundError) as caught:
+        ckptable.get_checkpoint_info(tmp_path / "run")
+
+    message = str(caught.value)
+    assert f"{tmp_path / 'run'} is a CheckpointManager directory, not a checkpoint" in message
+    assert f"'ckptable ls {tmp_path / 'run'}'" in message
+    assert ckptable.get_checkpoint_info(manager.path(3))["class"] == "trees.Model"

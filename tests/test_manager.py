@@ -76,7 +76,7 @@ def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
 
 
 def test_numpy_metrics_are_stored_as_numbers(tmp_path: Path) -> None:
-    manager = CheckpointManager(tmp_path, keep_best=1, metric="score")
+    manager = CheckpointManager(tmp_path, keep_best=1, metric="score", mode="max")
     manager.save(model_at(1), 1, {"score": np.float32(2.5), "n": np.int64(3)})
 
     assert CheckpointManager(tmp_path).metrics(1) == {"score": 2.5, "n": 3}
@@ -155,7 +155,7 @@ def test_keep_best_keeps_the_best_by_metric_and_the_newest(
 
 
 def test_keep_last_and_keep_best_together(tmp_path: Path) -> None:
-    manager = CheckpointManager(tmp_path, keep_last=2, keep_best=1, metric="acc")
+    manager = CheckpointManager(tmp_path, keep_last=2, keep_best=1, metric="acc", mode="max")
     for step, acc in [(1, 0.9), (2, 0.1), (3, 0.2), (4, 0.3), (5, 0.4)]:
         manager.save(model_at(step), step, {"acc": acc})
 
@@ -164,7 +164,7 @@ def test_keep_last_and_keep_best_together(tmp_path: Path) -> None:
 
 
 def test_ties_rank_the_newest_first(tmp_path: Path) -> None:
-    manager = CheckpointManager(tmp_path, keep_best=1, metric="acc")
+    manager = CheckpointManager(tmp_path, keep_best=1, metric="acc", mode="max")
     for step in (1, 2, 3):
         manager.save(model_at(step), step, {"acc": 0.5})
     assert manager.best() == manager.path(3)
@@ -174,7 +174,7 @@ def test_ties_rank_the_newest_first(tmp_path: Path) -> None:
 def test_checkpoints_without_the_metric_are_not_ranked(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    manager = CheckpointManager(tmp_path, keep_best=1, metric="acc")
+    manager = CheckpointManager(tmp_path, keep_best=1, metric="acc", mode="max")
     manager.save(model_at(1), 1, {"acc": 0.5})
     with caplog.at_level(logging.WARNING, logger="ckptable"):
         manager.save(model_at(2), 2, {"loss": 3.0})
@@ -269,11 +269,11 @@ def test_a_checkpoint_saved_without_the_manager_is_listed_without_metrics(tmp_pa
 
 
 def test_steps_and_metrics_survive_a_new_manager(tmp_path: Path) -> None:
-    first = CheckpointManager(tmp_path, keep_best=2, metric="score")
+    first = CheckpointManager(tmp_path, keep_best=2, metric="score", mode="max")
     for step, score in [(1, 1.0), (2, 5.0), (3, 2.0)]:
         first.save(model_at(step), step, {"score": score})
 
-    second = CheckpointManager(tmp_path, keep_best=2, metric="score")
+    second = CheckpointManager(tmp_path, keep_best=2, metric="score", mode="max")
 
     assert second.steps() == [2, 3]
     assert second.metrics(2) == {"score": 5.0}

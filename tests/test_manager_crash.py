@@ -70,7 +70,9 @@ def test_killed_saves_leave_only_whole_checkpoints(tmp_path: Path, mode: str) ->
     for _ in range(ROUNDS):
         newest_published = max(newest_published, run_and_kill(directory, mode, rng))
 
-        manager = CheckpointManager(directory, keep_last=KEEP_LAST, keep_best=1, metric="score")
+        manager = CheckpointManager(
+            directory, keep_last=KEEP_LAST, keep_best=1, metric="score", mode="max"
+        )
 
         steps = manager.steps()
         assert steps and steps[-1] >= newest_published

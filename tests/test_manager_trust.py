@@ -109,7 +109,7 @@ def test_an_older_step_saved_with_overwrite_is_kept_by_its_own_retention(tmp_pat
 
 
 def test_keep_best_never_deletes_the_checkpoint_just_written(tmp_path: Path) -> None:
-    manager = CheckpointManager(tmp_path, keep_best=1, metric="score")
+    manager = CheckpointManager(tmp_path, keep_best=1, metric="score", mode="max")
     manager.save(model_at(5), 5, {"score": 9.0})
     manager.save(model_at(6), 6, {"score": 1.0})
     assert manager.steps() == [5, 6]  # the best, and the newest
@@ -119,7 +119,7 @@ def test_keep_best_never_deletes_the_checkpoint_just_written(tmp_path: Path) -> 
 
     assert Path(path).is_dir() and saved_epoch(path) == 2
     assert manager.steps() == [2, 5, 6]
-    assert CheckpointManager(tmp_path, keep_best=1, metric="score").steps() == [2, 5, 6]
+    assert CheckpointManager(tmp_path, keep_best=1, metric="score", mode="max").steps() == [2, 5, 6]
     manager.save(model_at(7), 7, {"score": 3.0})
     assert manager.steps() == [5, 7]
 

@@ -19,17 +19,27 @@ classes the files hold escaped so that they cannot drive the terminal.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 from collections.abc import Iterator
 from typing import Any
 
-from ckptable._info import get_checkpoint_info
-from ckptable._layout import record_of
+from ckptable._info import counted_files, get_checkpoint_info
+from ckptable._layout import read_metadata_file, record_of
 from ckptable._manifest import MANIFEST_FILE, LevelManifest, refuse_special_entries
 from ckptable._storage import Storage, resolve_storage
 from ckptable.errors import CheckpointError, CorruptCheckpointError
 
-__all__ = ["count_noun", "describe_checkpoint", "dump_json", "format_info", "human_bytes"]
+__all__ = [
+    "count_noun",
+    "describe_checkpoint",
+    "dump_json",
+    "format_info",
+    "format_metrics",
+    "human_bytes",
+    "printable",
+    "utc_time",
+]
 
 
 # --------------------------------------------------------------------------- scan
@@ -47,6 +57,9 @@ class _Scan:
     children: dict[str, _Scan]
     total_bytes: int = 0
     total_files: int = 0
+    #: The size of the level's manifest (not counted in ``own_bytes``).
+    manifest_bytes: int = 0
+    total_manifest_bytes: int = 0
 
 
 def _scan(storage: Storage, root: str) -> _Scan:
@@ -66,13 +79,18 @@ def _scan(storage: Storage, root: str) -> _Scan:
     for scan in reversed(order):  # children first: their totals are known
         scan.total_bytes = scan.own_bytes + sum(c.total_bytes for c in scan.children.values())
         scan.total_files = scan.own_files + sum(c.total_files for c in scan.children.values())
+        scan.total_manifest_bytes = scan.manifest_bytes + sum(
+            c.total_manifest_bytes for c in scan.children.values()
+        )
     return top
 
 
 def _scan_level(storage: Storage, directory: str) -> tuple[_Scan, list[str]]:
     """List ``directory`` and size its files: from its manifest where it lists them (one
     read per level, no stat per file on object stores), else from the filesystem.
-    Returns the level (children not filled in) and its subdirectories' names."""
+    Files are counted as ``verify_checkpoint`` counts them (``counted_files``: the
+    manifest apart). Returns the level (children not filled in) and its subdirectories'
+    names."""
     entries = storage.listdir(directory)
     refuse_special_entries(storage, directory, entries)
     recorded: dict[str, tuple[int, str]] = {}
@@ -88,20 +106,14 @@ def _scan_level(storage: Storage, directory: str) -> tuple[_Scan, list[str]]:
             pass  # sized from the filesystem; `ckptable verify` says what is wrong
         else:
             recorded, algorithm = manifest.files, manifest.algorithm
-    own_bytes = own_files = 0
-    subdirectories: list[str] = []
-    for name, kind in sorted(entries.items()):
-        if kind == "dir":
-            subdirectories.append(name)
-        elif kind == "file":
-            own_files += 1
-            if name == MANIFEST_FILE and manifest_bytes is not None:
-                own_bytes += manifest_bytes
-            elif name in recorded:
-                own_bytes += recorded[name][0]
-            else:
-                own_bytes += storage.size(storage.join(directory, name))
-    scan = _Scan(own_bytes, own_files, algorithm, manifest_bytes is not None, {})
+    files = counted_files(entries)
+    own_bytes = sum(
+        recorded[name][0] if name in recorded else storage.size(storage.join(directory, name))
+        for name in files
+    )
+    subdirectories = sorted(name for name, kind in entries.items() if kind == "dir")
+    scan = _Scan(own_bytes, len(files), algorithm, manifest_bytes is not None, {})
+    scan.manifest_bytes = manifest_bytes or 0
     return scan, subdirectories
 
 
@@ -124,7 +136,9 @@ def describe_checkpoint(path: Any, filesystem: Any = None) -> dict[str, Any]:
         A JSON-serializable dict; its keys are documented in ``docs/cli.md``.
 
     Raises:
-        CheckpointNotFoundError: nothing at ``path``.
+        CheckpointNotFoundError: nothing at ``path``; a file other than an old
+            ``checkpoint-N`` file (the message names the directory to pass); a
+            ``CheckpointManager`` directory (``ckptable._cli_manager`` describes it).
         CorruptCheckpointError: ``path`` is no checkpoint of any known layout, or a
             file of it is malformed or unreadable.
         InvalidComponentNameError: a metadata file names an impossible component.
@@ -144,6 +158,7 @@ def describe_checkpoint(path: Any, filesystem: Any = None) -> dict[str, Any]:
             f"Cannot read the checkpoint {shown}: {exc}", path=shown
         ) from exc
     tree = _describe_tree(info, scan)
+    managed = _managed_record(storage, root)
     levels = list(_walk_levels(tree))
     with_manifest = sum(1 for level in levels if level["integrity"]["manifest"])
     algorithms = sorted(
@@ -164,9 +179,64 @@ def describe_checkpoint(path: Any, filesystem: Any = None) -> dict[str, Any]:
             "levels_with_manifest": with_manifest,
             "levels_without_manifest": len(levels) - with_manifest,
             "algorithms": algorithms,
+            "manifest_bytes": scan.total_manifest_bytes,
         },
+        "manager": managed,
         "tree": tree,
     }
+
+
+def _managed_record(storage: Storage, root: str) -> dict[str, Any] | None:
+    """What the record of a ``CheckpointManager`` says of the checkpoint at ``root`` (its
+    step, metrics and save time, and the manager's directory), or None if a manager did
+    not save it. Values of the wrong type (a crafted record) are shown as None."""
+    from ckptable._manager_listing import RECORD_FILE
+
+    path = storage.join(root, RECORD_FILE)
+    if storage.kind(path) != "file":
+        return None
+    record = read_metadata_file(storage, path)
+    step, metrics, saved_at = record.get("step"), record.get("metrics"), record.get("saved_at")
+    metric, mode = record.get("metric"), record.get("mode")
+    saved = (
+        saved_at if isinstance(saved_at, (int, float)) and not isinstance(saved_at, bool) else None
+    )
+    return {
+        "directory": storage.display(storage.split(root)[0]),
+        "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
+        "metrics": metrics if isinstance(metrics, dict) else None,
+        "saved_at": saved,
+        "saved_at_utc": utc_time(saved),
+        "metric": metric if isinstance(metric, str) else None,
+        "mode": mode if mode in ("max", "min") else None,
+    }
+
+
+def utc_time(seconds: float | None) -> str | None:
+    """A save time (seconds since the epoch) as ``2025-01-31 12:00:00`` in UTC."""
+    if seconds is None:
+        return None
+    try:
+        moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):  # a crafted time out of range
+        return None
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_metrics(metrics: dict[str, Any] | None) -> str:
+    """Metrics as ``loss=0.25 reward=3`` (numbers to 6 significant digits)."""
+    if not metrics:
+        return "-"
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            text = f"{value:.6g}"
+        elif isinstance(value, (dict, list)):
+            text = json.dumps(value, default=str)
+        else:
+            text = str(value)
+        parts.append(f"{key}={text}")
+    return printable(" ".join(parts))
 
 
 def _sorted_or_none(ids: Any) -> list[str] | None:
@@ -322,7 +392,7 @@ def count_noun(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """``text`` with control characters escaped (``\\n``, ``\\x1b``): names and classes
     come from the checkpoint's files, which must not drive the terminal."""
     if text.isprintable():
@@ -367,6 +437,14 @@ def format_info(doc: dict[str, Any], *, unicode: bool = True) -> str:
     for key in ("policy_ids", "module_ids"):
         if doc[key]:
             lines.append(f"  {key}: {', '.join(doc[key])}")
+    managed = doc.get("manager")
+    if managed is not None:
+        step = managed["step"] if managed["step"] is not None else "?"
+        saved = f", saved {managed['saved_at_utc']} UTC" if managed["saved_at_utc"] else ""
+        lines.append(
+            f"  step {step} of the CheckpointManager directory {managed['directory']}{saved}; "
+            f"metrics: {format_metrics(managed['metrics'])}"
+        )
     lines.append("")
 
     branch, last, pipe, space = ("├── ", "└── ", "│   ", "    ")
@@ -384,12 +462,12 @@ def format_info(doc: dict[str, Any], *, unicode: bool = True) -> str:
         state_version = level["versions"]["state_version"]
         rows.append(
             [
-                _printable(prefix + connector + name),
-                _printable(str(level["class"] or "?")),
-                _printable(str(level["format"] or "?")),
+                printable(prefix + connector + name),
+                printable(str(level["class"] or "?")),
+                printable(str(level["format"] or "?")),
                 human_bytes(level["own_bytes"]),
                 human_bytes(level["total_bytes"]),
-                _printable(f"v{state_version}" if state_version is not None else "-"),
+                printable(f"v{state_version}" if state_version is not None else "-"),
                 "manifest" if level["integrity"]["manifest"] else "none",
             ]
         )
@@ -413,4 +491,4 @@ def format_info(doc: dict[str, Any], *, unicode: bool = True) -> str:
             for i, cell in enumerate(row)
         ]
         lines.append("  " + "  ".join(cells).rstrip())
-    return "\n".join(_printable(line) for line in lines)
+    return "\n".join(printable(line) for line in lines)

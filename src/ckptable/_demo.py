@@ -12,8 +12,11 @@ The tree::
                                  policy weights, sampled steps (state inside the actors)
 
 ``run_demo`` starts an embedded local Ray, trains a few fake steps, saves, shows the
-checkpoint (``ckptable info``), changes every state (the actors' too), restores, checks
-that every state is back (inside the actors too), verifies the files and shuts Ray down.
+checkpoint (``ckptable info``), changes every state (the actors' too) and saves that as a
+second checkpoint, restores the first, checks that every state is back (inside the
+actors too), verifies the files, shuts Ray down and ends with the commands to try next
+on the two checkpoints. Its file and byte counts are those of ``ckptable info`` and
+``ckptable verify`` (one count, ``ckptable._info.counted_files``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import IO, Any
 import ckptable
 from ckptable._checkpointable import Checkpointable
 
-__all__ = ["Adam", "Learner", "Runner", "Trainer", "run_demo"]
+__all__ = ["Adam", "Learner", "Runner", "Trainer", "next_steps", "run_demo", "saved_summary"]
 
 Sel = str | Collection[str] | None
 
@@ -350,7 +353,7 @@ def run_demo(directory: str | None = None, *, keep: bool = False, out: IO[str]) 
     _np()
     ray = _import_ray()
     from ckptable._compare import state_differences
-    from ckptable.cli import describe_checkpoint, format_info, human_bytes
+    from ckptable.cli import count_noun, describe_checkpoint, format_info, human_bytes
 
     made_temp = directory is None
     if directory is None:
@@ -358,6 +361,8 @@ def run_demo(directory: str | None = None, *, keep: bool = False, out: IO[str]) 
     else:
         base = os.path.abspath(os.path.expanduser(directory))
     path = os.path.join(base, "ckptable-demo")
+    changed_path = path + "-changed"
+    changed_written = False
     steps = _Steps(out, total=8)
     started = time.perf_counter()
     steps.print(
@@ -380,10 +385,7 @@ def run_demo(directory: str | None = None, *, keep: bool = False, out: IO[str]) 
             trainer.save_to_path(path)
             written = True
         doc = describe_checkpoint(path)
-        steps.print(
-            f"    {path}: {doc['levels']} levels, {doc['files']} files, "
-            f"{human_bytes(doc['bytes'])} (ckptable info):"
-        )
+        steps.print(f"    {saved_summary(path, doc)} (ckptable info):")
         for line in format_info(doc, unicode=_unicode(out)).splitlines()[4:]:
             steps.print("  " + line)
 
@@ -396,7 +398,11 @@ def run_demo(directory: str | None = None, *, keep: bool = False, out: IO[str]) 
             runners = sum(
                 1 for st in trainer.runner_states() if state_differences(st, saved_runner, limit=1)
             )
-            notes.append(f"changed the states: {local} local values, {runners} of 2 actors")
+            trainer.save_to_path(changed_path)  # for `ckptable diff` afterwards
+            changed_written = True
+            notes.append(
+                f"changed the states: {local} local values, {runners} of 2 actors; saved them"
+            )
         with steps.step("restored from the checkpoint"):
             trainer.restore_from_path(path)
         with steps.step("checked the states") as notes:
@@ -412,7 +418,8 @@ def run_demo(directory: str | None = None, *, keep: bool = False, out: IO[str]) 
         with steps.step("verified") as notes:
             report = ckptable.verify_checkpoint(path)
             notes.append(
-                f"verified {report.files} files, {human_bytes(report.bytes)} "
+                f"verified {count_noun(report.levels, 'level')}, "
+                f"{count_noun(report.files, 'file')}, {human_bytes(report.bytes)} "
                 f"({', '.join(report.algorithms)})"
             )
     finally:
@@ -421,8 +428,11 @@ def run_demo(directory: str | None = None, *, keep: bool = False, out: IO[str]) 
         # save and left alone).
         if made_temp and not (keep and written):
             shutil.rmtree(base, ignore_errors=True)
-        elif written and not keep:
-            shutil.rmtree(path, ignore_errors=True)
+        elif not keep:
+            if written:
+                shutil.rmtree(path, ignore_errors=True)
+            if changed_written:
+                shutil.rmtree(changed_path, ignore_errors=True)
         with _interrupt_deferred():
             try:
                 if trainer is not None and ray.is_initialized():
@@ -435,10 +445,43 @@ def run_demo(directory: str | None = None, *, keep: bool = False, out: IO[str]) 
         f"{'FAILED' if failed else 'done'} in {total:.1f} s ({ray_start:.1f} s of it starting "
         "Ray); Ray shut down"
     )
-    steps.print(
-        f"checkpoint kept: ckptable info {path}" if keep else "checkpoint removed (--keep keeps it)"
-    )
+    for line in next_steps(path, changed_path if changed_written else None, kept=keep):
+        steps.print(line)
     return 1 if failed else 0
+
+
+def saved_summary(path: str, doc: dict[str, Any]) -> str:
+    """The demo's line about the saved checkpoint, from ``describe_checkpoint(path)``:
+    counted as ``ckptable info`` and ``ckptable verify`` count (manifests apart)."""
+    from ckptable.cli import count_noun, human_bytes
+
+    return (
+        f"{path}: {count_noun(doc['levels'], 'level')}, {count_noun(doc['files'], 'file')}, "
+        f"{human_bytes(doc['bytes'])}"
+    )
+
+
+def next_steps(path: str, changed_path: str | None, *, kept: bool) -> list[str]:
+    """The demo's last lines: what to try next on its checkpoints (the real paths when
+    they are kept; otherwise how to keep them)."""
+    if not kept:
+        return [
+            "checkpoints removed; to look inside them, run: ckptable demo --dir DIR --keep",
+            "  (it ends with the ckptable info, verify and diff commands to try)",
+        ]
+    lines = [f"checkpoint kept: {path}"]
+    if changed_path is not None:
+        lines[0] += f" (and the changed state: {changed_path})"
+    lines.append("try next:")
+    commands = [
+        (f"ckptable info {path}", "the tree, sizes and manifests, nothing unpickled"),
+        (f"ckptable verify {path}", "every file against its checksum"),
+    ]
+    if changed_path is not None:
+        commands.append((f"ckptable diff {path} {changed_path}", "which states changed"))
+    width = max(len(command) for command, _ in commands)
+    lines.extend(f"  {command:<{width}}  # {what}" for command, what in commands)
+    return lines
 
 
 def _walk_local(obj: Any) -> Iterator[Any]:

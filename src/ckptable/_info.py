@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import pickletools
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from packaging.version import Version
@@ -43,6 +44,7 @@ from ckptable.errors import CheckpointError, CheckpointNotFoundError, CorruptChe
 
 __all__ = [
     "VerifyReport",
+    "counted_files",
     "get_checkpoint_info",
     "stored_class_name",
     "verify_checkpoint",
@@ -57,6 +59,22 @@ _MAX_VERSION_CHARS = 64
 #: Bytes of a class file read to find the class's import path: the ``"class"`` entry
 #: comes first in the pickle, so a class pickled by reference is found long before.
 _CLASS_SCAN_BYTES = 1 << 20
+#: RLlib's 0.1 checkpoints: one ``checkpoint-<iteration>`` file.
+_OLD_CHECKPOINT_FILE = re.compile(r"checkpoint-\d+")
+#: Files that make a directory a checkpoint level (to name the directory of a file).
+_LEVEL_FILES = (*_METADATA_FILES, DEFAULT_CLASS_FILE, MANIFEST_FILE)
+
+
+def counted_files(entries: Mapping[str, EntryKind]) -> list[str]:
+    """The files of one checkpoint level that count as the checkpoint's, sorted: every
+    regular file but the manifest (ckptable's integrity record, reported apart).
+
+    ``ckptable info``, ``verify_checkpoint`` and ``ckptable demo`` count files (and
+    their bytes) with it, so their numbers agree.
+    """
+    return sorted(
+        name for name, kind in entries.items() if kind == "file" and name != MANIFEST_FILE
+    )
 
 
 def get_checkpoint_info(path: Any, filesystem: Any = None) -> dict[str, Any]:
@@ -76,7 +94,10 @@ def get_checkpoint_info(path: Any, filesystem: Any = None) -> dict[str, Any]:
         ``module_ids`` (sets, or None), and ``ckptable`` (ckptable's record, or None).
 
     Raises:
-        CheckpointNotFoundError: nothing at ``path``.
+        CheckpointNotFoundError: nothing at ``path``; a file other than RLlib's old
+            ``checkpoint-<iteration>`` file, such as ``ckpt/state.pkl`` (the message
+            names the directory to pass); a ``CheckpointManager`` directory (the
+            message says where its checkpoints are).
         CorruptCheckpointError: a directory that is no checkpoint of any known layout, a
             malformed metadata file (not JSON, or a value of the wrong type), or a
             component directory that is missing or cannot be read.
@@ -91,10 +112,12 @@ def get_checkpoint_info(path: Any, filesystem: Any = None) -> dict[str, Any]:
         if kind is None:
             raise CheckpointNotFoundError(f"No checkpoint at {shown}.", path=shown)
         if kind == "file":
+            _refuse_file_unless_old_checkpoint(storage, root)
             parent = storage.split(root)[0]
             return _base_info(storage.display(parent), Version("0.1"), state_file=shown)
         if kind != "dir":
             raise CorruptCheckpointError(f"{shown} is neither a file nor a directory.", path=shown)
+        _refuse_manager_directory(storage, root)
         return _describe_tree(storage, root)
     except CheckpointError:
         raise
@@ -102,6 +125,50 @@ def get_checkpoint_info(path: Any, filesystem: Any = None) -> dict[str, Any]:
         raise CorruptCheckpointError(
             f"Cannot read the checkpoint {shown}: {exc}", path=shown
         ) from exc
+
+
+def _refuse_file_unless_old_checkpoint(storage: Storage, path: str) -> None:
+    """A file is a checkpoint only as RLlib's 0.1 ``checkpoint-<iteration>`` file; any
+    other file (``state.pkl`` of a checkpoint, say) is refused, naming its directory.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` is another file.
+    """
+    parent, name = storage.split(path)
+    if _OLD_CHECKPOINT_FILE.fullmatch(name):
+        return
+    shown, directory = storage.display(path), storage.display(parent)
+    try:
+        in_checkpoint = any(storage.kind(storage.join(parent, f)) == "file" for f in _LEVEL_FILES)
+    except OSError:
+        in_checkpoint = False
+    where = (
+        f"it is part of the checkpoint {directory}: pass that directory instead"
+        if in_checkpoint
+        else f"pass the checkpoint directory (the one holding metadata.json), not a file in it; "
+        f"this file is in {directory}"
+    )
+    raise CheckpointNotFoundError(
+        f"{shown} is a file, not a checkpoint directory; {where}.", path=shown
+    )
+
+
+def _refuse_manager_directory(storage: Storage, root: str) -> None:
+    """A ``CheckpointManager``'s directory is no checkpoint: say so, and where they are.
+
+    Raises:
+        CheckpointNotFoundError: ``root`` is a manager's directory.
+    """
+    from ckptable._manager_listing import looks_like_manager_directory
+
+    if looks_like_manager_directory(storage, root):
+        shown = storage.display(root)
+        raise CheckpointNotFoundError(
+            f"{shown} is a CheckpointManager directory, not a checkpoint: its checkpoints "
+            f"are the checkpoint_<step> directories in it ('ckptable ls {shown}' lists "
+            "them; CheckpointManager(...).latest() gives the newest).",
+            path=shown,
+        )
 
 
 def _base_info(checkpoint_dir: str, version: Version, **extra: Any) -> dict[str, Any]:
@@ -456,13 +523,16 @@ def verify_checkpoint(
             ``Checkpointable.save_to_path`` does: None when stderr is a terminal.
 
     Raises:
-        CheckpointNotFoundError: no directory at ``path``.
+        CheckpointNotFoundError: no directory at ``path`` (a file: the message names
+            the directory to pass).
         CorruptCheckpointError: anything differs from the manifests, or a level ckptable
             wrote lacks its manifest (an unfinished save).
         UnsafeCheckpointError: the checkpoint holds a symlink or special file.
     """
     storage, root = resolve_storage(path, filesystem)
     try:
+        if storage.kind(root, follow_symlinks=True) == "file":
+            _refuse_file_unless_old_checkpoint(storage, root)
         with progress_bar(progress, "Verifying") as bar:
             if bar is not None:
                 bar.set_total(manifest_tree_bytes(storage, root))
@@ -512,7 +582,8 @@ def verify_tree(
             manifest = _read_level_manifest(storage, directory, expected)
             check_listing(storage, directory, manifest, entries)
             algorithms.add(manifest.algorithm)
-            for name, size_digest in sorted(manifest.files.items()):
+            for name in counted_files(entries):  # exactly the manifest's files, listed above
+                size_digest = manifest.files[name]
                 path = storage.join(directory, name)
                 read_verified(storage, path, size_digest, manifest.algorithm, keep=False)
                 files += 1
@@ -524,11 +595,10 @@ def verify_tree(
         else:
             require_manifest_unless_foreign(storage, directory, None, entries)
             unverified.append(storage.display(directory))
-            for name, kind in sorted(entries.items()):
-                path = storage.join(directory, name)
-                if kind == "file" and not read_unverified:
-                    files += 1
-                elif kind == "file":
+            for name in counted_files(entries):
+                files += 1
+                if read_unverified:
+                    path = storage.join(directory, name)
                     try:
                         read, _ = hash_file(storage, path, "crc32")
                     except OSError as exc:
@@ -536,10 +606,12 @@ def verify_tree(
                         raise CorruptCheckpointError(
                             f"Cannot read {shown}: {exc}", path=shown
                         ) from exc
-                    files += 1
                     size += read
-                elif kind == "dir":
-                    below.append((path, None))
+            below = [
+                (storage.join(directory, name), None)
+                for name, kind in sorted(entries.items())
+                if kind == "dir"
+            ]
         pending.extend(reversed(below))  # depth first, in sorted order
     return VerifyReport(
         storage.display(root),

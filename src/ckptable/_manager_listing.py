@@ -12,19 +12,22 @@ The manager keeps no index: what it lists is what the directory holds, read agai
    ``.checkpoint_<step>.ckptable-deleting-<token>`` trees and directories holding the
    deletion marker, which ``ckptable._manager_retention`` writes.
 
-It also holds the names on disk (``Layout``) that the other steps spell paths with.
+It also holds the names on disk (``Layout``) that the other steps spell paths with, and
+``survey_directory``: the same reading for ``ckptable info`` of a manager's directory,
+which changes nothing on disk and says why each unlisted checkpoint is not listed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import math
 import re
-from collections.abc import Set
+from collections.abc import Mapping, Set
 from typing import Any
 
 from ckptable._commit import CREATING_MARKER, OLD_MARKER, STAGING_MARKER, recover_leftovers
+from ckptable._layout import loads_json
 from ckptable._manifest import MANIFEST_FILE, check_listing, read_manifest, read_verified
 from ckptable._storage import EntryKind, Storage
 from ckptable.errors import CheckpointError, CorruptCheckpointError
@@ -37,8 +40,13 @@ __all__ = [
     "Entry",
     "Layout",
     "Listing",
+    "Survey",
+    "Unlisted",
+    "holds_checkpoint_files",
     "is_gone",
+    "looks_like_manager_directory",
     "read_directory",
+    "survey_directory",
 ]
 
 logger = logging.getLogger("ckptable")
@@ -61,6 +69,10 @@ _LEFTOVER_PATTERN = re.compile(
 )
 
 
+def _name_of(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:0{_STEP_DIGITS}d}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where a manager's checkpoints are, and how their paths are spelled."""
@@ -74,7 +86,7 @@ class Layout:
 
     def name(self, step: int) -> str:
         """The directory name of ``step``'s checkpoint."""
-        return f"{CHECKPOINT_PREFIX}{step:0{_STEP_DIGITS}d}"
+        return _name_of(step)
 
     def location(self, step: int) -> str:
         """``step``'s checkpoint directory, as ``storage`` spells it."""
@@ -97,6 +109,9 @@ class Entry:
     #: ``Storage.identity`` of its directory when it was read (None: cannot tell), so that
     #: a later listing re-reads only checkpoints that changed.
     identity: Any = dataclasses.field(default=None, compare=False)
+    #: The metric and mode of the manager that saved it (None: none recorded).
+    metric: str | None = None
+    mode: str | None = None
 
 
 @dataclasses.dataclass
@@ -218,7 +233,7 @@ def _read_entry(layout: Layout, step: int, identity: Any) -> Entry:
     raw = read_verified(
         storage, record_path, manifest.files[RECORD_FILE], manifest.algorithm, keep=True
     )
-    record = json.loads(raw or b"")
+    record = loads_json(raw or b"")
     if not isinstance(record, dict) or record.get("step") != step:
         raise CorruptCheckpointError(
             f"{storage.display(record_path)} is not the record of step {step} "
@@ -228,11 +243,22 @@ def _read_entry(layout: Layout, step: int, identity: Any) -> Entry:
         )
     metrics = record.get("metrics")
     saved_at = record.get("saved_at")
+    metric, mode = record.get("metric"), record.get("mode")
     return Entry(
         step,
         metrics if isinstance(metrics, dict) else None,
-        float(saved_at) if isinstance(saved_at, (int, float)) else None,
+        float(saved_at) if isinstance(saved_at, (int, float)) and _is_time(saved_at) else None,
         identity,
+        metric if isinstance(metric, str) else None,
+        mode if mode in ("max", "min") else None,
+    )
+
+
+def _is_time(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
     )
 
 
@@ -251,3 +277,93 @@ def is_gone(layout: Layout, step: int) -> bool:
         return layout.storage.kind(layout.location(step)) != "dir"
     except OSError:
         return False
+
+
+# --------------------------------------------------------------------------- survey
+
+#: Files whose presence makes a directory a checkpoint level rather than a manager's
+#: directory (``ckptable._layout``'s defaults, RLlib's metadata file and the manifest).
+_CHECKPOINT_FILES = frozenset(
+    {"metadata.json", "rllib_checkpoint.json", "class_and_ctor_args.pkl", MANIFEST_FILE}
+)
+_HIDDEN_PATTERN = re.compile(r"\.checkpoint_\d+\.ckptable-")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unlisted:
+    """A directory named like a checkpoint that a manager does not list."""
+
+    step: int
+    path: str
+    #: ``"incomplete"`` (no manifest: its save did not finish, or still runs),
+    #: ``"corrupt"`` (anything else wrong) or ``"deleting"`` (a deletion under way).
+    status: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Survey:
+    """A manager's directory as ``survey_directory`` read it."""
+
+    #: The valid checkpoints by step (what a manager would list).
+    entries: dict[int, Entry]
+    #: The other directories named like checkpoints, by step.
+    unlisted: dict[int, Unlisted]
+    #: Hidden names that saves or deletions left (or are using right now).
+    leftovers: list[str]
+
+
+def holds_checkpoint_files(entries: Mapping[str, EntryKind]) -> bool:
+    """Whether a directory listing is that of a checkpoint level (its metadata, class
+    file or manifest is there)."""
+    return any(entries.get(name) == "file" for name in _CHECKPOINT_FILES)
+
+
+def looks_like_manager_directory(storage: Storage, root: str) -> bool:
+    """Whether ``root`` is a ``CheckpointManager``'s directory: it holds no checkpoint
+    files of its own, and at least one ``checkpoint_<step>`` directory (or what a save
+    or deletion of one leaves) named as a manager names them."""
+    try:
+        entries = storage.listdir(root)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if holds_checkpoint_files(entries):
+        return False
+    for name, kind in entries.items():
+        match = _NAME_PATTERN.fullmatch(name)
+        if match is not None and kind == "dir" and name == _name_of(int(match.group(1))):
+            return True
+        if _HIDDEN_PATTERN.match(name):
+            return True
+    return False
+
+
+def survey_directory(layout: Layout) -> Survey:
+    """Read a manager's directory as ``read_directory`` does, without changing anything
+    (no recovery of interrupted saves, no deletion finished): what is listed, what is
+    not and why, and what saves or deletions left. For ``ckptable info``: it may run
+    beside a training process."""
+    storage = layout.storage
+    entries: dict[int, Entry] = {}
+    unlisted: dict[int, Unlisted] = {}
+    leftovers: list[str] = []
+    for name, kind in sorted(_list_root(layout).items()):
+        if _HIDDEN_PATTERN.match(name):
+            leftovers.append(name)
+            continue
+        match = _NAME_PATTERN.fullmatch(name)
+        if match is None or kind != "dir" or name != layout.name(int(match.group(1))):
+            continue
+        step = int(match.group(1))
+        path, directory = layout.path(step), layout.location(step)
+        try:
+            entries[step] = _read_entry(layout, step, None)
+        except _BeingDeleted:
+            unlisted[step] = Unlisted(step, path, "deleting", "a deletion is under way")
+        except (CheckpointError, OSError, ValueError) as exc:
+            try:
+                complete = MANIFEST_FILE in storage.listdir(directory)
+            except OSError:
+                complete = True
+            unlisted[step] = Unlisted(step, path, "corrupt" if complete else "incomplete", str(exc))
+    return Survey(entries, unlisted, leftovers)

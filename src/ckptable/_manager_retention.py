@@ -6,6 +6,12 @@ checkpoints count and only they go: invalid ones neither take a valid one's plac
 deleted. Always kept: the newest, the one just saved, and those of the manager's saves
 still in progress.
 
+What is kept is the union of what each rule of the ``RetentionPolicy`` keeps
+(``keep_last``, ``keep_best``, ``keep_period``, ``keep_every_seconds``); only
+``keep_last`` and ``keep_best`` ever delete anything, the other two only protect. Every
+rule reads what the checkpoints themselves record (their step, metrics and save time),
+so it decides the same after a restart.
+
 A deletion first takes a checkpoint out of the listing in one step (a rename to a hidden
 name on local disks; on object stores, a marker file, then the manifest), so a crash
 mid-deletion never leaves a half-deleted checkpoint that looks valid; the next reading
@@ -14,6 +20,7 @@ of the directory finishes it. The tree is removed afterwards (``finish_deletions
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -26,12 +33,12 @@ from ckptable._manager_steps import is_int
 from ckptable._manifest import MANIFEST_FILE
 from ckptable._storage import Storage
 
-__all__ = ["finish_deletions", "ranked", "retire"]
+__all__ = ["RetentionPolicy", "finish_deletions", "ranked", "retire"]
 
 logger = logging.getLogger("ckptable")
 
 
-def ranked(entries: Mapping[int, Entry], metric: str | None, mode: str) -> list[int]:
+def ranked(entries: Mapping[int, Entry], metric: str | None, mode: str | None) -> list[int]:
     """Steps with a usable ``metric``, best first by ``mode`` (ties: newest first)."""
     scored = [
         (float(e.metrics[metric]), step)
@@ -46,34 +53,78 @@ def _is_score(value: Any) -> bool:
     return is_int(value) or (isinstance(value, float) and not math.isnan(value))
 
 
+@dataclasses.dataclass(frozen=True)
+class RetentionPolicy:
+    """Which checkpoints a manager keeps (see ``CheckpointManager`` for each setting)."""
+
+    keep_last: int | None = None
+    keep_best: int | None = None
+    metric: str | None = None
+    mode: str | None = None
+    keep_period: int | None = None
+    keep_every_seconds: float | None = None
+
+    @property
+    def deletes(self) -> bool:
+        """Whether any rule limits the number of checkpoints (else nothing goes)."""
+        return self.keep_last is not None or self.keep_best is not None
+
+    def kept(self, entries: Mapping[int, Entry]) -> set[int]:
+        """The steps of ``entries`` that some rule keeps (the newest among them); all of
+        them when no rule deletes anything."""
+        steps = sorted(entries)
+        if not steps or not self.deletes:
+            return set(steps)
+        keep = {steps[-1]}
+        if self.keep_last is not None:
+            keep.update(steps[-self.keep_last :])
+        if self.keep_best is not None:
+            keep.update(ranked(entries, self.metric, self.mode)[: self.keep_best])
+        if self.keep_period is not None:
+            keep.update(step for step in steps if step % self.keep_period == 0)
+        if self.keep_every_seconds is not None:
+            keep.update(first_of_each_interval(entries, self.keep_every_seconds))
+        return keep
+
+
+def first_of_each_interval(entries: Mapping[int, Entry], seconds: float) -> set[int]:
+    """The first checkpoint saved in each interval of ``seconds`` of wall-clock time
+    (intervals counted from the Unix epoch), by the save time each checkpoint records.
+
+    The rule is stateless: a checkpoint's interval never changes and the first of an
+    interval is never deleted by it, so every manager, before or after a restart, keeps
+    the same ones. Checkpoints without a recorded save time (saved without a manager)
+    are not kept by it.
+    """
+    first: dict[int, tuple[float, int]] = {}
+    for step, entry in entries.items():
+        if entry.saved_at is None or not math.isfinite(entry.saved_at):
+            continue
+        interval = math.floor(entry.saved_at / seconds)
+        candidate = (entry.saved_at, step)
+        if interval not in first or candidate < first[interval]:
+            first[interval] = candidate
+    return {step for _, step in first.values()}
+
+
 def retire(
     layout: Layout,
     entries: dict[int, Entry],
+    policy: RetentionPolicy,
     *,
-    keep_last: int | None,
-    keep_best: int | None,
-    metric: str | None,
-    mode: str,
     kept: Iterable[int],
     deleting: set[str],
 ) -> list[str]:
-    """Take the checkpoints that neither ``keep_last`` nor ``keep_best`` keeps out of the
-    listing (``entries``, just read, and the directory); return what is left to remove.
+    """Take the checkpoints that ``policy`` does not keep out of the listing
+    (``entries``, just read, and the directory); return what is left to remove.
 
-    Kept whatever their rank: the newest and ``kept`` (the one just saved, those of the
-    manager's saves in progress). ``deleting`` gains the hidden names taken.
+    Kept whatever the policy says: the newest and ``kept`` (the one just saved, those of
+    the manager's saves in progress). ``deleting`` gains the hidden names taken.
     """
-    if keep_last is None and keep_best is None:
+    if not policy.deletes or not entries:
         return []
-    steps = sorted(entries)
-    if not steps:
-        return []
-    keep = {steps[-1], *kept}
-    if keep_last is not None:
-        keep.update(steps[-keep_last:])
-    if keep_best is not None:
-        keep.update(ranked(entries, metric, mode)[:keep_best])
-    doomed = [step for step in steps if step not in keep]
+    keep = policy.kept(entries) | set(kept)
+    doomed = [step for step in sorted(entries) if step not in keep]
     retired = []
     for step in doomed:
         del entries[step]

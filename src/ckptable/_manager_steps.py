@@ -54,10 +54,13 @@ def new_record(
     metrics: Mapping[str, Any] | None,
     *,
     metric: str | None,
+    mode: str | None,
     keep_best: int | None,
 ) -> dict[str, Any]:
     """The record of a save of ``step`` (without its save time), its metrics checked now
-    (warning if ``keep_best`` will not rank it by ``metric``)."""
+    (warning if ``keep_best`` will not rank it by ``metric``). The manager's ``metric``
+    and ``mode`` are recorded too, so that ``ckptable info`` of the directory can name
+    the best checkpoint."""
     if metrics is not None and not isinstance(metrics, Mapping):
         raise TypeError(f"metrics must be a mapping or None, not {type(metrics).__name__}.")
     values = None if metrics is None else {str(k): v for k, v in metrics.items()}
@@ -72,12 +75,15 @@ def new_record(
             step,
             metric,
         )
-    return {
+    record: dict[str, Any] = {
         "version": _RECORD_VERSION,
         "step": step,
         "metrics": values,
         "ckptable_version": package_version(),
     }
+    if metric is not None:
+        record.update(metric=metric, mode=mode)
+    return record
 
 
 def encode_record(record: dict[str, Any]) -> bytes:

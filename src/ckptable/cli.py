@@ -3,7 +3,10 @@
 Subcommands (``ckptable COMMAND -h`` for each)::
 
     ckptable info PATH [--json]          the component tree: classes, formats, sizes,
-                                         versions, actor components, manifests
+                                         versions, actor components, manifests; of a
+                                         CheckpointManager directory, its checkpoints
+    ckptable ls DIR [--json]             a CheckpointManager directory's checkpoints:
+                                         steps, save times, metrics, latest, best
     ckptable verify PATH                 check every file against the manifests
     ckptable convert SRC DST --format F  rewrite every state in another format
              [--force] [--safe]          (--force: replace a checkpoint at DST)
@@ -40,7 +43,14 @@ from ckptable._cli_info import (
 from ckptable._info import verify_checkpoint
 from ckptable.errors import CheckpointError
 
-__all__ = ["describe_checkpoint", "dump_json", "format_info", "human_bytes", "main"]
+__all__ = [
+    "count_noun",
+    "describe_checkpoint",
+    "dump_json",
+    "format_info",
+    "human_bytes",
+    "main",
+]
 
 PROG = "ckptable"
 
@@ -135,17 +145,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(command=None)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
 
+    ranking = _Parser(add_help=False)
+    ranking.add_argument(
+        "--metric",
+        default=None,
+        help="rank a manager's checkpoints by this metric (default: the one they record)",
+    )
+    ranking.add_argument(
+        "--mode",
+        choices=("max", "min"),
+        default=None,
+        help="with --metric: max if higher is better, min if lower is",
+    )
+
     info = commands.add_parser(
         "info",
-        parents=[debug],
-        help="show a checkpoint's component tree",
+        parents=[debug, ranking],
+        help="show a checkpoint's component tree, or a manager directory's checkpoints",
         description="Show a checkpoint's component tree: per level its class, state "
         "format, sizes, versions, whether Ray actors hold it, and whether it has a "
-        "ckptable manifest. Nothing is unpickled.",
+        "ckptable manifest (and, for a checkpoint a CheckpointManager saved, its step "
+        "and metrics). Of a CheckpointManager directory, list its checkpoints as "
+        "'ckptable ls' does. Nothing is unpickled.",
     )
-    info.add_argument("path", metavar="PATH", help="checkpoint directory or URI")
+    info.add_argument(
+        "path", metavar="PATH", help="checkpoint directory, or manager directory, or URI"
+    )
     info.add_argument("--json", action="store_true", help="print one JSON document")
     info.set_defaults(command="info", run=_run_info)
+
+    ls = commands.add_parser(
+        "ls",
+        parents=[debug, ranking],
+        help="list a CheckpointManager directory's checkpoints",
+        description="List the checkpoints of a CheckpointManager directory: step, save "
+        "time, status and metrics, the latest and the best; directories named like "
+        "checkpoints that a manager does not list (incomplete, corrupt) are marked with "
+        "the reason. Nothing on disk is changed; files are not checksummed (see verify).",
+    )
+    ls.add_argument("path", metavar="DIR", help="CheckpointManager directory or URI")
+    ls.add_argument("--json", action="store_true", help="print one JSON document")
+    ls.set_defaults(command="ls", run=_run_ls)
 
     verify = commands.add_parser(
         "verify",
@@ -317,12 +357,49 @@ def _unicode_ok(stream: Any) -> bool:
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    from ckptable._cli_manager import is_manager_directory
+
+    if is_manager_directory(args.path):
+        return _run_ls(args)
+    _refuse_ranking_options(args)
     doc = describe_checkpoint(args.path)
     if args.json:
         print(dump_json(doc))
     else:
         print(format_info(doc, unicode=_unicode_ok(sys.stdout)))
     return EXIT_OK
+
+
+def _run_ls(args: argparse.Namespace) -> int:
+    from ckptable._cli_manager import (
+        describe_manager_directory,
+        format_manager_info,
+        is_checkpoint_directory,
+    )
+
+    if is_checkpoint_directory(args.path):
+        raise UsageError(
+            f"{args.path} is a checkpoint, not a CheckpointManager directory: "
+            f"'ckptable info {args.path}' describes it"
+        )
+    if args.mode is not None and args.metric is None:
+        raise UsageError("--mode needs --metric: the metric that --mode orders")
+    doc = describe_manager_directory(args.path, metric=args.metric, mode=args.mode)
+    if args.metric is not None and doc["mode"] is None:
+        raise UsageError(
+            f"--metric {args.metric} needs --mode: max if a higher {args.metric} is better, "
+            "min if a lower one is (the checkpoints record no order for it)"
+        )
+    print(dump_json(doc) if args.json else format_manager_info(doc))
+    return EXIT_OK
+
+
+def _refuse_ranking_options(args: argparse.Namespace) -> None:
+    if args.metric is not None or args.mode is not None:
+        raise UsageError(
+            f"--metric and --mode rank a CheckpointManager directory's checkpoints; "
+            f"{args.path} is not one"
+        )
 
 
 # --------------------------------------------------------------------------- verify

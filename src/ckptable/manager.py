@@ -19,10 +19,17 @@ staging tree so that it is published, checksummed and made durable with it. So:
   the older step right away, and a same step silently replaces a checkpoint.
 - **Retention runs after a save is published**, never before, from the directory as it
   is then (read again, not remembered), and always keeps the newest valid checkpoint and
-  the one just written: a returned path exists. A deletion first takes a checkpoint out
-  of the listing in one step (a rename to a hidden name on local disks; on object
-  stores, a marker file, then the manifest), so a crash mid-deletion never leaves a
-  half-deleted checkpoint that looks valid; the next manager finishes the deletion.
+  the one just written: a returned path exists. It keeps the union of what its rules
+  keep: the newest ``keep_last``, the best ``keep_best`` by ``metric`` (``mode`` is
+  required with a metric), every ``keep_period``-th step and the first checkpoint of
+  every ``keep_every_seconds`` of wall-clock time, by the save time each checkpoint
+  records, so that a restarted manager keeps the same ones. A deletion first takes a
+  checkpoint out of the listing in one step (a rename to a hidden name on local disks;
+  on object stores, a marker file, then the manifest), so a crash mid-deletion never
+  leaves a half-deleted checkpoint that looks valid; the next manager finishes it.
+- **Save interval.** With ``save_interval_steps``, ``should_save(step)`` tells a loop
+  whether a step is due, and ``save`` of a step off the interval writes nothing and
+  returns None unless ``force=True`` (Orbax's convention; see ``CheckpointManager.save``).
 - **Several processes may share the directory.** On a local disk a save holds an
   advisory ``flock`` on the directory itself (no lock file: nothing to be mistaken for
   a checkpoint) from its step check to the end of its retention, so saves from several
@@ -50,10 +57,12 @@ and step check), ``_manager_retention`` (what goes after a save, and its deletio
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import logging
+import math
 import threading
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from ckptable._async import start_background_save
 from ckptable._manager_listing import (
@@ -64,7 +73,7 @@ from ckptable._manager_listing import (
     is_gone,
     read_directory,
 )
-from ckptable._manager_retention import finish_deletions, ranked, retire
+from ckptable._manager_retention import RetentionPolicy, finish_deletions, ranked, retire
 from ckptable._manager_sharing import DirectoryLock
 from ckptable._manager_steps import (
     Reservations,
@@ -96,26 +105,46 @@ _LIST_AGAIN = object()
 
 
 class CheckpointManager:
-    """Numbered checkpoints of one object in ``directory``, with retention.
+    """Numbered checkpoints of one object in ``directory``, with save and keep policies.
+
+    Retention keeps the union of what ``keep_last``, ``keep_best``, ``keep_period`` and
+    ``keep_every_seconds`` keep, and always the newest checkpoint and the one a save
+    just wrote. Only ``keep_last`` and ``keep_best`` ever delete anything: without
+    either, every checkpoint stays. Incomplete or damaged checkpoints are never
+    deleted nor counted.
 
     Args:
         directory: Where the checkpoints go (local path or URI); created if missing.
             Several processes may save into the same local directory (see the module
             documentation for object stores).
-        keep_last: Keep the newest ``keep_last`` checkpoints (None: no limit by age).
+        keep_last: Keep the newest ``keep_last`` checkpoints (Orbax's ``max_to_keep``;
+            None: no limit by age).
         keep_best: Keep the best ``keep_best`` checkpoints by ``metrics[metric]``
-            (None: none kept for their metric). With both None, nothing is deleted.
-            The newest checkpoint, and the one a save just wrote, are always kept.
+            (None: none kept for their metric).
         metric: Name of the metric that ranks checkpoints; required with ``keep_best``
             and used by ``best``.
-        mode: ``"max"`` (higher is better) or ``"min"``.
+        mode: ``"max"`` (a higher ``metric`` is better: a reward, an accuracy) or
+            ``"min"`` (lower is better: a loss). Required with ``metric``: there is no
+            default, because either one is wrong for half the metrics.
+        keep_period: Keep every checkpoint whose step is a multiple of ``keep_period``
+            for ever, whatever ``keep_last`` and ``keep_best`` say (Orbax's
+            ``keep_period``). A multiple of ``save_interval_steps`` when both are given.
+        keep_every_seconds: Keep for ever the first checkpoint saved in each interval of
+            this many seconds of wall-clock time (a float or a ``datetime.timedelta``;
+            intervals counted from the Unix epoch, like Orbax's ``keep_time_interval``).
+            Decided from the save time each checkpoint records, so it survives
+            restarts; checkpoints saved without a manager record none and are not kept
+            by it.
+        save_interval_steps: Save only steps that are multiples of this (None: every
+            step). ``should_save(step)`` answers for a loop, and ``save`` of any other
+            step writes nothing and returns None unless ``force=True``.
         filesystem: A ``pyarrow.fs.FileSystem`` or fsspec filesystem for ``directory``
             (default: inferred from it, as ``save_to_path`` does).
         max_in_flight: How many async saves may run at once; a further
             ``save_async`` waits for the oldest first.
 
     Raises:
-        ValueError: for invalid retention settings.
+        ValueError: for invalid settings (``metric`` without ``mode`` included).
     """
 
     def __init__(
@@ -125,24 +154,58 @@ class CheckpointManager:
         keep_last: int | None = None,
         keep_best: int | None = None,
         metric: str | None = None,
-        mode: Literal["max", "min"] = "max",
+        mode: Literal["max", "min"] | None = None,
+        keep_period: int | None = None,
+        keep_every_seconds: float | datetime.timedelta | None = None,
+        save_interval_steps: int | None = None,
         filesystem: Any = None,
         max_in_flight: int = 1,
     ) -> None:
-        for name, value in (("keep_last", keep_last), ("keep_best", keep_best)):
+        for name, value in (
+            ("keep_last", keep_last),
+            ("keep_best", keep_best),
+            ("keep_period", keep_period),
+            ("save_interval_steps", save_interval_steps),
+        ):
             if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be None or an int of at least 1, not {value!r}.")
         if keep_best is not None and metric is None:
             raise ValueError("keep_best needs metric=: the name of the metric to rank by.")
-        if mode not in ("max", "min"):
+        if mode is not None and mode not in ("max", "min"):
             raise ValueError(f'mode must be "max" or "min", not {mode!r}.')
+        if metric is not None and mode is None:
+            raise ValueError(
+                f'metric={metric!r} needs mode=: "max" if a higher {metric} is better '
+                f'(a reward, an accuracy), "min" if a lower one is (a loss).'
+            )
+        if (
+            keep_period is not None
+            and save_interval_steps is not None
+            and keep_period % save_interval_steps
+        ):
+            raise ValueError(
+                f"keep_period={keep_period} is not a multiple of "
+                f"save_interval_steps={save_interval_steps}: only steps that are "
+                "multiples of both would be kept."
+            )
         if not is_int(max_in_flight) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be an int of at least 1, not {max_in_flight!r}.")
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.metric = metric
         self.mode = mode
+        self.keep_period = keep_period
+        self.keep_every_seconds = _seconds(keep_every_seconds)
+        self.save_interval_steps = save_interval_steps
         self.max_in_flight = max_in_flight
+        self._policy = RetentionPolicy(
+            keep_last=keep_last,
+            keep_best=keep_best,
+            metric=metric,
+            mode=mode,
+            keep_period=keep_period,
+            keep_every_seconds=self.keep_every_seconds,
+        )
         self._filesystem = filesystem
         storage, root = resolve_storage(directory, filesystem)
         storage.makedirs(root)
@@ -159,7 +222,7 @@ class CheckpointManager:
         self._reservations = Reservations()
         #: Hidden names of the deletions this manager is carrying out right now.
         self._deleting: set[str] = set()
-        self._in_flight: list[concurrent.futures.Future[str]] = []
+        self._in_flight: list[concurrent.futures.Future[str | None]] = []
         self._errors: list[BaseException] = []
         self._pool = SnapshotPool(max_idle=max_in_flight)
         self.reload()
@@ -218,6 +281,22 @@ class CheckpointManager:
         """Where the checkpoint of ``step`` is (or would be)."""
         return self._layout.path(checked_step(step))
 
+    def should_save(self, step: int) -> bool:
+        """Whether a save of ``step`` is due: ``step`` is a multiple of
+        ``save_interval_steps`` (any step, without one) and comes after the newest
+        checkpoint listed and this manager's saves in flight.
+
+        It answers from the last reading of the directory (no request to storage), so a
+        loop may ask every step. After a restart, steps continue from the restored one
+        on the same grid: the interval counts steps, not saves.
+        """
+        step = checked_step(step)
+        if self.save_interval_steps is not None and step % self.save_interval_steps:
+            return False
+        with self._lock:
+            taken = set(self._listed.entries) | set(self._reservations.reserved)
+        return not taken or step > max(taken)
+
     def invalid_checkpoints(self) -> dict[str, str]:
         """Directories named like checkpoints that are not listed, with the reason
         (incomplete: a save still running, or interrupted; damaged; or found corrupt
@@ -234,14 +313,23 @@ class CheckpointManager:
         metrics: Mapping[str, Any] | None = None,
         *,
         overwrite: bool = False,
+        force: bool = False,
         **save_kwargs: Any,
-    ) -> str:
+    ) -> str | None:
         """Save ``obj`` as ``step``, then apply retention. Waits for the async saves in
         flight first.
 
         The step must come after the newest checkpoint in the directory, whoever saved
         it (the directory is read again first). Retention then keeps the new checkpoint
         whatever its rank: the path returned exists.
+
+        With ``save_interval_steps``, a step that is not a multiple of it is skipped:
+        nothing is written and None is returned, unless ``force=True`` (a last save
+        before exiting, a save on preemption). This is Orbax's convention, chosen so
+        that the interval lives in one place: a loop may call ``save`` every step, or
+        ask ``should_save(step)`` first to skip building its metrics; a skipped step is
+        the policy at work, not an error. Without ``save_interval_steps`` every call
+        saves and returns the path.
 
         Args:
             obj: The ``Checkpointable`` to save.
@@ -251,10 +339,11 @@ class CheckpointManager:
             overwrite: Allow a step at or below the newest one: a checkpoint of the same
                 step (or a damaged directory of its name) is replaced; an older step is
                 kept by this save's retention and counted by age at the next.
+            force: Save even a step that ``save_interval_steps`` skips.
             **save_kwargs: Passed on to ``obj.save_to_path`` (``format``, ``durable``, ...).
 
         Returns:
-            The checkpoint's path.
+            The checkpoint's path; None if ``save_interval_steps`` skipped the step.
 
         Raises:
             StepConflictError: ``step`` is at or below the newest step, or a directory
@@ -262,9 +351,10 @@ class CheckpointManager:
             Exception: the error of an earlier async save that failed (raised once),
                 before this save starts; else whatever ``save_to_path`` raises.
         """
-        record = new_record(
-            checked_step(step), metrics, metric=self.metric, keep_best=self.keep_best
-        )
+        record = self._new_record(step, metrics)
+        if self._skipped(record["step"], force=force):
+            self._raise_pending_error()
+            return None
         self.wait()
         return self._save_now(obj, record, save_kwargs, overwrite=overwrite, reserved=False)
 
@@ -275,10 +365,14 @@ class CheckpointManager:
         metrics: Mapping[str, Any] | None = None,
         *,
         overwrite: bool = False,
+        force: bool = False,
         **save_kwargs: Any,
-    ) -> concurrent.futures.Future[str]:
+    ) -> concurrent.futures.Future[str | None]:
         """Like ``save``, in a background thread; returns once the step is checked and the
         state is copied.
+
+        A step that ``save_interval_steps`` skips (without ``force``) returns at once a
+        finished future whose result is None; nothing is copied.
 
         Changes made to ``obj`` after this returns never reach the checkpoint. If
         ``max_in_flight`` saves are running, waits for the oldest first. The step is
@@ -287,16 +381,18 @@ class CheckpointManager:
         then the future raises ``StepConflictError`` and nothing is written).
 
         Returns:
-            A future whose ``result()`` is the checkpoint's path.
+            A future whose ``result()`` is the checkpoint's path (None: skipped).
 
         Raises:
             StepConflictError: as in ``save``.
             Exception: the error of an earlier async save that failed (raised once).
         """
-        record = new_record(
-            checked_step(step), metrics, metric=self.metric, keep_best=self.keep_best
-        )
+        record = self._new_record(step, metrics)
         self._raise_pending_error()
+        if self._skipped(record["step"], force=force):
+            skipped: concurrent.futures.Future[str | None] = concurrent.futures.Future()
+            skipped.set_result(None)
+            return skipped
         while True:
             with self._lock:
                 self._in_flight = [f for f in self._in_flight if not f.done()]
@@ -310,7 +406,7 @@ class CheckpointManager:
             self._check_step(record["step"], overwrite=overwrite, own_reservation=False)
             self._reservations.reserve(record["step"])
         try:
-            future = start_background_save(
+            started = start_background_save(
                 obj,
                 self._layout.path(record["step"]),
                 save_kwargs,
@@ -320,6 +416,8 @@ class CheckpointManager:
                 ),
                 name=f"ckptable-save-step-{record['step']}",
             )
+            # The future's result is read only: a str is a ``str | None``.
+            future = cast("concurrent.futures.Future[str | None]", started)
         except BaseException:
             with self._lock:
                 self._reservations.release(record["step"])
@@ -485,10 +583,7 @@ class CheckpointManager:
                     doomed = retire(
                         self._layout,
                         self._listed.entries,
-                        keep_last=self.keep_last,
-                        keep_best=self.keep_best,
-                        metric=self.metric,
-                        mode=self.mode,
+                        self._policy,
                         kept={step, *self._reservations.reserved},
                         deleting=self._deleting,
                     )
@@ -508,6 +603,23 @@ class CheckpointManager:
             )
         return saved
 
+    def _new_record(self, step: int, metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+        return new_record(
+            checked_step(step),
+            metrics,
+            metric=self.metric,
+            mode=self.mode,
+            keep_best=self.keep_best,
+        )
+
+    def _skipped(self, step: int, *, force: bool) -> bool:
+        """Whether ``save_interval_steps`` skips ``step`` (logged at debug level)."""
+        interval = self.save_interval_steps
+        if force or interval is None or step % interval == 0:
+            return False
+        logger.debug("Not saving step %d: save_interval_steps is %d.", step, interval)
+        return True
+
     def _check_step(self, step: int, *, overwrite: bool, own_reservation: bool) -> None:
         """``check_step`` against the listing and this manager's reservations
         (``self._lock`` held, the directory just read)."""
@@ -520,7 +632,7 @@ class CheckpointManager:
             own_reservation=own_reservation,
         )
 
-    def _note_failure(self, future: concurrent.futures.Future[str]) -> None:
+    def _note_failure(self, future: concurrent.futures.Future[str | None]) -> None:
         error = future.exception()
         if error is not None:
             with self._lock:
@@ -534,7 +646,32 @@ class CheckpointManager:
         raise error
 
     def __repr__(self) -> str:
-        return (
-            f"CheckpointManager({self.directory!r}, keep_last={self.keep_last}, "
-            f"keep_best={self.keep_best}, metric={self.metric!r}, mode={self.mode!r})"
+        settings = [
+            f"keep_last={self.keep_last}",
+            f"keep_best={self.keep_best}",
+            f"metric={self.metric!r}",
+            f"mode={self.mode!r}",
+        ]
+        for name in ("keep_period", "keep_every_seconds", "save_interval_steps"):
+            value = getattr(self, name)
+            if value is not None:
+                settings.append(f"{name}={value!r}")
+        return f"CheckpointManager({self.directory!r}, {', '.join(settings)})"
+
+
+def _seconds(value: float | datetime.timedelta | None) -> float | None:
+    """``keep_every_seconds`` as a positive, finite number of seconds (or None)."""
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else value
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not math.isfinite(seconds)
+        or seconds <= 0
+    ):
+        raise ValueError(
+            "keep_every_seconds must be None, a positive number of seconds or a "
+            f"datetime.timedelta, not {value!r}."
         )
+    return float(seconds)
