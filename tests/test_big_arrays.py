@@ -420,3 +420,93 @@ def test_the_walk_refuses_bytes_after_stop() -> None:
     assert data.endswith(b".")  # STOP outside a frame
     with pytest.raises(ScanError, match="STOP"):
         walk(data + b"junk")
+
+
+# --- payloads read with parallel reads -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def parallel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint whose arrays are big enough for parallel reads (and one that is not),
+    saved once; tests work on copies."""
+    from ckptable._parallel_read import PARALLEL_READ_MIN_BYTES
+
+    rng = np.random.default_rng(7)
+    state = {
+        "big": rng.standard_normal(PARALLEL_READ_MIN_BYTES // 8 + 12345),  # not chunk-aligned
+        "also_big": rng.integers(0, 255, PARALLEL_READ_MIN_BYTES + 3, dtype=np.uint8),
+        "small": rng.standard_normal(1000),
+    }
+    path = tmp_path_factory.mktemp("parallel") / "ckpt"
+    Arrays(state).save_to_path(path)
+    return path, state
+
+
+def _copy(path: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(path, tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_payloads_read_in_parallel_round_trip(
+    parallel: tuple[Path, dict[str, Any]], verify: bool
+) -> None:
+    path, state = parallel
+    restored = Arrays()
+    restored.restore_from_path(path, verify=verify)
+    assert_states_equal(restored.state, state)
+    assert restored.state["big"].flags.writeable
+    import threading
+
+    assert any(t.name.startswith("ckptable-read") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.99])
+def test_damage_inside_a_payload_read_in_parallel_is_found(
+    parallel: tuple[Path, dict[str, Any]], tmp_path: Path, where: float
+) -> None:
+    """A flipped bit anywhere in a payload read by several threads: the checksum, fed
+    the chunks in file order, still differs from the manifest's."""
+    path = _copy(parallel[0], tmp_path)
+    state_file = path / "state.pkl"
+    with open(state_file, "r+b") as f:
+        offset = int(state_file.stat().st_size * where)
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+    target = Arrays({"untouched": 1})
+    with pytest.raises(CorruptCheckpointError, match="checksum"):
+        target.restore_from_path(path)
+    assert target.state == {"untouched": 1}
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_file_cut_inside_a_payload_read_in_parallel_is_found(
+    parallel: tuple[Path, dict[str, Any]], tmp_path: Path, verify: bool
+) -> None:
+    path = _copy(parallel[0], tmp_path)
+    state_file = path / "state.pkl"
+    os.truncate(state_file, state_file.stat().st_size * 3 // 4)
+    target = Arrays({"untouched": 1})
+    with pytest.raises(CorruptCheckpointError, match="state.pkl"):
+        target.restore_from_path(path, verify=verify)
+    assert target.state == {"untouched": 1}
+
+
+def test_pread_chunks_fills_in_order_and_stops_at_the_end(tmp_path: Path) -> None:
+    from ckptable._parallel_read import pread_chunks, regular_fileno
+
+    data = os.urandom(5 * 1024 + 17)
+    (tmp_path / "f").write_bytes(data)
+    with open(tmp_path / "f", "rb") as f:
+        fd = regular_fileno(f)
+        assert fd is not None
+        buffer = bytearray(len(data) - 100)
+        chunks = [bytes(c) for c in pread_chunks(fd, memoryview(buffer), 100, 1024)]
+        assert b"".join(chunks) == data[100:] and bytes(buffer) == data[100:]
+        too_long = memoryview(bytearray(len(data)))
+        with pytest.raises(EOFError, match="offset"):
+            list(pread_chunks(fd, too_long, 100, 1024))
+    assert regular_fileno(io.BytesIO(b"x")) is None

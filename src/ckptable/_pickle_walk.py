@@ -27,6 +27,8 @@ from collections.abc import Callable
 from typing import IO, Any, Literal
 
 from ckptable._checksums import Checksum, checksum_executor
+from ckptable._parallel_read import PARALLEL_READ_MIN_BYTES, pread_chunks, regular_fileno
+from ckptable._progress import advance
 
 __all__ = [
     "PAYLOAD_MIN_BYTES",
@@ -222,6 +224,11 @@ class Walk:
             return
         buffer = self.new_buffer(n)
         view = memoryview(buffer)
+        fd = regular_fileno(self.stream) if n >= PARALLEL_READ_MIN_BYTES else None
+        if fd is not None:
+            self.payload_in_parallel(fd, view)
+            self.buffers.append(buffer)
+            return
         readinto = getattr(self.stream, "readinto", None)
         start = 0
         while start < n:
@@ -241,6 +248,20 @@ class Walk:
             start += len(chunk)
         self.position += n
         self.buffers.append(buffer)
+
+    def payload_in_parallel(self, fd: int, view: memoryview) -> None:
+        """Fill ``view`` from the regular file ``fd`` at the stream's position with
+        parallel reads (see ``_parallel_read``), each chunk checksummed behind in order
+        and counted in the progress bar; then move the stream past it."""
+        offset = self.stream.tell()
+        try:
+            for chunk in pread_chunks(fd, view, offset, _CHUNK):
+                self.checksum.update_behind(chunk)
+                advance(len(chunk))
+        except EOFError as exc:
+            raise ScanError("the pickle ends inside a byte payload") from exc
+        self.stream.seek(len(view), io.SEEK_CUR)
+        self.position += len(view)
 
     def payload_unsized(self, n: int) -> bytearray:
         """A payload from a stream of unknown size: grown as it is read, so that a
