@@ -596,6 +596,70 @@ def test_a_changed_byte_is_caught_by_the_checksum_first(tmp_path: Path) -> None:
         restored(path)
 
 
+def _rchar() -> int:
+    """Bytes this process read with read(2)-like calls so far (page cache included)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.fixture
+def big_file(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """A level whose state.safetensors is over the size that step 1 keeps in memory."""
+    state = {"w": RNG.random(6 * MiB, dtype=np.float32), "b": np.arange(5), "step": 3}
+    return saved(tmp_path, state), state
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_a_big_file_is_verified_in_the_read_that_decodes_it(
+    big_file: tuple[Path, dict[str, Any]], safe: bool
+) -> None:
+    """A verified restore reads a big state.safetensors once: checksummed as it is
+    decoded, not read whole for the checksum first."""
+    path, state = big_file
+    size = (path / STATE_FILE).stat().st_size
+    assert size > 16 * MiB
+    restored(path, safe=safe)  # warm the imports and the page cache
+    before = _rchar()
+    back = restored(path, safe=safe)
+    read = _rchar() - before
+    assert_identical(back, state)
+    assert size <= read < size * 1.1
+
+
+@pytest.mark.parametrize("where", ["tensor", "last byte"])
+def test_damage_in_a_big_file_read_once_is_caught_before_anything_is_applied(
+    big_file: tuple[Path, dict[str, Any]], where: str
+) -> None:
+    path, _ = big_file
+    data = bytearray((path / STATE_FILE).read_bytes())
+    data[len(data) // 2 if where == "tensor" else -1] ^= 0x01
+    (path / STATE_FILE).write_bytes(bytes(data))
+    box = Box(own={"untouched": 1})
+    with pytest.raises(CorruptCheckpointError, match="checksum") as caught:
+        box.restore_from_path(path)
+    assert caught.value.path == str(path / STATE_FILE)
+    assert box.own == {"untouched": 1}
+
+
+@pytest.mark.parametrize("change", ["truncated", "appended"])
+def test_a_big_file_of_another_size_is_caught(
+    big_file: tuple[Path, dict[str, Any]], change: str
+) -> None:
+    path, _ = big_file
+    file = path / STATE_FILE
+    if change == "truncated":
+        os.truncate(file, file.stat().st_size - 4)
+    else:
+        with open(file, "ab") as f:
+            f.write(b"\0" * 8)
+    box = Box(own={"untouched": 1})
+    with pytest.raises(CorruptCheckpointError, match=STATE_FILE):
+        box.restore_from_path(path)
+    assert box.own == {"untouched": 1}
+
+
 # --------------------------------------------------------------------------- restores
 
 

@@ -236,3 +236,119 @@ def read_checksummed(
         if pending is not None:
             pending.result()
     return read
+
+
+class VerifyingReader:
+    """A read-only binary stream over ``raw`` (a file at its start) that checksums what
+    its reader reads, in file order; :meth:`finish` then reads whatever the reader left
+    and compares the size and checksum with the manifest's.
+
+    For a big file whose decoder is safe on unverified bytes (see
+    ``_formats.decodes_untrusted``): the file is read once, by the decoder, instead of
+    once to verify it and once to decode it. Nothing decoded from it is applied before
+    :meth:`finish` passed (the restore applies only after every file decoded). A reader
+    that seeks away from where the checksum is (other than to look at the file's end and
+    come back) makes :meth:`finish` fall back to reading the file whole again.
+    """
+
+    def __init__(
+        self,
+        raw: Any,
+        expected: tuple[int, str],
+        algorithm: str,
+        shown: str,
+        reread: Callable[[], None],
+    ) -> None:
+        self._raw = raw
+        self._expected = expected
+        self._algorithm = algorithm
+        self._shown = shown
+        self._reread = reread
+        self._checksum = new_checksum(algorithm, path=shown)
+        self._pending: concurrent.futures.Future[None] | None = None
+        #: Bytes checksummed so far (the file offset the next read must start at).
+        self._hashed = 0
+        self._out_of_order = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return int(self._raw.tell())
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return int(self._raw.seek(offset, whence))
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = self._raw.tell()
+        data: bytes = self._raw.read(size)
+        self._update(start, data)
+        return data
+
+    def readinto(self, buffer: Any) -> int | None:
+        start = self._raw.tell()
+        n: int | None = self._raw.readinto(buffer)
+        if n:
+            view = memoryview(buffer)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+            self._update(start, view[:n])
+        return n
+
+    def _update(self, start: int, data: Any) -> None:
+        if not len(data) or self._out_of_order:
+            return
+        if start != self._hashed:
+            self._out_of_order = True
+            return
+        self._wait()
+        if len(data) >= _PARALLEL_BYTES:
+            # The reader does not change what it just read (it is the final memory of
+            # an array, or bytes): checksummed on a helper thread while it reads on.
+            self._pending = checksum_executor().submit(self._checksum.update, data)
+        else:
+            self._checksum.update(data)
+        self._hashed += len(data)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def finish(self) -> None:
+        """Read what the reader left, then check size and checksum.
+
+        Raises:
+            CorruptCheckpointError: the file differs from the manifest's record.
+        """
+        from ckptable.errors import CorruptCheckpointError
+
+        self._wait()
+        if self._out_of_order:
+            self._reread()  # read_verified: raises if the file is damaged
+            return
+        size, digest = self._expected
+        end = int(self._raw.seek(0, os.SEEK_END))
+        if end != size:
+            state = "truncated" if end < size else "altered"
+            raise CorruptCheckpointError(
+                f"{self._shown} has {end} bytes; the manifest records {size}: the file is "
+                f"{state}.",
+                path=self._shown,
+            )
+        self._raw.seek(self._hashed)
+        while self._hashed < size:  # what the reader left (nothing, for safetensors)
+            chunk = self._raw.read(min(_CHUNK, size - self._hashed))
+            if not chunk:
+                break
+            self._update(self._hashed, chunk)
+        self._wait()
+        if self._checksum.hexdigest() != digest:
+            raise CorruptCheckpointError(
+                f"{self._shown} is corrupt: its {self._algorithm} checksum "
+                f"{self._checksum.hexdigest()} differs from the manifest's {digest}.",
+                path=self._shown,
+            )

@@ -339,6 +339,14 @@ def accepts_tensors(codec: Codec) -> bool:
     return bool(getattr(codec, "accepts_tensors", False))
 
 
+def decodes_untrusted(codec: Codec) -> bool:
+    """Whether ``codec.load`` is safe on bytes nothing has verified yet (it runs no code
+    the file names and allocates nothing the file's size does not back), so that a
+    verified restore can checksum a big file in the same pass that decodes it, instead
+    of reading it twice (``decodes_untrusted = True`` on the codec)."""
+    return bool(getattr(codec, "decodes_untrusted", False))
+
+
 def maps_files(codec: Codec) -> bool:
     """Whether ``codec`` has ``load_mapped(stream)``: ``mmap=True`` restores then map its
     files (from the local disk) instead of reading them."""

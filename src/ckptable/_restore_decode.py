@@ -12,6 +12,7 @@ import logging
 import pickle
 from typing import TYPE_CHECKING, Any
 
+from ckptable._checksums import VerifyingReader
 from ckptable._components import (
     force_list,
 )
@@ -79,9 +80,10 @@ def decode_tree(session: RestoreSession, level: Level) -> None:
             level.raw_state,
             session.options,
             allowed=session.allowed,
-            count_reads=not level.verified,
+            count_reads=not level.verified or level.check_when_decoded is not None,
             tensors=session.tensor_placement(),
             mapped=mapped,
+            check=level.check_when_decoded,
         )
     except CheckpointError:
         if not level.read_ahead:
@@ -113,6 +115,7 @@ def decode_file(
     count_reads: bool = False,
     tensors: TensorPlacement | None = None,
     mapped: bool = False,
+    check: tuple[tuple[int, str], str] | None = None,
 ) -> Any:
     """Decode one file (from ``raw`` if step 1 kept its bytes or scanned it); errors name
     the file. ``count_reads``: count what is read from the file in the progress bar (a
@@ -120,7 +123,9 @@ def decode_file(
     placement of torch tensors (``map_location``), which counts the tensors moved to the
     CPU for the restore's one warning; without it, one made from
     ``options.map_location`` warns for this file alone. ``mapped``: decode with the
-    codec's ``load_mapped`` (``mmap=True``; ``path`` is a local file)."""
+    codec's ``load_mapped`` (``mmap=True``; ``path`` is a local file). ``check``: the
+    file's manifest record ``((size, checksum), algorithm)``, checked as it is decoded
+    (a codec safe on unverified bytes; the state is returned only if it matched)."""
     shown = storage.display(path)
     extra: dict[str, Any] = {}
     if isinstance(raw, ScannedPickle):
@@ -129,7 +134,7 @@ def decode_file(
     if accepts_tensors(codec):
         extra["tensors"] = tensors if tensors is not None else TensorPlacement(options.map_location)
     state = _decode(storage, path, codec, raw, options, shown, extra, allowed,
-                    allow_subclasses_of, count_reads, mapped)  # fmt: skip
+                    allow_subclasses_of, count_reads, mapped, check)  # fmt: skip
     if own_placement:
         extra["tensors"].warn(stacklevel=4)  # the caller of from_checkpoint, say
     return state
@@ -147,6 +152,7 @@ def _decode(
     allow_subclasses_of: type | None,
     count_reads: bool,
     mapped: bool = False,
+    check: tuple[tuple[int, str], str] | None = None,
 ) -> Any:
     """:func:`decode_file`'s body: every failure becomes an error naming the file."""
     try:
@@ -154,26 +160,37 @@ def _decode(
             opened = open_regular(storage, path)
         else:
             opened = _open_source(storage, path, raw, count_reads)
-        with opened as stream:
+        with opened as opened_stream:
+            stream: Any = opened_stream
             if mapped and (not options.safe or hasattr(codec, "load_restricted")):
                 # load_mapped runs no code the file names (the protocol's contract).
                 return codec.load_mapped(stream, **extra)  # type: ignore[attr-defined]
+            checked = None
+            if check is not None and raw is None:
+                # A codec safe on unverified bytes (decodes_untrusted): checksummed as
+                # it is decoded, the state returned only if the file matched.
+                checked = _verifying(stream, check, storage, path, shown)
+                stream = checked
             if not options.safe:
-                return codec.load(stream, **extra)
-            load_restricted = getattr(codec, "load_restricted", None)
-            if load_restricted is None:
-                raise UnsafeCheckpointError(
-                    f"{shown}: the {codec.name!r} format has no restricted loader, so it "
-                    "cannot be loaded with safe=True.",
-                    path=shown,
+                state = codec.load(stream, **extra)
+            else:
+                load_restricted = getattr(codec, "load_restricted", None)
+                if load_restricted is None:
+                    raise UnsafeCheckpointError(
+                        f"{shown}: the {codec.name!r} format has no restricted loader, so "
+                        "it cannot be loaded with safe=True.",
+                        path=shown,
+                    )
+                state = load_restricted(
+                    stream,
+                    allowed=allowed,
+                    allow_subclasses_of=allow_subclasses_of,
+                    source=shown,
+                    **extra,
                 )
-            return load_restricted(
-                stream,
-                allowed=allowed,
-                allow_subclasses_of=allow_subclasses_of,
-                source=shown,
-                **extra,
-            )
+            if checked is not None:
+                checked.finish()
+            return state
     except CheckpointError as exc:
         if exc.path is None:
             exc.path = shown
@@ -209,6 +226,18 @@ def _decode(
         raise CorruptCheckpointError(
             f"{shown} cannot be decoded ({type(exc).__name__}: {exc}).", path=shown
         ) from exc
+
+
+def _verifying(
+    stream: Any, check: tuple[tuple[int, str], str], storage: Storage, path: str, shown: str
+) -> VerifyingReader:
+    """``stream`` checksummed as it is read, against the manifest record ``check``."""
+    expected, algorithm = check
+
+    def reread() -> None:
+        read_verified(storage, path, expected, algorithm, keep=False)
+
+    return VerifyingReader(stream, expected, algorithm, shown, reread)
 
 
 def _open_source(

@@ -18,7 +18,13 @@ from ckptable._components import (
     is_ckptable_object,
     validate_component_name,
 )
-from ckptable._formats import Codec, accepts_buffers, codec_for_suffix, get_codec
+from ckptable._formats import (
+    Codec,
+    accepts_buffers,
+    codec_for_suffix,
+    decodes_untrusted,
+    get_codec,
+)
 from ckptable._info import verify_tree
 from ckptable._layout import (
     DEFAULT_CLASS_FILE,
@@ -118,6 +124,15 @@ def read_level(
         # file names of its own, or code of its own. Read when the component appears.
         _verify_big_files(session, directory, manifest, big, None)
         return Level(directory, metadata, None, {}, deferred=True)
+    check_when_decoded = None
+    if (
+        manifest is not None
+        and state_name in big
+        and decodes_untrusted(codec)
+        and not session.options.mmap
+    ):
+        # Checksummed by step 2 as it decodes it: the file is read once, not twice.
+        check_when_decoded = (big.pop(state_name), manifest.algorithm)
     prepared = _verify_big_files(session, directory, manifest, big, (state_name, codec))
 
     comps: dict[str, Any] = {}
@@ -169,6 +184,7 @@ def read_level(
         raw_state=prepared if prepared is not None else raw.get(state_name),
         read_ahead=read_ahead,
         verified=manifest is not None,
+        check_when_decoded=check_when_decoded,
     )
 
 

@@ -65,6 +65,10 @@ class Level:
     upgraded: bool = False
     #: Its files were verified against a manifest in step 1 (and counted as read then).
     verified: bool = False
+    #: The state file's manifest record ``((size, checksum), algorithm)`` where step 1
+    #: left its check to step 2, which checksums it as it decodes it (one read; see
+    #: ``_formats.decodes_untrusted``).
+    check_when_decoded: tuple[tuple[int, str], str] | None = None
 
     @property
     def record(self) -> dict[str, Any] | None:

@@ -118,6 +118,9 @@ class SafetensorsCodec:
     suffix = ".safetensors"
     #: Restores pass the restore's ``TensorPlacement`` (``map_location``) as ``tensors``.
     accepts_tensors = True
+    #: Decoding runs no code and checks every length against the file's size before
+    #: allocating: a verified restore checksums the file as it decodes it (one read).
+    decodes_untrusted = True
 
     def dump(self, state: Any, stream: IO[bytes]) -> None:
         """Write ``state`` to ``stream``: the header, then each tensor's bytes straight
