@@ -335,8 +335,7 @@ class VerifyingReader:
         if end != size:
             state = "truncated" if end < size else "altered"
             raise CorruptCheckpointError(
-                f"{self._shown} has {end} bytes; the manifest records {size}: the file is "
-                f"{state}.",
+                f"{self._shown} has {end} bytes; the manifest records {size}: the file is {state}.",
                 path=self._shown,
             )
         self._raw.seek(self._hashed)
