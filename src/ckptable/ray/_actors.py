@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from ckptable import _progress
-from ckptable._components import is_ckptable_object
+from ckptable._components import runs_ckptable_method
 from ckptable._manifest import (
     MANIFEST_FILE,
     LevelManifest,
@@ -143,7 +143,9 @@ def _save_in_actor(
     """Runs in the actor: save its state (or the given one) to ``path``; return the
     manifest ckptable wrote there (None for a class RLlib's save wrote, without one)."""
     state = ray.get(state_ref) if state_ref is not None else None
-    if is_ckptable_object(actor):
+    # By the method the actor really has: Ray copies the driver's methods onto actor
+    # classes, so the class's bases may say otherwise.
+    if runs_ckptable_method(actor, "save_to_path"):
         # Not durable here: the saver flushes the whole staged tree before publishing.
         # No bar in the actor (it runs as inside an operation): the saver's has its bytes.
         with _progress.uncounted():
@@ -178,7 +180,7 @@ def _restore_in_actor(
     path = paths.get(current_node_id(), paths.get("*"))
     if path is None:  # restarted on another node since it was asked where it runs
         raise ActorCheckpointError("The checkpoint was not moved to the actor's node.")
-    if is_ckptable_object(actor):
+    if runs_ckptable_method(actor, "restore_from_path"):
         with _progress.uncounted():  # no bar in the actor: the restorer's has its bytes
             actor.restore_from_path(
                 path, component=component, filesystem=filesystem, **options, **kwargs

@@ -1,0 +1,155 @@
+"""RLlib on ckptable: PPO checkpoints saved and restored by RLlib's base and ckptable's.
+
+What: a real PPO algorithm (torch CPU, CartPole), small (64x64 MLP) and big (2x2048 MLP,
+~96 MiB of weights and Adam moments), saved with ``algo.save_to_path`` and restored with
+``algo.restore_from_path`` by RLlib's own ``Checkpointable`` (``ckptable.rllib``
+switched off) and by ckptable's (switched on): durable and not (``durable=False``),
+restores verified and not (``verify=False``).
+
+Method: one long-lived process per run; each algorithm is built once; every repeat runs
+every variant back to back in a rotating order (switching ckptable on and off between
+them is two attribute swaps per class), each into a fresh directory, after
+``gc.collect()``; medians over repeats, and the median of the per-repeat (paired) ratios
+ckptable / RLlib.
+
+Run from the repository root::
+
+    python benchmarks/bench_rllib.py                 # 15 repeats
+    python benchmarks/bench_rllib.py --repeats 5     # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+SIZES = {"small (64x64)": [64, 64], "big (2x2048)": [2048, 2048]}
+
+SAVES = {
+    "rllib": dict(on=False, kwargs={}),
+    "ckptable durable": dict(on=True, kwargs={}),
+    "ckptable durable=False": dict(on=True, kwargs={"durable": False}),
+}
+RESTORES = {
+    "rllib": dict(on=False, kwargs={}),
+    "ckptable verify": dict(on=True, kwargs={}),
+    "ckptable verify=False": dict(on=True, kwargs={"verify": False}),
+}
+
+
+def build(hidden: list[int]) -> Any:
+    from ray.rllib.algorithms.ppo import PPOConfig
+
+    return (
+        PPOConfig()
+        .environment("CartPole-v1")
+        .env_runners(num_env_runners=0)
+        .training(train_batch_size_per_learner=64, minibatch_size=32, num_epochs=1)
+        .rl_module(model_config={"fcnet_hiddens": hidden})
+        .build_algo()
+    )
+
+
+def switch(on: bool) -> None:
+    import ckptable.rllib
+
+    if on:
+        ckptable.rllib.enable(ray_workers=False)
+    else:
+        ckptable.rllib.disable()
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def tree_bytes(path: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(folder, name))
+        for folder, _, names in os.walk(path)
+        for name in names
+    )
+
+
+def run(repeats: int, directory: str) -> list[str]:
+    lines = [
+        "| checkpoint | operation | variant | median s | ratio to RLlib (paired median) |",
+        "|---|---|---|---:|---:|",
+    ]
+    for size, hidden in SIZES.items():
+        switch(False)
+        algo = build(hidden)
+        algo.train()
+        times: dict[tuple[str, str], list[float]] = {}
+        paths = {}
+        for name, variant in SAVES.items():  # warm-up, and the checkpoints to restore
+            switch(variant["on"])
+            paths[name] = algo.save_to_path(os.path.join(directory, f"warm-{len(paths)}"))
+        ckpt_of = {"rllib": paths["rllib"], "ckptable verify": paths["ckptable durable"]}
+        ckpt_of["ckptable verify=False"] = paths["ckptable durable"]
+        for repeat in range(repeats):
+            order = list(SAVES)
+            order = order[repeat % len(order) :] + order[: repeat % len(order)]
+            for name in order:
+                variant = SAVES[name]
+                switch(variant["on"])
+                target = os.path.join(directory, f"save-{repeat}-{order.index(name)}")
+                kwargs = variant["kwargs"]
+                times.setdefault(("save", name), []).append(
+                    timed(lambda a=algo, t=target, k=kwargs: a.save_to_path(t, **k))
+                )
+                shutil.rmtree(target)
+            order = list(RESTORES)
+            order = order[repeat % len(order) :] + order[: repeat % len(order)]
+            for name in order:
+                variant = RESTORES[name]
+                switch(variant["on"])
+                path, kwargs = ckpt_of[name], variant["kwargs"]
+                times.setdefault(("restore", name), []).append(
+                    timed(lambda a=algo, p=path, k=kwargs: a.restore_from_path(p, **k))
+                )
+        switch(False)
+        mib = tree_bytes(paths["rllib"]) / 2**20
+        algo.stop()
+        for operation, variants in (("save", SAVES), ("restore", RESTORES)):
+            base = times[(operation, "rllib")]
+            for name in variants:
+                samples = times[(operation, name)]
+                ratio = statistics.median(s / b for s, b in zip(samples, base, strict=True))
+                lines.append(
+                    f"| {size}, {mib:.1f} MiB | {operation} | {name} | "
+                    f"{statistics.median(samples):.4f} | {ratio:.2f}x |"
+                )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    args = parser.parse_args()
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    directory = tempfile.mkdtemp(prefix="bench-rllib-", dir=args.dir)
+    try:
+        print("\n".join(run(args.repeats, directory)))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
