@@ -29,6 +29,7 @@ from ckptable import (
     StateEncodingError,
     UnknownComponentError,
 )
+from ckptable._diff import diff_checkpoints
 from ckptable.cli import main
 from helpers import assert_states_equal, reseal
 from trees import Leaf, Model, Node, SubModel, states_of, trained_model
@@ -186,9 +187,15 @@ def test_a_subclass_restores_a_component_directory_saved_from_its_base(tmp_path:
     holder.restore_from_path(f"{path}/inner", component="inner")
 
 
-def test_a_component_directory_saved_from_a_subclass_of_the_object_restores(
+def test_a_component_directory_saved_from_a_subclass_of_the_object_is_refused_on_path_evidence(
     tmp_path: Path,
 ) -> None:
+    """With the path evidence (``ckpt/inner`` and the object has a component ``inner``,
+    ``ckpt`` a checkpoint listing it), a stored class other than exactly the object's
+    is refused, a subclass of it too: the root is not where that state belongs (was:
+    allowed for subclasses, which let README's ``Model(Params)`` with an optimizer of
+    class ``Params`` take the optimizer's state). The same directory copied elsewhere
+    (no path evidence), or restored with ``component=``, restores as before."""
     inner = SubModel()
     inner.epoch = 5
     path = Node({"inner": inner}, name="outer").save_to_path(tmp_path / "ckpt")
@@ -196,9 +203,61 @@ def test_a_component_directory_saved_from_a_subclass_of_the_object_restores(
     target.inner = Model()  # type: ignore[attr-defined]
     target.get_checkpointable_components = lambda: [("inner", target.inner)]  # type: ignore[method-assign]
 
-    target.restore_from_path(f"{path}/inner")  # a SubModel's state into a Model: fine
+    with pytest.raises(IncompatibleCheckpointError, match="component='inner'"):
+        target.restore_from_path(f"{path}/inner")
+    assert target.epoch == 0
 
+    target.restore_from_path(f"{path}/inner", component="inner")
+    assert target.inner.epoch == 5  # type: ignore[attr-defined]
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(f"{path}/inner", copy)
+    target.restore_from_path(copy)  # a SubModel's state into a Model: no evidence, fine
     assert target.epoch == 5
+
+
+class Params(Checkpointable):
+    """README's base class: its own values, no components."""
+
+    def __init__(self) -> None:
+        self.values = [0.0]
+
+    def get_state(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {"values": self.values}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.values = state["values"]
+
+
+class ParamsModel(Params):
+    """README's ``Model(Params)`` with a component ``optimizer`` of class ``Params``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.optimizer = Params()
+
+    def get_checkpointable_components(self) -> list[tuple[str, Any]]:
+        return [("optimizer", self.optimizer)]
+
+
+def test_a_component_directory_of_a_base_class_is_not_restored_into_the_root(
+    tmp_path: Path,
+) -> None:
+    model = ParamsModel()
+    model.optimizer.values = [9.0]
+    path = model.save_to_path(tmp_path / "model")
+    target = ParamsModel()
+
+    with pytest.raises(IncompatibleCheckpointError) as caught:
+        target.restore_from_path(f"{path}/optimizer")
+
+    message = str(caught.value)
+    assert "component 'optimizer'" in message and "Params" in message
+    assert "component='optimizer'" in message
+    assert target.values == [0.0]  # nothing was set
+    target.restore_from_path(f"{path}/optimizer", component="optimizer")
+    assert target.optimizer.values == [9.0]
 
 
 def test_a_component_directory_without_class_information_restores_as_before(
@@ -243,7 +302,7 @@ def test_restoring_a_manager_directory_points_to_restore_latest_and_the_newest(
         target.restore_from_path(manager_dir)
 
     message = str(caught.value)
-    assert "CheckpointManager's directory, not a checkpoint" in message
+    assert "CheckpointManager directory, not a checkpoint" in message
     assert "steps 10, 20, 30" in message
     assert f"CheckpointManager({str(manager_dir)!r}).restore_latest(obj)" in message
     assert str(manager_dir / "checkpoint_000030") in message
@@ -259,17 +318,82 @@ def test_from_checkpoint_of_a_manager_directory_names_the_newest_checkpoint(
         Model.from_checkpoint(manager_dir)
 
     message = str(caught.value)
-    assert "CheckpointManager's directory" in message
+    assert "CheckpointManager directory" in message
     assert str(manager_dir / "checkpoint_000030") in message
     assert Model.from_checkpoint(manager_dir / "checkpoint_000030").epoch == 30
 
 
-def test_a_directory_without_checkpoints_is_still_reported_as_having_no_state_file(
+def test_a_manager_directory_whose_only_checkpoint_is_unfinished_is_not_called_corrupt(
     tmp_path: Path,
 ) -> None:
-    (tmp_path / "empty" / "checkpoint_000001").mkdir(parents=True)  # no manager record
-    with pytest.raises(ckptable.CorruptCheckpointError, match="no state file"):
-        Model().restore_from_path(tmp_path / "empty")
+    """A ``checkpoint_<step>`` without a manifest is what a save killed midway leaves
+    (on object stores; a local one leaves a hidden staging tree): the directory is a
+    manager's with no complete checkpoint, nothing is corrupt (was: "no state file")."""
+    unfinished = tmp_path / "run" / "checkpoint_000001"
+    unfinished.mkdir(parents=True)
+    (unfinished / "metadata.json").write_text("{}")
+    staging = tmp_path / "run2" / ".checkpoint_000001.ckptable-staging-0123abcd"
+    staging.mkdir(parents=True)
+    for directory in (tmp_path / "run", tmp_path / "run2"):
+        for call in (
+            lambda d=directory: Model().restore_from_path(d),
+            lambda d=directory: Model.from_checkpoint(d),
+        ):
+            with pytest.raises(CheckpointNotFoundError) as caught:
+                call()
+            message = str(caught.value)
+            assert "CheckpointManager directory with no complete checkpoint yet" in message
+            assert "no state file" not in message and "corrupt" not in message.lower()
+            assert not isinstance(caught.value, ckptable.CorruptCheckpointError)
+    assert "checkpoint_000001: no manifest" in message or "staging" in message
+
+
+def test_an_empty_directory_is_said_to_be_empty_not_corrupt(tmp_path: Path) -> None:
+    CheckpointManager(tmp_path / "fresh")  # writes nothing before its first save
+    for call in (
+        lambda: Model().restore_from_path(tmp_path / "fresh"),
+        lambda: Model.from_checkpoint(tmp_path / "fresh"),
+        lambda: ckptable.verify_checkpoint(tmp_path / "fresh"),
+    ):
+        with pytest.raises(CheckpointNotFoundError, match="it is an empty directory"):
+            call()
+
+
+def test_the_manager_error_names_the_newest_checkpoint_that_is_not_damaged(
+    manager_dir: Path,
+) -> None:
+    newest = manager_dir / "checkpoint_000030"
+    with open(newest / "state.pkl", "ab") as stream:
+        stream.write(b"x")  # its size no longer matches the manifest
+
+    with pytest.raises(CheckpointNotFoundError) as caught:
+        Model().restore_from_path(manager_dir)
+
+    message = str(caught.value)
+    assert f"the newest complete one is {manager_dir / 'checkpoint_000020'}" in message
+    assert (
+        f"pass one of the checkpoints inside it, e.g. {manager_dir / 'checkpoint_000020'}"
+        in message
+    )
+    assert "checkpoint_000030:" in message and "bytes" in message
+
+
+@pytest.mark.parametrize("api", ["convert", "verify", "diff", "info"])
+def test_the_apis_refuse_a_manager_directory(manager_dir: Path, tmp_path: Path, api: str) -> None:
+    calls = {
+        "convert": lambda: ckptable.convert_checkpoint(manager_dir, tmp_path / "out"),
+        "verify": lambda: ckptable.verify_checkpoint(manager_dir),
+        "diff": lambda: diff_checkpoints(manager_dir, manager_dir),
+        "info": lambda: ckptable.get_checkpoint_info(manager_dir),
+    }
+    with pytest.raises(CheckpointNotFoundError) as caught:
+        calls[api]()
+
+    message = str(caught.value)
+    assert "CheckpointManager directory, not a checkpoint" in message
+    assert f"'ckptable ls {manager_dir}'" in message
+    assert str(manager_dir / "checkpoint_000030") in message
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------- 3. a class defined in __main__
@@ -563,3 +687,74 @@ def test_get_ctor_args_and_kwargs_stays_overridable_and_is_no_longer_abstract() 
     assert "get_ctor_args_and_kwargs" not in Checkpointable.__abstractmethods__
     assert {"get_state", "set_state"} <= Checkpointable.__abstractmethods__
     assert Leaf(3, scale=2.0).get_ctor_args_and_kwargs() == ((3,), {"scale": 2.0})
+
+
+# ------------------------------------------- from_checkpoint of a component directory
+
+
+def test_from_checkpoint_of_a_component_directory_names_the_component_and_both_calls(
+    tmp_path: Path,
+) -> None:
+    path = trained_model().save_to_path(tmp_path / "ckpt")
+
+    with pytest.raises(IncompatibleCheckpointError) as caught:
+        Model.from_checkpoint(f"{path}/optimizer")
+
+    message = str(caught.value)
+    assert "is not a subclass of trees.Model" in message
+    assert f"component 'optimizer' of the checkpoint at {path}" in message
+    assert f"Node.from_checkpoint('{path}/optimizer')" in message
+    assert f"Model.from_checkpoint('{path}')" in message
+    assert type(Node.from_checkpoint(f"{path}/optimizer")) is Node
+
+
+# ------------------------------------------------ a typo in components= / not_components=
+
+
+class Selecting(Checkpointable):
+    """Selects its component's state as RLlib's classes do, with _check_component."""
+
+    def __init__(self) -> None:
+        self.optimizer = Counter()
+
+    def get_checkpointable_components(self) -> list[tuple[str, Any]]:
+        return [("optimizer", self.optimizer)]
+
+    def get_state(
+        self, components: Any = None, *, not_components: Any = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        state: dict[str, Any] = {"own": 1}
+        if self._check_component("optimizer", components, not_components):
+            state["optimizer"] = self.optimizer.get_state()
+        if self._check_component("metrics", components, not_components):
+            state["metrics"] = 2  # a state key selected by name, not a component
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def test_a_typo_in_components_warns_with_did_you_mean_and_selects_as_rllib() -> None:
+    class Typo(Selecting):  # a class of its own: warned once per class and name
+        pass
+
+    with pytest.warns(ckptable.UnknownComponentWarning) as caught:
+        state = Typo().get_state(components="optimzer")
+    assert state == {"own": 1}  # RLlib's rule: the unknown name selects nothing
+    assert "Did you mean 'optimizer'?" in str(caught[0].message)
+    assert caught[0].message.component == "optimzer"  # type: ignore[union-attr]
+    assert caught[0].filename == __file__
+
+    with pytest.warns(ckptable.UnknownComponentWarning, match="'optimizr'"):
+        Typo().get_state(not_components=["optimizr"])
+
+
+def test_known_names_and_state_keys_do_not_warn() -> None:
+    class Quiet(Selecting):
+        pass
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "optimizer" in Quiet().get_state(components=["optimizer/sub"])
+        assert "metrics" in Quiet().get_state(components=["metrics"])
+        assert "optimizer" not in Quiet().get_state(not_components="optimizer")

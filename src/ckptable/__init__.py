@@ -28,6 +28,7 @@ if typing.TYPE_CHECKING:
         StepConflictError,
         TransferError,
         UnknownComponentError,
+        UnknownComponentWarning,
         UnsafeCheckpointError,
         UnverifiedCheckpointWarning,
     )
@@ -51,6 +52,7 @@ _EXPORTS = {
     "StepConflictError": "ckptable.errors",
     "TransferError": "ckptable.errors",
     "UnknownComponentError": "ckptable.errors",
+    "UnknownComponentWarning": "ckptable.errors",
     "UnsafeCheckpointError": "ckptable.errors",
     "UnverifiedCheckpointWarning": "ckptable.errors",
     "VerifyReport": "ckptable._info",
@@ -83,6 +85,7 @@ __all__ = [
     "StepConflictError",
     "TransferError",
     "UnknownComponentError",
+    "UnknownComponentWarning",
     "UnsafeCheckpointError",
     "UnverifiedCheckpointWarning",
     "VerifyReport",

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
-from ckptable._components import check_component, get_subcomponents
+from ckptable._components import check_component, get_subcomponents, warn_unknown_selection
 from ckptable._restore import RestoreOptions, construct_from_checkpoint, restore_checkpointable
 from ckptable._save import save_checkpointable, save_through_override
 from ckptable._version import package_version
@@ -343,7 +343,14 @@ class Checkpointable(abc.ABC):
         components: str | Collection[str] | None,
         not_components: str | Collection[str] | None,
     ) -> bool:
-        """True if ``name`` is selected by ``components`` and not in ``not_components``."""
+        """True if ``name`` is selected by ``components`` and not in ``not_components``.
+
+        A selection that names no component of this object but is close to one (a
+        typo: ``"optimzer"``) is warned about (``UnknownComponentWarning``, once per
+        class and name); as in RLlib, it selects nothing and nothing is raised.
+        """
+        if components is not None or not_components is not None:
+            warn_unknown_selection(self, name, components, not_components)
         return check_component(name, components, not_components)
 
     def _get_subcomponents(

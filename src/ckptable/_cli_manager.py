@@ -1,13 +1,14 @@
 """``ckptable info`` / ``ckptable ls`` of a ``CheckpointManager``'s directory: its
 checkpoints with their step, save time and metrics, the latest and the best, and the
 directories named like checkpoints that a manager does not list (incomplete, corrupt,
-being deleted), each with the reason.
+being deleted), each with the reason (and its metrics, where its record still reads).
 
 The directory is read as a manager reads it (``ckptable._manager_listing``: a checkpoint
 is listed when its root manifest reads and lists exactly what is there, and its record
 names its step), but nothing on disk is changed, so it is safe beside a training
 process. Like ``ckptable info`` of a checkpoint, nothing is unpickled; the files of each
-checkpoint are not checksummed (that is ``ckptable verify``'s job).
+checkpoint are not checksummed (that is ``ckptable verify``'s job), but their sizes are
+compared with the manifests (a stat a file).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ckptable._cli_info import count_noun, format_metrics, printable, utc_time
+from ckptable._info import refuse_non_checkpoint
 from ckptable._manager_listing import (
     Layout,
     holds_checkpoint_files,
@@ -78,13 +80,16 @@ def describe_manager_directory(
     those the newest checkpoint recorded (its manager's); without either, no best.
 
     Raises:
-        CheckpointNotFoundError: nothing at ``path``, a file, or a checkpoint.
+        CheckpointNotFoundError: nothing at ``path``, a file, a checkpoint, or a
+            directory that is not empty and holds nothing a manager writes.
         CorruptCheckpointError: ``path`` cannot be listed.
     """
     storage, root = resolve_storage(path, filesystem)
     shown = storage.display(root)
     try:
         kind = storage.kind(root, follow_symlinks=True)
+        if kind == "file":
+            refuse_non_checkpoint(storage, root)  # names the checkpoint it is part of
         if kind != "dir":
             what = "a file" if kind == "file" else "nothing"
             raise CheckpointNotFoundError(
@@ -95,6 +100,13 @@ def describe_manager_directory(
             raise CheckpointNotFoundError(
                 f"No CheckpointManager directory at {shown}: it is a checkpoint "
                 f"('ckptable info {shown}' describes it).",
+                path=shown,
+            )
+        if entries and not looks_like_manager_directory(storage, root, entries):
+            raise CheckpointNotFoundError(
+                f"No CheckpointManager directory at {shown}: it holds no checkpoint_<step> "
+                "directories, nor what a manager's save leaves (and is not empty, as a new "
+                "manager's directory is).",
                 path=shown,
             )
         paths_in_filesystem = filesystem is not None and not isinstance(storage, LocalStorage)
@@ -134,9 +146,9 @@ def describe_manager_directory(
                     "step": step,
                     "path": unlisted.path,
                     "status": unlisted.status,
-                    "saved_at": None,
-                    "saved_at_utc": None,
-                    "metrics": None,
+                    "saved_at": unlisted.saved_at,
+                    "saved_at_utc": utc_time(unlisted.saved_at),
+                    "metrics": unlisted.metrics,
                     "reason": unlisted.reason,
                 }
             )
@@ -174,6 +186,8 @@ def format_manager_info(doc: dict[str, Any]) -> str:
     summary = f"  CheckpointManager directory: {count_noun(len(listed), 'checkpoint')}"
     if listed:
         summary += f" (steps {listed[0]} to {listed[-1]})" if len(listed) > 1 else ""
+    elif not checkpoints and not doc["leftovers"]:
+        summary += " (an empty directory: no save has completed in it yet)"
     if unlisted:
         summary += f"; {len(unlisted)} not listed (see below)"
     lines.append(summary)
@@ -205,7 +219,9 @@ def format_manager_info(doc: dict[str, Any]) -> str:
                 str(checkpoint["step"]),
                 checkpoint["saved_at_utc"] or "-",
                 status,
-                format_metrics(checkpoint["metrics"]) if status.startswith("ok") else "-",
+                format_metrics(checkpoint["metrics"])
+                if status.startswith("ok") or checkpoint["metrics"] is not None
+                else "-",
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(3)]

@@ -10,10 +10,12 @@ RLlib's ``Checkpointable._check_component`` / ``_get_subcomponents``.
 from __future__ import annotations
 
 import difflib
+import threading
+import warnings
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from ckptable.errors import InvalidComponentNameError
+from ckptable.errors import InvalidComponentNameError, UnknownComponentWarning
 
 __all__ = [
     "MAX_NAME_BYTES",
@@ -28,6 +30,7 @@ __all__ = [
     "split_component_path",
     "uses_ckptable_method",
     "validate_component_name",
+    "warn_unknown_selection",
 ]
 
 #: Longest component name, in UTF-8 bytes (the usual filesystem limit for one name).
@@ -195,3 +198,63 @@ def is_actor_manager(component: object) -> bool:
         and callable(getattr(component, "healthy_actor_ids", None))
         and callable(getattr(component, "foreach_actor", None))
     )
+
+
+#: Per class: the names ``_check_component`` was asked about (a selection naming one is
+#: a state key the class selects by, not a typo), and the (class, name) pairs already
+#: checked or warned about. Bounded: cleared when full.
+_ASKED: dict[type, set[str]] = {}
+_CHECKED: set[tuple[type, str]] = set()
+_MAX_REMEMBERED = 4096
+_REMEMBER_LOCK = threading.Lock()
+
+
+def warn_unknown_selection(
+    obj: Any,
+    name: str,
+    components: str | Collection[str] | None,
+    not_components: str | Collection[str] | None,
+) -> None:
+    """Warn (``UnknownComponentWarning``, once per class and name) when a selection's
+    first name is no component of ``obj`` (``get_checkpointable_components``), no name
+    ``_check_component`` was asked about for its class, and close to a component's name.
+
+    RLlib ignores unknown names silently, so nothing is raised; names that are close to
+    no component are not warned about (a class may select state keys that are not
+    components). Costs one call of ``get_checkpointable_components`` per class and
+    new name.
+    """
+    cls = type(obj)
+    with _REMEMBER_LOCK:
+        if len(_CHECKED) > _MAX_REMEMBERED or len(_ASKED) > _MAX_REMEMBERED:
+            _CHECKED.clear()
+            _ASKED.clear()
+        asked = _ASKED.setdefault(cls, set())
+        asked.add(name)
+        given = [c for c in (*force_list(components), *force_list(not_components))]
+        new = sorted(
+            {first for c in given if isinstance(c, str) and (first := c.split("/", 1)[0])} - asked
+        )
+        new = [n for n in new if (cls, n) not in _CHECKED]
+        if not new:
+            return
+        _CHECKED.update((cls, n) for n in new)
+    lister = getattr(obj, "get_checkpointable_components", None)
+    try:
+        names = [str(n) for n, _ in lister()] if callable(lister) else []
+    except Exception:  # user code: whatever it raises, the selection goes on as RLlib's
+        return
+    for selected in new:
+        if selected in names:
+            continue
+        hint = did_you_mean(selected, names)
+        if hint:
+            warnings.warn(
+                UnknownComponentWarning(
+                    f"{selected!r} (in components= or not_components=) names no component "
+                    f"of {cls.__module__}.{cls.__qualname__}, whose components are "
+                    f"{', '.join(map(repr, names))}: it selects nothing.{hint}",
+                    component=selected,
+                ),
+                stacklevel=3,
+            )

@@ -30,7 +30,7 @@ from ckptable._formats import (
     get_codec,
     registered_codecs,
 )
-from ckptable._info import verify_tree
+from ckptable._info import refuse_non_checkpoint, verify_tree
 from ckptable._layout import DEFAULT_METADATA_FILE, RECORD_KEY, read_metadata_file, record_of
 from ckptable._manifest import MANIFEST_FILE, manifest_tree_bytes, refuse_special_entries
 from ckptable._progress import advance, progress_bar, uncounted
@@ -79,6 +79,8 @@ def convert_checkpoint(
         ``dst`` as ``save_to_path`` returns paths.
 
     Raises:
+        CheckpointNotFoundError: ``src`` is nothing, a file, an empty directory or a
+            ``CheckpointManager``'s directory (convert its checkpoints one by one).
         CheckpointError: ``dst`` exists and is not empty (without ``overwrite``), is not
             a checkpoint (with it), or overlaps ``src``; nothing is written.
         StateEncodingError: a value cannot be held by ``format``; the message names the
@@ -91,6 +93,13 @@ def convert_checkpoint(
     codec = get_codec(format)
     src_storage, src_root = resolve_storage(src, filesystem)
     dst_storage, dst_root = resolve_storage(dst, filesystem)
+    try:
+        refuse_non_checkpoint(src_storage, src_root)
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        shown = src_storage.display(src_root)
+        raise CorruptCheckpointError(f"Cannot read {shown}: {exc}", path=shown) from exc
     require_directory(src_storage, src_root)
     _check_destination(src_storage, src_root, dst_storage, dst_root, overwrite)
     total = manifest_tree_bytes(src_storage, src_root)

@@ -26,6 +26,7 @@ import copy
 import itertools
 import logging
 import os
+import shlex
 import shutil
 import signal
 import tempfile
@@ -344,7 +345,9 @@ def run_demo(directory: str | None = None, *, keep: bool = False, out: IO[str]) 
     Args:
         directory: Where to write the checkpoint (as ``DIR/ckptable-demo``); None for a
             temporary directory.
-        keep: Keep the checkpoint (else it is removed at the end).
+        keep: Keep the checkpoints in ``directory`` (else they are removed at the end).
+            Without ``directory`` they are always kept, in a new temporary directory
+            that the last lines name, so that the commands printed there work.
         out: Where the report goes.
 
     Raises:
@@ -369,7 +372,7 @@ def run_demo(directory: str | None = None, *, keep: bool = False, out: IO[str]) 
         "ckptable demo: a Trainer with a local learner (+ optimizer) and 2 Ray actor runners"
     )
     trainer: Trainer | None = None
-    failed = written = False
+    failed = written = finished = False
     try:
         with steps.step("started an embedded local Ray (2 CPUs)"):
             _start_ray(ray)
@@ -422,11 +425,13 @@ def run_demo(directory: str | None = None, *, keep: bool = False, out: IO[str]) 
                 f"{count_noun(report.files, 'file')}, {human_bytes(report.bytes)} "
                 f"({', '.join(report.algorithms)})"
             )
+        finished = True
     finally:
         # First: the rest may be interrupted by a second Ctrl-C. Only what the demo
         # made goes (a directory of the user's at DIR/ckptable-demo is refused by the
-        # save and left alone).
-        if made_temp and not (keep and written):
+        # save and left alone). A temporary directory of a demo that ran to its end is
+        # left in place, so that the commands printed last work as printed.
+        if made_temp and not (written and finished):
             shutil.rmtree(base, ignore_errors=True)
         elif not keep:
             if written:
@@ -445,7 +450,13 @@ def run_demo(directory: str | None = None, *, keep: bool = False, out: IO[str]) 
         f"{'FAILED' if failed else 'done'} in {total:.1f} s ({ray_start:.1f} s of it starting "
         "Ray); Ray shut down"
     )
-    for line in next_steps(path, changed_path if changed_written else None, kept=keep):
+    kept = keep or made_temp
+    for line in next_steps(
+        path,
+        changed_path if changed_written else None,
+        kept=kept,
+        temporary=base if made_temp else None,
+    ):
         steps.print(line)
     return 1 if failed else 0
 
@@ -461,24 +472,35 @@ def saved_summary(path: str, doc: dict[str, Any]) -> str:
     )
 
 
-def next_steps(path: str, changed_path: str | None, *, kept: bool) -> list[str]:
-    """The demo's last lines: what to try next on its checkpoints (the real paths when
-    they are kept; otherwise how to keep them)."""
+def next_steps(
+    path: str, changed_path: str | None, *, kept: bool, temporary: str | None = None
+) -> list[str]:
+    """The demo's last lines: what to try next on its checkpoints (the real paths, shell
+    quoted, when they are kept; otherwise how to keep them). ``temporary``: the new
+    temporary directory they are kept in (said so, with how to remove it)."""
     if not kept:
         return [
             "checkpoints removed; to look inside them, run: ckptable demo --dir DIR --keep",
             "  (it ends with the ckptable info, verify and diff commands to try)",
         ]
-    lines = [f"checkpoint kept: {path}"]
+    quoted = shlex.quote(path)
+    lines = [f"checkpoint kept: {quoted}"]
     if changed_path is not None:
-        lines[0] += f" (and the changed state: {changed_path})"
+        lines[0] += f" (and the changed state: {shlex.quote(changed_path)})"
+    if temporary is not None:
+        lines.append(
+            f"  in a new temporary directory, left in place: rm -r {shlex.quote(temporary)} "
+            "when done"
+        )
     lines.append("try next:")
     commands = [
-        (f"ckptable info {path}", "the tree, sizes and manifests, nothing unpickled"),
-        (f"ckptable verify {path}", "every file against its checksum"),
+        (f"ckptable info {quoted}", "the tree, sizes and manifests, nothing unpickled"),
+        (f"ckptable verify {quoted}", "every file against its checksum"),
     ]
     if changed_path is not None:
-        commands.append((f"ckptable diff {path} {changed_path}", "which states changed"))
+        commands.append(
+            (f"ckptable diff {quoted} {shlex.quote(changed_path)}", "which states changed")
+        )
     width = max(len(command) for command, _ in commands)
     lines.extend(f"  {command:<{width}}  # {what}" for command, what in commands)
     return lines

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ckptable._compare import Difference, state_differences
-from ckptable._info import stored_class_name
+from ckptable._info import refuse_non_checkpoint, stored_class_name
 from ckptable._layout import DEFAULT_CLASS_FILE, DEFAULT_METADATA_FILE
 from ckptable._restore import (
     Level,
@@ -69,11 +69,19 @@ def load_states(path: Any, *, safe: bool = True, filesystem: Any = None) -> Deco
         The decoded levels, by component path.
 
     Raises:
-        CheckpointNotFoundError: nothing at ``path``.
+        CheckpointNotFoundError: nothing at ``path``, a file, an empty directory or a
+            ``CheckpointManager``'s directory (the message names its newest checkpoint).
         CorruptCheckpointError: a file is damaged, or a level has no state file.
         UnsafeCheckpointError: with ``safe``, a state needs a class outside the allowlist.
     """
     storage, root = resolve_storage(path, filesystem)
+    try:
+        refuse_non_checkpoint(storage, root)
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        shown = storage.display(root)
+        raise CorruptCheckpointError(f"Cannot read {shown}: {exc}", path=shown) from exc
     require_directory(storage, root)
     session = RestoreSession(storage, {}, RestoreOptions(safe=safe))
     try:

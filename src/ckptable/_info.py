@@ -117,7 +117,7 @@ def get_checkpoint_info(path: Any, filesystem: Any = None) -> dict[str, Any]:
             return _base_info(storage.display(parent), Version("0.1"), state_file=shown)
         if kind != "dir":
             raise CorruptCheckpointError(f"{shown} is neither a file nor a directory.", path=shown)
-        _refuse_manager_directory(storage, root)
+        refuse_non_checkpoint(storage, root)
         return _describe_tree(storage, root)
     except CheckpointError:
         raise
@@ -142,33 +142,49 @@ def _refuse_file_unless_old_checkpoint(storage: Storage, path: str) -> None:
         in_checkpoint = any(storage.kind(storage.join(parent, f)) == "file" for f in _LEVEL_FILES)
     except OSError:
         in_checkpoint = False
-    where = (
-        f"it is part of the checkpoint {directory}: pass that directory instead"
-        if in_checkpoint
-        else f"pass the checkpoint directory (the one holding metadata.json), not a file in it; "
-        f"this file is in {directory}"
-    )
-    raise CheckpointNotFoundError(
-        f"{shown} is a file, not a checkpoint directory; {where}.", path=shown
-    )
+    if in_checkpoint:
+        text = (
+            f"{shown} is a file, not a checkpoint directory; it is part of the checkpoint "
+            f"{directory}: pass that directory instead."
+        )
+    else:
+        text = (
+            f"{shown} is a file, not a checkpoint directory (and {directory}, where it is, "
+            "is no checkpoint either): pass a checkpoint's directory."
+        )
+    raise CheckpointNotFoundError(text, path=shown)
 
 
-def _refuse_manager_directory(storage: Storage, root: str) -> None:
-    """A ``CheckpointManager``'s directory is no checkpoint: say so, and where they are.
+def refuse_non_checkpoint(storage: Storage, root: str) -> None:
+    """Refuse, before anything is read, what is at ``root`` if it cannot be a checkpoint:
+    a file (but RLlib's old ``checkpoint-<iteration>`` file), a ``CheckpointManager``'s
+    directory (naming its newest complete checkpoint) or an empty directory. Nothing at
+    ``root`` is left to the caller. ``info``, ``verify``, ``convert`` and ``diff`` (and
+    their APIs) run it; restores raise the same error when they find no checkpoint.
 
     Raises:
-        CheckpointNotFoundError: ``root`` is a manager's directory.
+        CheckpointNotFoundError: saying what is there and what to pass instead.
     """
-    from ckptable._manager_listing import looks_like_manager_directory
+    from ckptable._manager_listing import empty_directory_error, manager_directory_error
 
-    if looks_like_manager_directory(storage, root):
-        shown = storage.display(root)
-        raise CheckpointNotFoundError(
-            f"{shown} is a CheckpointManager directory, not a checkpoint: its checkpoints "
-            f"are the checkpoint_<step> directories in it ('ckptable ls {shown}' lists "
-            "them; CheckpointManager(...).latest() gives the newest).",
-            path=shown,
-        )
+    kind = storage.kind(root, follow_symlinks=True)
+    if kind == "file":
+        _refuse_file_unless_old_checkpoint(storage, root)
+        return
+    if kind != "dir":
+        return
+    entries = storage.listdir(root)
+
+    def todo(newest: str | None) -> str:
+        if newest is None:
+            return ""
+        return f"Pass one of the checkpoints in it, e.g. the newest complete one: {newest}."
+
+    error = manager_directory_error(storage, root, todo, entries=entries) or (
+        empty_directory_error(storage, root, entries)
+    )
+    if error is not None:
+        raise error
 
 
 def _base_info(checkpoint_dir: str, version: Version, **extra: Any) -> dict[str, Any]:
@@ -531,8 +547,7 @@ def verify_checkpoint(
     """
     storage, root = resolve_storage(path, filesystem)
     try:
-        if storage.kind(root, follow_symlinks=True) == "file":
-            _refuse_file_unless_old_checkpoint(storage, root)
+        refuse_non_checkpoint(storage, root)
         with progress_bar(progress, "Verifying") as bar:
             if bar is not None:
                 bar.set_total(manifest_tree_bytes(storage, root))

@@ -12,9 +12,12 @@ The manager keeps no index: what it lists is what the directory holds, read agai
    ``.checkpoint_<step>.ckptable-deleting-<token>`` trees and directories holding the
    deletion marker, which ``ckptable._manager_retention`` writes.
 
-It also holds the names on disk (``Layout``) that the other steps spell paths with, and
+It also holds the names on disk (``Layout``) that the other steps spell paths with,
 ``survey_directory``: the same reading for ``ckptable info`` of a manager's directory,
-which changes nothing on disk and says why each unlisted checkpoint is not listed.
+which changes nothing on disk and says why each unlisted checkpoint is not listed, and
+the one rule that tells a manager's directory from a checkpoint
+(``looks_like_manager_directory``) with the error every reader of checkpoints raises for
+one (``manager_directory_error``).
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ import dataclasses
 import logging
 import math
 import re
-from collections.abc import Mapping, Set
+from collections.abc import Callable, Mapping, Set
 from typing import Any
 
 from ckptable._commit import CREATING_MARKER, OLD_MARKER, STAGING_MARKER, recover_leftovers
 from ckptable._layout import loads_json
 from ckptable._manifest import MANIFEST_FILE, check_listing, read_manifest, read_verified
 from ckptable._storage import EntryKind, Storage
-from ckptable.errors import CheckpointError, CorruptCheckpointError
+from ckptable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 __all__ = [
     "CHECKPOINT_PREFIX",
@@ -42,9 +45,12 @@ __all__ = [
     "Listing",
     "Survey",
     "Unlisted",
+    "check_sizes",
+    "empty_directory_error",
     "holds_checkpoint_files",
     "is_gone",
     "looks_like_manager_directory",
+    "manager_directory_error",
     "read_directory",
     "survey_directory",
 ]
@@ -212,8 +218,11 @@ def _list_root(layout: Layout) -> dict[str, EntryKind]:
         return {}
 
 
-def _read_entry(layout: Layout, step: int, identity: Any) -> Entry:
-    """The listed form of ``checkpoint_<step>``, if it is complete (see the module doc)."""
+def _read_entry(layout: Layout, step: int, identity: Any, *, sizes: bool = False) -> Entry:
+    """The listed form of ``checkpoint_<step>``, if it is complete (see the module doc).
+    ``sizes``: also compare the size of every file of every level with its manifest
+    (a stat a file: ``ckptable ls``; a manager's own listing does not, its restores
+    verify)."""
     storage = layout.storage
     directory = layout.location(step)
     entries = storage.listdir(directory)
@@ -227,6 +236,8 @@ def _read_entry(layout: Layout, step: int, identity: Any) -> Entry:
         )
     manifest = read_manifest(storage, directory)
     check_listing(storage, directory, manifest, entries)
+    if sizes:
+        check_sizes(storage, directory, manifest)
     if RECORD_FILE not in manifest.files:
         return Entry(step, None, None, identity)  # saved into place by other means
     record_path = storage.join(directory, RECORD_FILE)
@@ -252,6 +263,36 @@ def _read_entry(layout: Layout, step: int, identity: Any) -> Entry:
         metric if isinstance(metric, str) else None,
         mode if mode in ("max", "min") else None,
     )
+
+
+def check_sizes(storage: Storage, directory: str, manifest: Any) -> None:
+    """Every file of the checkpoint at ``directory`` (whose root ``manifest`` was read and
+    whose root listing was checked) has the size its manifest records, and every level
+    below lists what its manifest lists: a stat a file and one small read a level, no
+    checksum (``ckptable verify`` reads everything).
+
+    Raises:
+        CorruptCheckpointError: naming the first file or level that differs.
+    """
+    pending: list[tuple[str, Any]] = [(directory, manifest)]
+    while pending:
+        level, record = pending.pop()
+        for name, (size, _digest) in sorted(record.files.items()):
+            path = storage.join(level, name)
+            actual = storage.size(path)
+            if actual != size:
+                shown = storage.display(path)
+                raise CorruptCheckpointError(
+                    f"{shown} is {actual} bytes, but the checkpoint's manifest records "
+                    f"{size}: it was changed (truncated, appended to or replaced) after "
+                    "the save.",
+                    path=shown,
+                )
+        for name, digest in sorted(record.dirs.items(), reverse=True):
+            child = storage.join(level, name)
+            child_manifest = read_manifest(storage, child, (record.algorithm, digest))
+            check_listing(storage, child, child_manifest, storage.listdir(child))
+            pending.append((child, child_manifest))
 
 
 def _is_time(value: Any) -> bool:
@@ -299,6 +340,9 @@ class Unlisted:
     #: ``"corrupt"`` (anything else wrong) or ``"deleting"`` (a deletion under way).
     status: str
     reason: str
+    #: What its record says, where the record reads and names this step (else None).
+    metrics: dict[str, Any] | None = None
+    saved_at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,14 +363,24 @@ def holds_checkpoint_files(entries: Mapping[str, EntryKind]) -> bool:
     return any(entries.get(name) == "file" for name in _CHECKPOINT_FILES)
 
 
-def looks_like_manager_directory(storage: Storage, root: str) -> bool:
+def looks_like_manager_directory(
+    storage: Storage, root: str, entries: Mapping[str, EntryKind] | None = None
+) -> bool:
     """Whether ``root`` is a ``CheckpointManager``'s directory: it holds no checkpoint
-    files of its own, and at least one ``checkpoint_<step>`` directory (or what a save
-    or deletion of one leaves) named as a manager names them."""
-    try:
-        entries = storage.listdir(root)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
+    files of its own, and at least one ``checkpoint_<step>`` directory (complete or
+    not) or what a save or deletion of one leaves (``.checkpoint_<step>.ckptable-...``),
+    named as a manager names them. ``entries``: ``root``'s listing, if read already.
+
+    The one rule for every reader (restore, ``from_checkpoint``, ``ckptable info``,
+    ``ls``, ``verify``, ``convert``, ``diff``). A manager writes nothing into its
+    directory before its first save (its lock is a ``flock`` on the directory itself),
+    so a new manager's directory is an empty directory: see ``empty_directory_error``.
+    """
+    if entries is None:
+        try:
+            entries = storage.listdir(root)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
     if holds_checkpoint_files(entries):
         return False
     for name, kind in entries.items():
@@ -357,7 +411,7 @@ def survey_directory(layout: Layout) -> Survey:
         step = int(match.group(1))
         path, directory = layout.path(step), layout.location(step)
         try:
-            entries[step] = _read_entry(layout, step, None)
+            entries[step] = _read_entry(layout, step, None, sizes=True)
         except _BeingDeleted:
             unlisted[step] = Unlisted(step, path, "deleting", "a deletion is under way")
         except (CheckpointError, OSError, ValueError) as exc:
@@ -365,5 +419,154 @@ def survey_directory(layout: Layout) -> Survey:
                 complete = MANIFEST_FILE in storage.listdir(directory)
             except OSError:
                 complete = True
-            unlisted[step] = Unlisted(step, path, "corrupt" if complete else "incomplete", str(exc))
+            metrics, saved_at = _unverified_record(storage, directory, step)
+            unlisted[step] = Unlisted(
+                step,
+                path,
+                "corrupt" if complete else "incomplete",
+                str(exc),
+                metrics,
+                saved_at,
+            )
     return Survey(entries, unlisted, leftovers)
+
+
+#: A record file bigger than this is not read for ``ckptable ls``'s damaged entries.
+_MAX_RECORD_BYTES = 1 << 20
+
+
+def _unverified_record(
+    storage: Storage, directory: str, step: int
+) -> tuple[dict[str, Any] | None, float | None]:
+    """The metrics and save time in the record of a damaged or unfinished checkpoint,
+    read without its manifest; (None, None) unless it reads and names ``step``."""
+    path = storage.join(directory, RECORD_FILE)
+    try:
+        if storage.kind(path) != "file" or storage.size(path) > _MAX_RECORD_BYTES:
+            return None, None
+        record = loads_json(storage.read_bytes(path))
+    except (CheckpointError, OSError, ValueError):
+        return None, None
+    if not isinstance(record, dict) or record.get("step") != step:
+        return None, None
+    metrics, saved_at = record.get("metrics"), record.get("saved_at")
+    return (
+        metrics if isinstance(metrics, dict) else None,
+        float(saved_at) if isinstance(saved_at, (int, float)) and _is_time(saved_at) else None,
+    )
+
+
+# --------------------------------------------------------------------------- refusals
+
+#: How many of a manager's steps a message lists.
+_STEPS_SHOWN = 5
+#: How many checkpoints, newest first, a message checks for the newest sound one.
+_STEPS_CHECKED = 20
+
+
+def quick_check(storage: Storage, directory: str) -> str | None:
+    """Why the checkpoint at ``directory`` is not known sound, or None: its root manifest
+    is there and reads, and every level holds exactly the files its manifest lists, each
+    of the recorded size (no checksums)."""
+    try:
+        entries = storage.listdir(directory)
+        if DELETING_MARKER in entries:
+            return "a deletion is under way"
+        if MANIFEST_FILE not in entries:
+            return (
+                "no manifest: its save did not finish (or is still running, or it was "
+                "not written by ckptable)"
+            )
+        manifest = read_manifest(storage, directory)
+        check_listing(storage, directory, manifest, entries)
+        check_sizes(storage, directory, manifest)
+    except (CheckpointError, OSError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def manager_directory_error(
+    storage: Storage,
+    root: str,
+    todo: Callable[[str | None], str],
+    *,
+    entries: Mapping[str, EntryKind] | None = None,
+) -> CheckpointNotFoundError | None:
+    """The error for a ``CheckpointManager``'s directory given where a checkpoint is
+    expected, or None if ``root`` is not one (``looks_like_manager_directory``).
+
+    It names the steps there and the newest checkpoint that is complete and not known
+    damaged (``quick_check``), or says that none is complete yet.
+
+    Args:
+        todo: What the caller's user should do instead, given the newest sound
+            checkpoint's path (None: none is sound).
+        entries: ``root``'s listing, if read already.
+    """
+    try:
+        if entries is None:
+            entries = storage.listdir(root)
+        if not looks_like_manager_directory(storage, root, entries):
+            return None
+    except OSError:
+        return None
+    shown = storage.display(root)
+    steps = sorted(
+        (int(match.group(1)), name)
+        for name, kind in entries.items()
+        if kind == "dir"
+        and (match := _NAME_PATTERN.fullmatch(name)) is not None
+        and name == _name_of(int(match.group(1)))
+    )
+    newest: str | None = None
+    skipped: list[str] = []
+    for _step, name in reversed(steps[-_STEPS_CHECKED:]):
+        reason = quick_check(storage, storage.join(root, name))
+        if reason is None:
+            newest = storage.display(storage.join(root, name))
+            break
+        skipped.append(f"{name}: {' '.join(reason.split())}")
+    listing = f"('ckptable ls {shown}' lists them with their status and metrics)"
+    not_sound = ""
+    if skipped:
+        more = " (and more)" if len(skipped) > 2 else ""
+        not_sound = f" Not complete or damaged: {'; '.join(skipped[:2])}{more}."
+    if newest is None:
+        if steps:
+            held = f"{len(steps)} checkpoint_<step> director{'y' if len(steps) == 1 else 'ies'}"
+            what = f"it holds {held} {listing} but none is a complete checkpoint."
+        else:
+            leftovers = sorted(name for name in entries if _HIDDEN_PATTERN.match(name))
+            what = (
+                f"it holds only what a save in progress or interrupted leaves "
+                f"({', '.join(leftovers[:2])}{' ...' if len(leftovers) > 2 else ''})."
+            )
+        return CheckpointNotFoundError(
+            f"{shown} is a CheckpointManager directory with no complete checkpoint yet, "
+            f"not a checkpoint: {what}{not_sound} {todo(None)}".rstrip(),
+            path=shown,
+        )
+    listed = ", ".join(str(step) for step, _ in steps[-_STEPS_SHOWN:])
+    more = " (and older ones)" if len(steps) > _STEPS_SHOWN else ""
+    return CheckpointNotFoundError(
+        f"{shown} is a CheckpointManager directory, not a checkpoint: it holds "
+        f"checkpoint_<step> directories of steps {listed}{more} {listing}; "
+        f"the newest complete one is {newest}.{not_sound} {todo(newest)}".rstrip(),
+        path=shown,
+    )
+
+
+def empty_directory_error(
+    storage: Storage, root: str, entries: Mapping[str, EntryKind]
+) -> CheckpointNotFoundError | None:
+    """The error for an empty directory given where a checkpoint is expected (a new
+    ``CheckpointManager``'s directory looks so too), or None if ``root`` holds
+    anything."""
+    if entries:
+        return None
+    shown = storage.display(root)
+    return CheckpointNotFoundError(
+        f"No checkpoint at {shown}: it is an empty directory (a CheckpointManager's "
+        "directory is empty until its first save completes).",
+        path=shown,
+    )

@@ -68,6 +68,7 @@ from ckptable._restore_apply import (
 from ckptable._restore_decode import decode_file, decode_tree, parse_class_record, read_class_file
 from ckptable._restore_hints import (
     class_name,
+    component_directory_hint,
     constructor_hint,
     main_module_class_error,
     manager_directory_error,
@@ -244,9 +245,11 @@ def construct_from_checkpoint(
     if not issubclass(ctor, cls):
         if ctor.__module__ == "__main__" and not _importable_as_main(ctor):
             raise main_module_class_error(ctor, cls, storage.display(root))
+        stored = f"{ctor.__module__}.{ctor.__qualname__}"
         raise IncompatibleCheckpointError(
-            f"The class {ctor.__module__}.{ctor.__qualname__} stored in the checkpoint at "
-            f"{storage.display(root)} is not a subclass of {cls.__module__}.{cls.__qualname__}.",
+            f"The class {stored} stored in the checkpoint at {storage.display(root)} is "
+            f"not a subclass of {cls.__module__}.{cls.__qualname__}."
+            + component_directory_hint(storage, root, stored, cls),
             path=storage.display(root),
         )
     kwargs = dict(kwargs)

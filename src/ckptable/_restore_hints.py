@@ -8,8 +8,9 @@ the slip is likely:
   object, the directory above them is a checkpoint, and the level was saved from another
   class than the object's;
 - a ``CheckpointManager``'s directory given as a checkpoint
-  (``manager_directory_error``): it holds ``checkpoint_<step>`` directories with the
-  manager's record and no level files of its own;
+  (``manager_directory_error``, ``ckptable._manager_listing``'s rule): no level files of
+  its own, and ``checkpoint_<step>`` directories or what a save of one leaves; an empty
+  directory is said to be empty;
 - a class defined in ``__main__`` of the saving script, stored by value, met by
   ``from_checkpoint`` of another program (``main_module_class_error``);
 - a class without ``get_ctor_args_and_kwargs`` whose constructor needs arguments
@@ -19,17 +20,19 @@ the slip is likely:
 from __future__ import annotations
 
 import inspect
-import sys
 from typing import Any
 
 from ckptable._info import stored_class_name
-from ckptable._layout import DEFAULT_CLASS_FILE, DEFAULT_METADATA_FILE
-from ckptable._manager_listing import CHECKPOINT_PREFIX, RECORD_FILE
+from ckptable._layout import DEFAULT_CLASS_FILE, DEFAULT_METADATA_FILE, loads_json
+from ckptable._manager_listing import empty_directory_error
+from ckptable._manager_listing import manager_directory_error as manager_directory_error_of
 from ckptable._storage import Storage
 from ckptable.errors import CheckpointError, CheckpointNotFoundError, IncompatibleCheckpointError
 
 __all__ = [
+    "component_directory_hint",
     "constructor_hint",
+    "enclosing_checkpoint",
     "main_module_class_error",
     "manager_directory_error",
     "refuse_component_directory",
@@ -37,19 +40,13 @@ __all__ = [
 
 #: How many directory names above the checkpoint are tried as a component path.
 _MAX_COMPONENT_DEPTH = 8
-#: How many of a manager's steps a message lists.
-_STEPS_SHOWN = 5
+#: A metadata file bigger than this is not read for a hint.
+_MAX_METADATA_BYTES = 1 << 20
 
 
 def class_name(cls: type) -> str:
     """``module.QualName`` of ``cls``."""
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _names_of_classes(obj: Any) -> set[str]:
-    """The import paths of ``obj``'s class and its bases: a level saved from any of them
-    is a checkpoint of ``obj``'s kind."""
-    return {class_name(cls) for cls in type(obj).__mro__}
 
 
 def _component_at(obj: Any, names: list[str]) -> Any | None:
@@ -74,9 +71,13 @@ def refuse_component_directory(storage: Storage, root: str, obj: Any) -> None:
 
     Raised only on evidence: the last names of ``root`` are a component path of ``obj``
     (``ckpt/optimizer`` and ``obj`` has a component ``optimizer``), the directory above
-    them is a checkpoint level, and ``root`` was saved from a class that is neither
-    ``obj``'s nor one of its bases. Levels that record no class (pickled by value, or
-    without a class file), and classes of the same name or bases, restore as before.
+    them is a checkpoint level, and ``root`` was saved from another class than
+    ``obj``'s own (a base or a subclass of it included: ``Model(Params)`` with a
+    component ``optimizer`` of class ``Params`` would otherwise take the optimizer's
+    state into the root). Levels that record no class (pickled by value, or without a
+    class file), and levels saved from exactly ``obj``'s class (a subtree restored into
+    a node of its own class), restore as before; so does any level without that path
+    evidence.
 
     Raises:
         IncompatibleCheckpointError: naming both classes, with the ``component=`` call
@@ -114,7 +115,7 @@ def refuse_component_directory(storage: Storage, root: str, obj: Any) -> None:
         )
     except (CheckpointError, OSError):
         return  # damaged: the restore's own reading reports it, naming the file
-    if stored is None or stored in _names_of_classes(obj) or _is_loaded_subclass(stored, obj):
+    if stored is None or stored == class_name(type(obj)):
         return
     shown = storage.display(root)
     relative = "/".join(path_names)
@@ -132,19 +133,54 @@ def refuse_component_directory(storage: Storage, root: str, obj: Any) -> None:
     )
 
 
-def _is_loaded_subclass(name: str, obj: Any) -> bool:
-    """Whether ``name`` is a class already imported (nothing is imported here) that is
-    a subclass of ``obj``'s class."""
-    for split in range(name.count("."), 0, -1):
-        parts = name.split(".")
-        module = sys.modules.get(".".join(parts[:split]))
-        if module is None:
-            continue
-        found: Any = module
-        for attribute in parts[split:]:
-            found = getattr(found, attribute, None)
-        return isinstance(found, type) and issubclass(found, type(obj))
-    return False
+def enclosing_checkpoint(storage: Storage, root: str) -> tuple[str, str] | None:
+    """``(checkpoint, component path)`` if ``root`` is a component's directory inside a
+    checkpoint (its parents up to the checkpoint are checkpoint levels), else None."""
+    found: tuple[str, str] | None = None
+    names: list[str] = []
+    current = root
+    try:
+        for _ in range(_MAX_COMPONENT_DEPTH):
+            parent, name = storage.split(current)
+            if not name or parent == current or not _lists_component(storage, parent, name):
+                break
+            names.insert(0, name)
+            current = parent
+            found = (parent, "/".join(names))
+    except (CheckpointError, OSError, ValueError):
+        pass
+    return found
+
+
+def _lists_component(storage: Storage, directory: str, name: str) -> bool:
+    """Whether ``directory`` is a checkpoint level with a component ``name`` (as its
+    ckptable record lists them; a level without one: any directory in it)."""
+    metadata = storage.join(directory, DEFAULT_METADATA_FILE)
+    if storage.kind(metadata) != "file":
+        return storage.kind(storage.join(directory, DEFAULT_CLASS_FILE)) == "file"
+    if storage.size(metadata) > _MAX_METADATA_BYTES:
+        return False
+    record = loads_json(storage.read_bytes(metadata))
+    listed = record.get("ckptable", {}).get("components") if isinstance(record, dict) else None
+    if isinstance(listed, list):
+        return name in listed
+    return True
+
+
+def component_directory_hint(storage: Storage, root: str, stored: str, cls: type) -> str:
+    """For ``cls.from_checkpoint(root)`` meeting the class ``stored`` where ``root`` is a
+    component's directory: what it is and the two calls that work ("" if it is not)."""
+    found = enclosing_checkpoint(storage, root)
+    if found is None:
+        return ""
+    parent, component = found
+    shown, parent_shown = storage.display(root), storage.display(parent)
+    short = stored.rsplit(".", 1)[-1]
+    return (
+        f" {shown} is the directory of component {component!r} of the checkpoint at "
+        f"{parent_shown}: build that component with {short}.from_checkpoint({shown!r}), "
+        f"or the whole object with {cls.__name__}.from_checkpoint({parent_shown!r})."
+    )
 
 
 def _is_level(storage: Storage, directory: str, obj: Any) -> bool:
@@ -162,47 +198,33 @@ def _is_level(storage: Storage, directory: str, obj: Any) -> bool:
 def manager_directory_error(
     storage: Storage, root: str, *, building: bool = False
 ) -> CheckpointNotFoundError | None:
-    """The error for a ``CheckpointManager``'s directory given as a checkpoint, or None
-    if ``root`` is not one.
+    """The error for a ``CheckpointManager``'s directory (or an empty directory) given
+    as a checkpoint, or None if ``root`` is neither (the rule and the message are
+    ``ckptable._manager_listing``'s, shared by every reader of checkpoints).
 
-    A manager's directory holds ``checkpoint_<step>`` directories, each a checkpoint with
-    the manager's record (``checkpoint_manager.json``), and no level files of its own.
     ``building``: the caller is ``from_checkpoint`` (else ``restore_from_path``).
     """
-    entries = storage.listdir(root)
-    if DEFAULT_METADATA_FILE in entries or DEFAULT_CLASS_FILE in entries:
-        return None
-    candidates: list[tuple[int, str]] = []
-    for name, kind in entries.items():
-        digits = name[len(CHECKPOINT_PREFIX) :]
-        if kind == "dir" and name.startswith(CHECKPOINT_PREFIX) and digits.isdigit():
-            candidates.append((int(digits), name))
-    steps: list[tuple[int, str]] = []
-    for step, name in sorted(candidates, reverse=True):
-        if storage.kind(storage.join(root, name, RECORD_FILE)) == "file":
-            steps.append((step, name))
-        if len(steps) > _STEPS_SHOWN:
-            break
-    if not steps:
-        return None
     shown = storage.display(root)
-    newest = storage.display(storage.join(root, steps[0][1]))
-    listed = ", ".join(str(step) for step, _ in reversed(steps[:_STEPS_SHOWN]))
-    more = " (and older ones)" if len(steps) > _STEPS_SHOWN else ""
-    if building:
-        todo = (
-            f"Pass one of the checkpoints inside it to from_checkpoint, e.g. the newest: "
-            f"{newest} (CheckpointManager({shown!r}).latest() gives its path)."
-        )
-    else:
-        todo = (
+
+    def todo(newest: str | None) -> str:
+        if newest is None:
+            return "There is nothing to restore from it until a save completes."
+        if building:
+            return (
+                f"Pass one of the checkpoints inside it to from_checkpoint, e.g. the newest "
+                f"complete one: {newest} (CheckpointManager({shown!r}).latest() gives its path)."
+            )
+        return (
             f"Restore the newest with CheckpointManager({shown!r}).restore_latest(obj), or "
-            f"pass one of the checkpoints inside it, e.g. the newest: {newest}."
+            f"pass one of the checkpoints inside it, e.g. {newest}."
         )
-    return CheckpointNotFoundError(
-        f"{shown} is a CheckpointManager's directory, not a checkpoint: it holds the "
-        f"checkpoints of steps {listed}{more} in checkpoint_<step> directories. {todo}",
-        path=shown,
+
+    try:
+        entries = storage.listdir(root)
+    except OSError:
+        return None
+    return manager_directory_error_of(storage, root, todo, entries=entries) or (
+        empty_directory_error(storage, root, entries)
     )
 
 

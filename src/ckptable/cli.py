@@ -275,7 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="directory to write the checkpoint in (default: a temporary directory)",
     )
-    demo.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the checkpoints in DIR afterwards (without --dir they are always kept, "
+        "in a new temporary directory that the demo names at the end)",
+    )
+    demo.add_argument(
+        "--rllib",
+        action="store_true",
+        help="RLlib's own PPO on CartPole, switched onto ckptable (ckptable.rllib.enable()): "
+        "train, save, info, a corrupted copy refused, restore, train on. Needs "
+        "pip install 'ckptable[rllib]'",
+    )
     demo.set_defaults(command="demo", run=_run_demo)
     return parser
 
@@ -474,6 +486,10 @@ def _run_diff(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    if args.rllib:
+        from ckptable._demo_rllib import main as run_rllib_demo
+
+        return run_rllib_demo(args)
     from ckptable._demo import run_demo
 
     return run_demo(directory=args.dir, keep=args.keep, out=sys.stdout)

@@ -24,11 +24,13 @@ The hierarchy:
     ├── ActorCheckpointError             Ray actor components failed to save/restore
     └── TransferError                    moving a directory between nodes failed
 
-Two warnings, both subclasses of ``UserWarning``: ``UnverifiedCheckpointWarning``, when
+Three warnings, all subclasses of ``UserWarning``: ``UnverifiedCheckpointWarning``, when
 a checkpoint without ckptable's manifest (written by RLlib) is restored without an
 integrity check; ``MainModuleClassWarning``, when a save stores a class defined in
 ``__main__`` (by value: ``from_checkpoint`` in another program will not accept it as
-that program's class).
+that program's class); ``UnknownComponentWarning``, when ``components=`` or
+``not_components=`` names no component of the object but is close to one (a typo,
+which RLlib's rules ignore silently).
 
 The ``ValueError`` and ``TypeError`` bases keep ``except ValueError`` / ``except
 TypeError`` working for code written against RLlib, which raises those in these places.
@@ -49,6 +51,7 @@ __all__ = [
     "StepConflictError",
     "TransferError",
     "UnknownComponentError",
+    "UnknownComponentWarning",
     "UnsafeCheckpointError",
     "UnverifiedCheckpointWarning",
 ]
@@ -187,3 +190,20 @@ class MainModuleClassWarning(UserWarning):
     def __init__(self, message: str, *, class_name: str | None = None) -> None:
         super().__init__(message)
         self.class_name = class_name
+
+
+class UnknownComponentWarning(UserWarning):
+    """``components=`` or ``not_components=`` (seen by ``Checkpointable._check_component``)
+    names no component of the object, and is close to one: a typo such as
+    ``"optimzer"``. RLlib's selection rules ignore such names silently, and so does the
+    selection (nothing is raised, the drop-in behaviour is kept); the warning says which
+    name was meant. Warned once per class and name.
+
+    Args:
+        message: The name, the object's class and the close component names.
+        component: The name given.
+    """
+
+    def __init__(self, message: str, *, component: str | None = None) -> None:
+        super().__init__(message)
+        self.component = component
