@@ -27,7 +27,12 @@ from collections.abc import Callable
 from typing import IO, Any, Literal
 
 from ckptable._checksums import Checksum, checksum_executor
-from ckptable._parallel_read import PARALLEL_READ_MIN_BYTES, pread_chunks, regular_fileno
+from ckptable._parallel_read import (
+    PARALLEL_READ_CHUNK,
+    PARALLEL_READ_MIN_BYTES,
+    pread_chunks,
+    regular_fileno,
+)
 from ckptable._progress import advance
 
 __all__ = [
@@ -255,7 +260,7 @@ class Walk:
         and counted in the progress bar; then move the stream past it."""
         offset = self.stream.tell()
         try:
-            for chunk in pread_chunks(fd, view, offset, _CHUNK):
+            for chunk in pread_chunks(fd, view, offset, PARALLEL_READ_CHUNK):
                 self.checksum.update_behind(chunk)
                 advance(len(chunk))
         except EOFError as exc:
