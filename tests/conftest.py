@@ -84,3 +84,24 @@ def ray_cluster() -> Iterator[Any]:
         yield cluster
     finally:
         stop_cluster(cluster)
+
+
+_MSGPACK_NAMES = (
+    "Packer", "Unpacker", "load", "loads", "dump", "dumps", "pack", "packb", "unpack", "unpackb",
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _msgpack_left_unpatched() -> Iterator[None]:
+    """RLlib's msgpack checkpoints call ``msgpack_numpy.patch()``, which replaces msgpack's
+    functions for the whole process (ckptable passes the hooks per call instead). Tests
+    that run RLlib's msgpack path would leave the pytest process patched, and Ray then
+    encodes what this driver sends to its workers with msgpack-numpy's hooks that the
+    workers do not decode (a remote Learner got arrays of bytes). Each test gets msgpack
+    back as it found it."""
+    import msgpack  # (a dev dependency; imported here so that its originals are known)
+
+    saved = {name: getattr(msgpack, name) for name in _MSGPACK_NAMES}
+    yield
+    for name, value in saved.items():
+        setattr(msgpack, name, value)
