@@ -29,7 +29,8 @@ from ckptable import Checkpointable, CheckpointManager
 from ckptable import _snapshot_torch as snapshot_torch
 from ckptable._async import _default_pool
 from ckptable._snapshot import SnapshotPool, take_snapshot
-from ckptable._torch import TensorPlacement, load_pickle, pickler_class, reduce_tensor
+from ckptable._torch import load_pickle, pickler_class, reduce_tensor
+from ckptable._torch_placement import TensorPlacement
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from ckptable import UnsafeCheckpointError
-from ckptable._torch import TensorPlacement
+from ckptable._torch_placement import TensorPlacement
 from helpers import reseal
 from test_torch_tensors import (
     ALL_DTYPES,

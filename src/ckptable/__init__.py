@@ -13,8 +13,9 @@ if typing.TYPE_CHECKING:
     from ckptable._components import check_component, get_subcomponents
     from ckptable._convert import convert_checkpoint
     from ckptable._formats import Codec, get_codec, register_codec, registered_codecs
-    from ckptable._info import VerifyReport, get_checkpoint_info, verify_checkpoint
+    from ckptable._info import get_checkpoint_info
     from ckptable._safe import add_safe_classes
+    from ckptable._verify import VerifyReport, verify_checkpoint
     from ckptable.errors import (
         ActorCheckpointError,
         CheckpointError,
@@ -55,7 +56,7 @@ _EXPORTS = {
     "UnknownComponentWarning": "ckptable.errors",
     "UnsafeCheckpointError": "ckptable.errors",
     "UnverifiedCheckpointWarning": "ckptable.errors",
-    "VerifyReport": "ckptable._info",
+    "VerifyReport": "ckptable._verify",
     "add_safe_classes": "ckptable._safe",
     "check_component": "ckptable._components",
     "convert_checkpoint": "ckptable._convert",
@@ -66,7 +67,7 @@ _EXPORTS = {
     "registered_codecs": "ckptable._formats",
     "release_snapshot_memory": "ckptable._async",
     "save_async": "ckptable._async",
-    "verify_checkpoint": "ckptable._info",
+    "verify_checkpoint": "ckptable._verify",
 }
 
 __all__ = [

@@ -30,13 +30,14 @@ from ckptable._formats import (
     get_codec,
     registered_codecs,
 )
-from ckptable._info import refuse_non_checkpoint, verify_tree
+from ckptable._info import refuse_non_checkpoint
 from ckptable._layout import DEFAULT_METADATA_FILE, RECORD_KEY, read_metadata_file, record_of
 from ckptable._manifest import MANIFEST_FILE, manifest_tree_bytes, refuse_special_entries
 from ckptable._progress import advance, progress_bar, uncounted
 from ckptable._restore import RestoreOptions, decode_file, require_directory, state_file_of
 from ckptable._save import _SaveSession, publish_tree
 from ckptable._storage import LocalStorage, Storage, resolve_storage
+from ckptable._verify import verify_tree
 from ckptable.errors import (
     CheckpointError,
     CorruptCheckpointError,

@@ -44,7 +44,8 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any, Protocol, cast, runtime_checkable
 
-from ckptable._torch import TensorPlacement, load_pickle, pickler_class
+from ckptable._torch import load_pickle, pickler_class
+from ckptable._torch_placement import TensorPlacement
 from ckptable.errors import CheckpointError
 
 __all__ = [
@@ -335,7 +336,7 @@ def accepts_buffers(codec: Codec) -> bool:
 
 def accepts_tensors(codec: Codec) -> bool:
     """Whether ``codec.load`` (and ``load_restricted``) take ``tensors=``: the restore's
-    :class:`~ckptable._torch.TensorPlacement`, which applies ``map_location``."""
+    :class:`~ckptable._torch_placement.TensorPlacement`, which applies ``map_location``."""
     return bool(getattr(codec, "accepts_tensors", False))
 
 

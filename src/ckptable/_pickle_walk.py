@@ -285,7 +285,7 @@ class Walk:
                 raise ScanError("the pickle ends inside a byte payload")
             # Read-only views of the (copy-on-write) mapping: arrays stay read-only, as
             # mapped arrays always were; torch tensors get writable views of the same
-            # pages (``_torch.TensorPlacement.rebuild_from_numpy``).
+            # pages (``_torch_placement.TensorPlacement.rebuild_from_numpy``).
             view = memoryview(self.mapped)[self.position : self.position + n]
             self.buffers.append(view.toreadonly())
         elif self.mode != "skeleton":

@@ -48,7 +48,7 @@ from ckptable._components import (
     split_component_path,
 )
 from ckptable._formats import get_codec
-from ckptable._info import stored_class_name, verify_tree
+from ckptable._info import stored_class_name
 from ckptable._layout import (
     DEFAULT_CLASS_FILE,
     DEFAULT_METADATA_FILE,
@@ -84,6 +84,7 @@ from ckptable._restore_session import (
     non_default_options,
 )
 from ckptable._storage import LocalStorage, Storage, resolve_storage
+from ckptable._verify import verify_tree
 from ckptable.errors import (
     CheckpointError,
     CheckpointNotFoundError,

@@ -28,7 +28,7 @@ from ckptable._pickle_scan import ScannedPickle, map_pickle, read_pickle_unverif
 from ckptable._progress import counted_open
 from ckptable._restore_session import KEEP_TOTAL_BYTES, Level, RestoreOptions, RestoreSession
 from ckptable._storage import LocalStorage, Storage
-from ckptable._torch import TensorPlacement
+from ckptable._torch_placement import TensorPlacement
 from ckptable.errors import (
     CheckpointError,
     CorruptCheckpointError,

@@ -25,7 +25,6 @@ from ckptable._formats import (
     decodes_untrusted,
     get_codec,
 )
-from ckptable._info import verify_tree
 from ckptable._layout import (
     DEFAULT_CLASS_FILE,
     DEFAULT_METADATA_FILE,
@@ -46,6 +45,7 @@ from ckptable._manifest import (
 from ckptable._pickle_scan import ScannedPickle, read_pickle_verified
 from ckptable._restore_session import KEEP_TOTAL_BYTES, Level, RestoreOptions, RestoreSession
 from ckptable._storage import Storage
+from ckptable._verify import verify_tree
 from ckptable.errors import (
     CheckpointError,
     CorruptCheckpointError,

@@ -19,7 +19,7 @@ from ckptable._layout import (
 )
 from ckptable._pickle_scan import ScannedPickle
 from ckptable._storage import Storage
-from ckptable._torch import TensorPlacement, check_map_location
+from ckptable._torch_placement import TensorPlacement, check_map_location
 from ckptable.errors import (
     UnverifiedCheckpointWarning,
 )
@@ -83,7 +83,7 @@ class RestoreOptions:
     Ray actors, the ``transfer`` hook and what ``on_actor_failure`` does; whether to
     show a ``progress`` bar; whether to ``rollback`` the levels applied when a later
     ``set_state`` fails; where torch tensors go (``map_location``, see
-    :class:`ckptable._torch.TensorPlacement`)."""
+    :class:`ckptable._torch_placement.TensorPlacement`)."""
 
     verify: bool = True
     safe: bool = False

@@ -51,7 +51,8 @@ from typing import TYPE_CHECKING, Any
 
 from ckptable._safe_allowlist import imported_numpy
 from ckptable._safe_rules import Rule, arity, brief, register_rules
-from ckptable._torch import TensorPlacement, import_torch
+from ckptable._torch import import_torch
+from ckptable._torch_placement import TensorPlacement
 from ckptable.errors import UnsafeCheckpointError
 
 if TYPE_CHECKING:

@@ -85,7 +85,7 @@ from ckptable._safetensors_encode import Planned, plan_file, write_file
 from ckptable._safetensors_format import METADATA_KEY
 
 if TYPE_CHECKING:
-    from ckptable._torch import TensorPlacement
+    from ckptable._torch_placement import TensorPlacement
 
 __all__ = [
     "MAX_HEADER_BYTES",

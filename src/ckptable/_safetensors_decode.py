@@ -32,7 +32,7 @@ from ckptable._safetensors_format import DTYPES, FORMAT_NAME, FORMAT_VERSION, ME
 from ckptable.errors import IncompatibleCheckpointError
 
 if TYPE_CHECKING:
-    from ckptable._torch import TensorPlacement
+    from ckptable._torch_placement import TensorPlacement
 
 __all__ = ["SafetensorsFormatError", "map_state", "read_state"]
 
@@ -374,7 +374,7 @@ def _finish(structure: _Structure, arrays: dict[str, Any], tensors: TensorPlacem
                 raise _corrupt(f"the BOOL tensor {entry.name!r} holds bytes other than 0 and 1")
     placement = tensors
     if placement is None and structure.torch:
-        from ckptable._torch import TensorPlacement
+        from ckptable._torch_placement import TensorPlacement
 
         placement = TensorPlacement()  # the default: back to the saved devices
     state = _Builder(arrays, structure.dtypes, placement).build(structure.tree)

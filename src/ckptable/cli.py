@@ -40,7 +40,7 @@ from ckptable._cli_info import (
     format_info,
     human_bytes,
 )
-from ckptable._info import verify_checkpoint
+from ckptable._verify import verify_checkpoint
 from ckptable.errors import CheckpointError
 
 __all__ = [

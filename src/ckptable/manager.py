@@ -49,9 +49,11 @@ further call waits for the oldest); a failure is raised by the future and again 
 manager's next ``save``, ``save_async`` or ``wait``.
 
 This module is the manager's public face; the steps it runs live beside it, one a
-module: ``_manager_listing`` (reading the directory), ``_manager_steps`` (a save's record
-and step check), ``_manager_retention`` (what goes after a save, and its deletion) and
-``_manager_sharing`` (the directory lock between processes).
+module: ``_manager_policies`` (the settings, checked, and the save interval),
+``_manager_listing`` (reading the directory), ``_manager_steps`` (a save's record and step
+check), ``_manager_retention`` (what goes after a save, and its deletion),
+``_manager_sharing`` (the directory lock between processes) and ``_manager_restore``
+(``restore_latest``: the newest checkpoint that reads back whole).
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ from __future__ import annotations
 import concurrent.futures
 import datetime
 import logging
-import math
 import threading
 from collections.abc import Mapping
 from typing import Any, Literal, cast
@@ -70,17 +71,17 @@ from ckptable._manager_listing import (
     RECORD_FILE,
     Layout,
     Listing,
-    is_gone,
     read_directory,
 )
-from ckptable._manager_retention import RetentionPolicy, finish_deletions, ranked, retire
+from ckptable._manager_policies import retention_policy, skipped_by_interval
+from ckptable._manager_restore import restore_latest_checkpoint
+from ckptable._manager_retention import finish_deletions, ranked, retire
 from ckptable._manager_sharing import DirectoryLock
 from ckptable._manager_steps import (
     Reservations,
     check_step,
     checked_step,
     encode_record,
-    is_int,
     new_record,
 )
 from ckptable._save import extra_root_files
@@ -88,20 +89,12 @@ from ckptable._snapshot import SnapshotPool
 from ckptable._storage import LocalStorage, resolve_storage
 from ckptable.errors import (
     CheckpointError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
     StepConflictError,
 )
 
 __all__ = ["CHECKPOINT_PREFIX", "RECORD_FILE", "CheckpointManager", "StepConflictError"]
 
 logger = logging.getLogger("ckptable")
-
-#: ``restore_latest`` lists the directory again this many times at most when checkpoints
-#: are deleted under it (each time, another process saved newer ones meanwhile).
-_RESTORE_ROUNDS = 3
-#: What ``_restore_newest`` returns when a checkpoint was deleted while it tried it.
-_LIST_AGAIN = object()
 
 
 class CheckpointManager:
@@ -161,51 +154,24 @@ class CheckpointManager:
         filesystem: Any = None,
         max_in_flight: int = 1,
     ) -> None:
-        for name, value in (
-            ("keep_last", keep_last),
-            ("keep_best", keep_best),
-            ("keep_period", keep_period),
-            ("save_interval_steps", save_interval_steps),
-        ):
-            if value is not None and (not is_int(value) or value < 1):
-                raise ValueError(f"{name} must be None or an int of at least 1, not {value!r}.")
-        if keep_best is not None and metric is None:
-            raise ValueError("keep_best needs metric=: the name of the metric to rank by.")
-        if mode is not None and mode not in ("max", "min"):
-            raise ValueError(f'mode must be "max" or "min", not {mode!r}.')
-        if metric is not None and mode is None:
-            raise ValueError(
-                f'metric={metric!r} needs mode=: "max" if a higher {metric} is better '
-                f'(a reward, an accuracy), "min" if a lower one is (a loss).'
-            )
-        if (
-            keep_period is not None
-            and save_interval_steps is not None
-            and keep_period % save_interval_steps
-        ):
-            raise ValueError(
-                f"keep_period={keep_period} is not a multiple of "
-                f"save_interval_steps={save_interval_steps}: only steps that are "
-                "multiples of both would be kept."
-            )
-        if not is_int(max_in_flight) or max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be an int of at least 1, not {max_in_flight!r}.")
-        self.keep_last = keep_last
-        self.keep_best = keep_best
-        self.metric = metric
-        self.mode = mode
-        self.keep_period = keep_period
-        self.keep_every_seconds = _seconds(keep_every_seconds)
-        self.save_interval_steps = save_interval_steps
-        self.max_in_flight = max_in_flight
-        self._policy = RetentionPolicy(
+        self._policy = retention_policy(
             keep_last=keep_last,
             keep_best=keep_best,
             metric=metric,
             mode=mode,
             keep_period=keep_period,
-            keep_every_seconds=self.keep_every_seconds,
+            keep_every_seconds=keep_every_seconds,
+            save_interval_steps=save_interval_steps,
+            max_in_flight=max_in_flight,
         )
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.metric = metric
+        self.mode = mode
+        self.keep_period = keep_period
+        self.keep_every_seconds = self._policy.keep_every_seconds
+        self.save_interval_steps = save_interval_steps
+        self.max_in_flight = max_in_flight
         self._filesystem = filesystem
         storage, root = resolve_storage(directory, filesystem)
         storage.makedirs(root)
@@ -352,7 +318,7 @@ class CheckpointManager:
                 before this save starts; else whatever ``save_to_path`` raises.
         """
         record = self._new_record(step, metrics)
-        if self._skipped(record["step"], force=force):
+        if skipped_by_interval(record["step"], self.save_interval_steps, force=force):
             self._raise_pending_error()
             return None
         self.wait()
@@ -389,7 +355,7 @@ class CheckpointManager:
         """
         record = self._new_record(step, metrics)
         self._raise_pending_error()
-        if self._skipped(record["step"], force=force):
+        if skipped_by_interval(record["step"], self.save_interval_steps, force=force):
             skipped: concurrent.futures.Future[str | None] = concurrent.futures.Future()
             skipped.set_result(None)
             return skipped
@@ -483,28 +449,8 @@ class CheckpointManager:
                 message lists each one and why. They are left in place.
             Exception: any other error of ``restore_from_path``, as it is.
         """
-        self.wait()
-        for round_ in range(1, _RESTORE_ROUNDS + 1):
-            with self._lock:
-                self._scan(cleanup=False)
-            last_round = round_ == _RESTORE_ROUNDS
-            step = self._restore_newest(obj, restore_kwargs, last_round=last_round)
-            if step is not _LIST_AGAIN:
-                break
-        if isinstance(step, int):
-            return step
-        invalid = self.invalid_checkpoints()
-        if not invalid:
-            return None
-        listed = "; ".join(f"{path}: {reason}" for path, reason in sorted(invalid.items()))
-        message = f"No checkpoint in {self.directory} restores ({listed})."
-        if corrupt_ok:
-            logger.warning("%s Starting over (corrupt_ok=True).", message)
-            return None
-        raise CorruptCheckpointError(
-            f"{message} They are left in place: move them away, or pass corrupt_ok=True "
-            "to start over beside them.",
-            path=self.directory,
+        return restore_latest_checkpoint(
+            self, obj, corrupt_ok=corrupt_ok, restore_kwargs=restore_kwargs
         )
 
     # ------------------------------------------------------------------ internals
@@ -516,41 +462,6 @@ class CheckpointManager:
             self._layout, self._listed, deleting=self._deleting, cleanup=cleanup, reread=reread
         )
         self._reservations.forget_unlisted(self._listed.entries)
-
-    def _restore_newest(
-        self, obj: Any, restore_kwargs: dict[str, Any], *, last_round: bool
-    ) -> int | object | None:
-        """Restore the newest listed checkpoint that reads back whole: its step; None if
-        none does; ``_LIST_AGAIN`` if one was deleted meanwhile (another process's
-        retention, which also means newer checkpoints came) and this is not the last
-        round."""
-        component = restore_kwargs.get("component")
-        for step in reversed(self.steps()):
-            path = self._layout.path(step)
-            if component:  # RLlib's rule: a component restores from its own directory
-                path = self._layout.path(step, *component.split("/"))
-            try:
-                obj.restore_from_path(path, filesystem=self._filesystem, **restore_kwargs)
-            except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-                if is_gone(self._layout, step):  # not damage: it was deleted meanwhile
-                    with self._lock:
-                        self._listed.entries.pop(step, None)
-                    if last_round:
-                        continue
-                    return _LIST_AGAIN
-                if not isinstance(exc, CorruptCheckpointError):
-                    raise
-                logger.warning("Not restoring %s: %s Trying the one before.", path, exc)
-                self._mark_corrupt(step, str(exc))
-                continue
-            return step
-        return None
-
-    def _mark_corrupt(self, step: int, reason: str) -> None:
-        """Unlist a checkpoint that failed to restore, until its directory changes."""
-        identity = self._layout.storage.identity(self._layout.location(step))
-        with self._lock:
-            self._listed.mark_corrupt(step, self._layout.path(step), identity, reason)
 
     def _save_now(
         self,
@@ -612,14 +523,6 @@ class CheckpointManager:
             keep_best=self.keep_best,
         )
 
-    def _skipped(self, step: int, *, force: bool) -> bool:
-        """Whether ``save_interval_steps`` skips ``step`` (logged at debug level)."""
-        interval = self.save_interval_steps
-        if force or interval is None or step % interval == 0:
-            return False
-        logger.debug("Not saving step %d: save_interval_steps is %d.", step, interval)
-        return True
-
     def _check_step(self, step: int, *, overwrite: bool, own_reservation: bool) -> None:
         """``check_step`` against the listing and this manager's reservations
         (``self._lock`` held, the directory just read)."""
@@ -657,21 +560,3 @@ class CheckpointManager:
             if value is not None:
                 settings.append(f"{name}={value!r}")
         return f"CheckpointManager({self.directory!r}, {', '.join(settings)})"
-
-
-def _seconds(value: float | datetime.timedelta | None) -> float | None:
-    """``keep_every_seconds`` as a positive, finite number of seconds (or None)."""
-    if value is None:
-        return None
-    seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else value
-    if (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, (int, float))
-        or not math.isfinite(seconds)
-        or seconds <= 0
-    ):
-        raise ValueError(
-            "keep_every_seconds must be None, a positive number of seconds or a "
-            f"datetime.timedelta, not {value!r}."
-        )
-    return float(seconds)
