@@ -253,7 +253,7 @@ def test_a_tree_bytes_count_too_long_for_an_int_does_not_break_convert(tmp_path:
     raw = manifest.read_bytes()
     body_bytes = raw[len(b'{"ckptable_manifest": ') : raw.rindex(b', "crc32"')]
     count = json.loads(body_bytes)["tree_bytes"]
-    crafted = body_bytes.replace(b'"tree_bytes": %d' % count, b'"tree_bytes": ' + b"9" * 5000)
+    crafted = body_bytes.replace(b'"tree_bytes":%d' % count, b'"tree_bytes":' + b"9" * 5000)
     write_manifest(manifest, crafted)
 
     with pytest.raises(CorruptCheckpointError) as caught:

@@ -108,9 +108,18 @@ def new_checksum(algorithm: str, *, path: str | None = None) -> Checksum:
 
 def checksum_of(algorithm: str, data: Any) -> str:
     """The checksum of one in-memory buffer."""
+    if algorithm == "xxh3_64" and _has_xxhash():
+        return _xxh3_hexdigest()(data)  # one call: the common case on wide trees
     checksum = new_checksum(algorithm)
     checksum.update(data)
     return checksum.hexdigest()
+
+
+@functools.cache
+def _xxh3_hexdigest() -> Callable[[Any], str]:
+    import xxhash
+
+    return xxhash.xxh3_64_hexdigest  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- the helper threads

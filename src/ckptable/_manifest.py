@@ -169,9 +169,11 @@ def manifest_tree_bytes(storage: Storage, directory: str) -> int | None:
     a progress bar); None if it records none, or has no readable manifest.
 
     Found without parsing the manifest (a root with 1,000 components has a 100 kB one):
-    the body is written with an indent of one space per level, so the body's own key is
-    the only line that starts with one space and ``"tree_bytes"``. The restore verifies
-    the manifest anyway.
+    the body is compact JSON with sorted keys, so its own key comes right before the
+    last one, ``"version"``; no name inside can look like that, because JSON escapes the
+    quotes of names. (Manifests written before the compact form were indented: the body's own key
+    was the only line that starts with one space and ``"tree_bytes"``.) The restore
+    verifies the manifest anyway.
 
     It runs before anything else of a restore or verification, so it opens the manifest
     only once it is known to be a regular file (:func:`open_regular`): a FIFO in its
@@ -183,7 +185,7 @@ def manifest_tree_bytes(storage: Storage, directory: str) -> int | None:
             data = stream.read()
     except (OSError, CheckpointError):
         return None
-    found = _TREE_BYTES.search(data)
+    found = _TREE_BYTES.search(data) or _TREE_BYTES_INDENTED.search(data)
     if found is None:
         return None
     try:
@@ -192,7 +194,8 @@ def manifest_tree_bytes(storage: Storage, directory: str) -> int | None:
         return None
 
 
-_TREE_BYTES = re.compile(rb'\n "tree_bytes": (\d+),?\n')
+_TREE_BYTES = re.compile(rb',"tree_bytes":(\d+),"version":\d+\}')
+_TREE_BYTES_INDENTED = re.compile(rb'\n "tree_bytes": (\d+),?\n')
 
 
 def open_regular(storage: Storage, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:

@@ -84,6 +84,7 @@ from ckptable._restore_session import (
     non_default_options,
 )
 from ckptable._storage import LocalStorage, Storage, resolve_storage
+from ckptable._storage_prefetch import reading_ahead
 from ckptable._verify import verify_tree
 from ckptable.errors import (
     CheckpointError,
@@ -134,7 +135,10 @@ def restore_checkpointable(
             apply_level(session, obj, level)
             return
 
-    with progress_bar(options.progress, "Restoring") as bar:
+    with (
+        reading_ahead(storage, root) as storage,
+        progress_bar(options.progress, "Restoring") as bar,
+    ):
         if bar is not None and options.verify:
             bar.set_total(manifest_tree_bytes(storage, root))
         require_directory(storage, root)
@@ -224,6 +228,20 @@ def construct_from_checkpoint(
     """
     storage, root = resolve_storage(path, filesystem)
     _check_mmap(storage, root, options)
+    with reading_ahead(storage, root) as storage:
+        # The restore it runs below reads the same tree: it shares the reads made here.
+        return _construct(cls, path, storage, root, filesystem, options, kwargs)
+
+
+def _construct(
+    cls: type[_T],
+    path: Any,
+    storage: Storage,
+    root: str,
+    filesystem: Any,
+    options: RestoreOptions,
+    kwargs: dict[str, Any],
+) -> _T:
     require_directory(storage, root)
     class_file = storage.join(
         root, getattr(cls, "CLASS_AND_CTOR_ARGS_FILE_NAME", DEFAULT_CLASS_FILE)

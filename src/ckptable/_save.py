@@ -24,12 +24,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import io
 import json
 import os
 import pickle
 import platform
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import cloudpickle
 
@@ -52,7 +53,14 @@ from ckptable._manifest import HashingWriter, checksum_of, preferred_algorithm, 
 from ckptable._pickle_scan import PAYLOAD_MIN_BYTES, skeleton_checksum
 from ckptable._progress import advance, progress_bar
 from ckptable._save_warnings import _warn_if_main_module_class
-from ckptable._storage import LocalStorage, Storage, new_temporary_path, resolve_storage
+from ckptable._storage import (
+    EntryKind,
+    LocalStorage,
+    Storage,
+    new_temporary_path,
+    resolve_storage,
+)
+from ckptable._storage_concurrent import barrier, writing_concurrently
 from ckptable._version import package_version
 from ckptable.errors import CheckpointError, StateEncodingError
 
@@ -81,6 +89,9 @@ class _SaveSession:
     algorithm: str = dataclasses.field(default_factory=preferred_algorithm)
     #: The transfer hook for actor components on other nodes (None: the default one).
     transfer: Any = None
+    #: ``class_and_ctor_args.pkl`` of the classes built without arguments, pickled once
+    #: per save (a wide tree has many levels of one class).
+    class_records: dict[type, bytes] = dataclasses.field(default_factory=dict)
 
     @property
     def staging_root(self) -> str:
@@ -132,7 +143,7 @@ class _SaveSession:
         ``pickled``: the file is a pickle; if it is big, its skeleton's checksum is
         recorded too (what a memory-mapped restore verifies).
         """
-        with self.storage.open_write(path) as raw:
+        with _small_first(self.storage, path) as raw:
             writer = HashingWriter(raw, self.algorithm)
             yield writer
         self.staging.files[path] = (writer.size, writer.hexdigest())
@@ -141,9 +152,23 @@ class _SaveSession:
             if skeleton is not None:
                 self.staging.skeletons[path] = skeleton
 
-    def seal(self, directory: str, *, rebuild: bool = False) -> None:
+    def seal(
+        self,
+        directory: str,
+        *,
+        rebuild: bool = False,
+        entries: dict[str, EntryKind] | None = None,
+    ) -> None:
         """Write the manifest of a finished level (the root's last of all); every level
-        below the root is marked ``nested`` (its parent's manifest pins it)."""
+        below the root is marked ``nested`` (its parent's manifest pins it).
+
+        ``entries``: what the level holds, when this session wrote all of it (see
+        ``_seal.build_manifest``). The root's manifest is the commit record: it is
+        written only once every other file is stored (writes may run concurrently:
+        :mod:`ckptable._storage_concurrent`), and stored before this returns."""
+        root = directory == self.staging_root
+        if root:
+            barrier(self.storage)
         seal_directory(
             self.storage,
             directory,
@@ -153,8 +178,11 @@ class _SaveSession:
             rebuild,
             self.staging.skeletons,
             self.staging.trees,
-            nested=directory != self.staging_root,
+            nested=not root,
+            entries=entries,
         )
+        if root:
+            barrier(self.storage)
 
 
 _PYTHON_VERSION = platform.python_version()
@@ -316,8 +344,9 @@ def publish_tree(
         with (
             progress_bar(progress, "Saving"),
             staged_directory(storage, fs_path, checkpoint_files, durable=durable) as staging,
+            writing_concurrently(storage) as writer,
         ):
-            session = _SaveSession(storage, staging, codec, target=shown, transfer=transfer)
+            session = _SaveSession(writer, staging, codec, target=shown, transfer=transfer)
             token = _current_save.set(session)
             try:
                 write(session)
@@ -375,6 +404,11 @@ def _write_level(
         if metadata_file != DEFAULT_METADATA_FILE:
             metadata_files[name] = metadata_file
         comp_dir = storage.join(directory, name)
+        own_code = is_actor_manager(comp) or not uses_ckptable_method(comp, "save_to_path")
+        if own_code:
+            # Code other than this pipeline's writes next, with the filesystem itself:
+            # what was written so far (its directory, say) must be there first.
+            barrier(storage)
         if is_actor_manager(comp):
             from ckptable.ray._actors import save_actor_component
 
@@ -388,14 +422,15 @@ def _write_level(
             state=level_state.pop(name, None),
             use_msgpack=session.codec.name == "msgpack",
         )
-        if not uses_ckptable_method(comp, "save_to_path"):
+        if own_code:
             # Its own code wrote (some of) the level: checksum what is there now.
             session.seal(comp_dir, rebuild=True)
         saved.append(name)
 
     _write_metadata(session, obj, directory, saved, metadata_files, actor_saved)
     _write_class_and_ctor_args(session, obj, directory)
-    state_file = storage.join(directory, obj.STATE_FILE_NAME + session.codec.suffix)
+    state_name = obj.STATE_FILE_NAME + session.codec.suffix
+    state_file = storage.join(directory, state_name)
     try:
         pickled = getattr(session.codec, "accepts_buffers", False)
         with session.open_write(state_file, pickled=pickled) as stream:
@@ -422,7 +457,12 @@ def _write_level(
             path=session.target,
             component=session.component_path(directory),
         ) from exc
-    session.seal(directory)
+    # This level holds what was just written and nothing else: no listing needed.
+    entries: dict[str, EntryKind] = dict.fromkeys(
+        (obj.METADATA_FILE_NAME, obj.CLASS_AND_CTOR_ARGS_FILE_NAME, state_name), "file"
+    )
+    entries.update(dict.fromkeys(saved, "dir"))
+    session.seal(directory, entries=entries)
 
 
 def collect_level_state(
@@ -542,9 +582,36 @@ def _write_metadata(
 
 def _write_class_and_ctor_args(session: _SaveSession, obj: Checkpointable, directory: str) -> None:
     _warn_if_main_module_class(session, obj, directory)
-    record = {"class": type(obj), "ctor_args_and_kwargs": obj.get_ctor_args_and_kwargs()}
+    cls = type(obj)
+    arguments = obj.get_ctor_args_and_kwargs()
+    plain = _no_arguments(arguments)
+    payload = session.class_records.get(cls) if plain else None
+    if payload is None:
+        payload = _pickle_class_record(session, obj, directory, arguments)
+        if plain:
+            session.class_records[cls] = payload
+    session.write_bytes(session.storage.join(directory, obj.CLASS_AND_CTOR_ARGS_FILE_NAME), payload)
+
+
+def _no_arguments(arguments: Any) -> bool:
+    """Whether ``arguments`` is exactly ``((), {})`` (whose record pickles the same for
+    every object of a class)."""
+    return (
+        type(arguments) is tuple
+        and len(arguments) == 2
+        and type(arguments[0]) is tuple
+        and not arguments[0]
+        and type(arguments[1]) is dict
+        and not arguments[1]
+    )
+
+
+def _pickle_class_record(
+    session: _SaveSession, obj: Checkpointable, directory: str, arguments: Any
+) -> bytes:
+    record = {"class": type(obj), "ctor_args_and_kwargs": arguments}
     try:
-        payload = cloudpickle.dumps(record)
+        return bytes(cloudpickle.dumps(record))
     except Exception as exc:  # cloudpickle raises many types for unpicklable objects
         raise StateEncodingError(
             f"Cannot pickle the class and constructor arguments of {type(obj).__name__} "
@@ -552,4 +619,68 @@ def _write_class_and_ctor_args(session: _SaveSession, obj: Checkpointable, direc
             path=session.target,
             component=session.component_path(directory),
         ) from exc
-    session.write_bytes(session.storage.join(directory, obj.CLASS_AND_CTOR_ARGS_FILE_NAME), payload)
+
+
+#: A state file up to this size is encoded in memory and written with one call.
+_SMALL_STATE_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def _small_first(storage: Storage, path: str) -> Iterator[IO[bytes]]:
+    """A stream for one file of the local disk, kept in memory while it is small and
+    written in one call at the end (most levels' states are a few hundred bytes: this
+    saves the file object a stream needs); past ``_SMALL_STATE_BYTES`` it is opened and
+    written through. Other storages stream as they do (see ``_storage_concurrent``)."""
+    if not isinstance(storage, LocalStorage):
+        with storage.open_write(path) as stream:
+            yield stream
+        return
+    spool = _Spool(storage, path)
+    try:
+        yield spool  # type: ignore[misc]
+        spool.finish()
+    finally:
+        spool.close_through()
+
+
+class _Spool(io.RawIOBase):
+    def __init__(self, storage: LocalStorage, path: str) -> None:
+        super().__init__()
+        self._storage = storage
+        self._path = path
+        self._held: list[bytes] = []
+        self._size = 0
+        self._through: IO[bytes] | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self._through is not None:
+            return self._through.write(data) or 0
+        view = memoryview(data).cast("B")
+        if self._size + len(view) > _SMALL_STATE_BYTES:
+            self._through = self._storage.open_write(self._path)  # type: ignore[assignment]
+            for piece in self._held:
+                _write_all(self._through, piece)  # type: ignore[arg-type]
+            self._held = []
+            return self._through.write(view) or 0  # type: ignore[union-attr]
+        self._held.append(bytes(view))
+        self._size += len(view)
+        return len(view)
+
+    def finish(self) -> None:
+        if self._through is None:
+            self._storage.write_bytes(self._path, b"".join(self._held))
+            self._held = []
+
+    def close_through(self) -> None:
+        if self._through is not None:
+            through, self._through = self._through, None
+            through.close()
+
+
+def _write_all(stream: IO[bytes], data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[stream.write(view) or 0 :]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from ckptable._checksums import checksum_of, hash_file
 from ckptable._manifest_format import MANIFEST_FILE, LevelManifest
 from ckptable._progress import advance
-from ckptable._storage import Storage
+from ckptable._storage import EntryKind, Storage
 from ckptable.errors import CheckpointError
 
 __all__ = ["build_manifest", "seal_directory"]
@@ -32,6 +32,7 @@ def build_manifest(
     trees: dict[str, int | None] | None = None,
     *,
     nested: bool = False,
+    entries: dict[str, EntryKind] | None = None,
 ) -> LevelManifest:
     """The manifest of a finished level, as the directory is now.
 
@@ -42,6 +43,8 @@ def build_manifest(
     every directory of the tree gets one. ``rebuild`` rebuilds the manifests of all
     subdirectories too (a component's own code may have written after ckptable sealed).
     ``trees`` maps the directories sealed so far to their ``tree_bytes``.
+    ``entries``: what the directory holds, where the caller wrote all of it itself and
+    so knows (saves a listing: a request per level on an object store); None: listed.
     """
     skeletons = {} if skeletons is None else skeletons
     trees = {} if trees is None else trees
@@ -49,7 +52,8 @@ def build_manifest(
     dirs: dict[str, str] = {}
     level_skeletons: dict[str, str] = {}
     tree_bytes: int | None = 0
-    for name, kind in sorted(storage.listdir(directory).items()):
+    listing = storage.listdir(directory) if entries is None or rebuild else entries
+    for name, kind in sorted(listing.items()):
         path = storage.join(directory, name)
         if name == MANIFEST_FILE:
             continue
@@ -108,18 +112,29 @@ def seal_directory(
     trees: dict[str, int | None] | None = None,
     *,
     nested: bool = False,
+    entries: dict[str, EntryKind] | None = None,
 ) -> None:
     """Write ``directory``'s manifest (building those of its subdirectories as needed) and
     record the manifest's own size and checksum in ``known``, its ``tree_bytes`` in
-    ``trees``."""
+    ``trees``. ``entries``: see :func:`build_manifest`."""
     trees = {} if trees is None else trees
     manifest = build_manifest(
-        storage, directory, algorithm, known, shown, rebuild, skeletons, trees, nested=nested
+        storage,
+        directory,
+        algorithm,
+        known,
+        shown,
+        rebuild,
+        skeletons,
+        trees,
+        nested=nested,
+        entries=entries,
     )
     trees[directory] = manifest.tree_bytes
     data = manifest.to_bytes()
     path = storage.join(directory, MANIFEST_FILE)
-    if known.pop(path, None) is not None or storage.kind(path) is not None:
+    stale = known.pop(path, None) is not None
+    if stale or ((entries is None or rebuild) and storage.kind(path) is not None):
         storage.remove_tree(path)  # a stale one: a component wrote after it was sealed
     storage.write_bytes(path, data)
     known[path] = (len(data), checksum_of(algorithm, data))

@@ -46,7 +46,11 @@ class LocalStorage:
 
     def join(self, base: str, *names: str) -> str:
         # Names are validated single segments: plain concatenation is os.path.join here.
-        return os.sep.join((base.rstrip(os.sep), *names)) if names else base
+        if not names:
+            return base
+        if len(names) == 1 and not base.endswith(os.sep):
+            return base + os.sep + names[0]  # the common case, once per file written
+        return os.sep.join((base.rstrip(os.sep), *names))
 
     def split(self, path: str) -> tuple[str, str]:
         return os.path.split(path.rstrip(os.sep) or os.sep)

@@ -14,7 +14,10 @@ import contextlib
 import errno
 import os
 import posixpath
+from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
+
+from ckptable._storage_concurrent import DEFAULT_REMOTE_CONCURRENCY, SPILL_BYTES
 
 if TYPE_CHECKING:
     from ckptable._storage import EntryKind
@@ -32,6 +35,8 @@ class _RemoteStorage:
     # the local disk) are treated the same: without flock and O_NOFOLLOW here, the
     # staging-and-recovery scheme could not tell a crashed save from a running one.
     can_rename_dirs = False
+    #: Requests a save or restore runs at once (see :mod:`ckptable._storage_concurrent`).
+    io_concurrency = DEFAULT_REMOTE_CONCURRENCY
 
     def join(self, base: str, *names: str) -> str:
         return "/".join([base.rstrip("/"), *names]) if base else "/".join(names)
@@ -77,6 +82,19 @@ class PyArrowStorage(_RemoteStorage):
         # shown: a component's own ``save_to_path`` is called with a shown path, and must
         # open the same store with it, not the default endpoint.
         self.uri_query = uri_query
+        # Object stores have no directories: a prefix exists once an object is under it.
+        # pyarrow's create_dir writes a marker object there (a listing, a HEAD and a PUT
+        # per level), which nothing needs.
+        self._object_store = getattr(filesystem, "type_name", "") in _OBJECT_STORE_TYPES
+        self._writer: Any = None
+
+    def _write_filesystem(self) -> Any:
+        """The filesystem to write with: the user's, or on S3 a copy of it that opens
+        output streams lazily (``allow_delayed_open``), so that a small file is one
+        ``PutObject`` instead of a multipart upload's three requests."""
+        if self._writer is None:
+            self._writer = _delayed_open_copy(self.filesystem)
+        return self._writer
 
     def display(self, path: str) -> str:
         return self.uri_prefix + path + self.uri_query
@@ -105,14 +123,35 @@ class PyArrowStorage(_RemoteStorage):
         infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=False))
         return {info.base_name: self._kind(info) for info in infos}
 
+    def list_tree(self, path: str) -> list[tuple[str, str, int]]:
+        """Everything below ``path`` in one recursive listing: ``(path, kind, size)``
+        (one ``LIST`` per thousand objects on S3); empty if nothing is there."""
+        import pyarrow.fs
+
+        try:
+            infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [(info.path, self._kind(info) or "other", int(info.size or 0)) for info in infos]
+
+    @contextlib.contextmanager
+    def ranged(self, path: str) -> Iterator[Callable[[int, int], bytes]]:
+        """``read_at(offset, length)`` on one open file, callable from many threads at
+        once (pyarrow's ``ReadAt`` is thread-safe: on S3, one ranged GET each; the open
+        is one HEAD)."""
+        with self.filesystem.open_input_file(path) as stream:
+            yield lambda offset, length: bytes(stream.read_at(length, offset))
+
     def makedirs(self, path: str) -> None:
-        self.filesystem.create_dir(path, recursive=True)
+        if not self._object_store:
+            self.filesystem.create_dir(path, recursive=True)
 
     def mkdir(self, path: str) -> None:
-        self.filesystem.create_dir(path, recursive=False)
+        if not self._object_store:
+            self.filesystem.create_dir(path, recursive=False)
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        with self.filesystem.open_output_stream(path) as stream:
+        with self._write_filesystem().open_output_stream(path) as stream:
             stream.write(data)
 
     def read_bytes(self, path: str) -> bytes:
@@ -120,7 +159,7 @@ class PyArrowStorage(_RemoteStorage):
             return stream.read()
 
     def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        return self.filesystem.open_output_stream(path)  # type: ignore[no-any-return]
+        return self._write_filesystem().open_output_stream(path)  # type: ignore[no-any-return]
 
     def open_read(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         # A random-access file, not open_input_stream: the stream is not seekable, so an
@@ -145,6 +184,25 @@ class PyArrowStorage(_RemoteStorage):
         return (PyArrowStorage, (self.filesystem, self.uri_prefix, self.uri_query))
 
 
+#: ``type_name`` of the pyarrow filesystems that are object stores (no directories).
+_OBJECT_STORE_TYPES = frozenset({"s3", "gcs"})
+
+
+def _delayed_open_copy(filesystem: Any) -> Any:
+    """``filesystem`` with ``allow_delayed_open`` on, where it is an S3 filesystem that
+    has it off (pyarrow rebuilds it from its own pickling arguments); else itself."""
+    reduce = getattr(filesystem, "__reduce__", None)
+    if getattr(filesystem, "type_name", "") != "s3" or reduce is None:
+        return filesystem
+    try:
+        rebuild, (options, *rest) = reduce()
+        if not isinstance(options, dict) or options.get("allow_delayed_open", True):
+            return filesystem
+        return rebuild({**options, "allow_delayed_open": True}, *rest)
+    except Exception:  # another pyarrow's arguments: keep the user's filesystem
+        return filesystem
+
+
 class FsspecStorage(_RemoteStorage):
     """Any fsspec filesystem: s3fs, gcsfs, adlfs, the ``memory://`` filesystem, ...
 
@@ -162,6 +220,14 @@ class FsspecStorage(_RemoteStorage):
         # and no directories below: making one is a no-op there, and fsspec's makedirs
         # would create a missing bucket, which a save must never do.
         self._bucketed = callable(getattr(filesystem, "split_path", None))
+
+    @property
+    def stream_bytes(self) -> int:
+        """Files up to this size are written in one call (``pipe_file``: one request
+        below two upload chunks, as s3fs itself does); longer ones stream through
+        ``open`` (a multipart upload). See :mod:`ckptable._storage_concurrent`."""
+        chunk = getattr(self.filesystem, "default_block_size", None)
+        return 2 * chunk - 1 if isinstance(chunk, int) and chunk > 0 else SPILL_BYTES
 
     def display(self, path: str) -> str:
         return str(self.filesystem.unstrip_protocol(path))
@@ -193,6 +259,34 @@ class FsspecStorage(_RemoteStorage):
             entries[posixpath.basename(name)] = _fsspec_kind(info, False)
         return entries
 
+    def list_tree(self, path: str) -> list[tuple[str, str, int]]:
+        """Everything below ``path`` in one recursive listing (``find``): ``(path, kind,
+        size)``; empty if nothing is there."""
+        self.filesystem.invalidate_cache(path)
+        own = path.rstrip("/")
+        try:
+            found = self.filesystem.find(path, withdirs=True, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        entries: list[tuple[str, str, int]] = []
+        for info in found.values():
+            name = info["name"].rstrip("/")
+            if name == own:
+                if info.get("type") == "directory" or info["name"].endswith("/"):
+                    continue
+                return []  # a file: not a tree
+            kind = _fsspec_kind(info, False) or "other"
+            entries.append((name, kind, int(info.get("size") or 0)))
+        return entries
+
+    @contextlib.contextmanager
+    def ranged(self, path: str) -> Iterator[Callable[[int, int], bytes]]:
+        """``read_at(offset, length)``: one ranged read (``cat_file``) per call, callable
+        from many threads at once."""
+        yield lambda offset, length: bytes(
+            self.filesystem.cat_file(path, start=offset, end=offset + length)
+        )
+
     def makedirs(self, path: str) -> None:
         if not self._bucketed:
             self.filesystem.makedirs(path, exist_ok=True)
@@ -206,6 +300,13 @@ class FsspecStorage(_RemoteStorage):
 
     def read_bytes(self, path: str) -> bytes:
         return bytes(self.filesystem.cat_file(path))
+
+    def read_sized(self, path: str, size: int) -> bytes:
+        """The file at ``path``, whose size a listing gave: one GET of ``size`` bytes
+        (s3fs asks for the size first when it is not given one)."""
+        if size == 0:
+            return self.read_bytes(path)
+        return bytes(self.filesystem.cat_file(path, start=0, end=size))
 
     def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         return self.filesystem.open(path, "wb")  # type: ignore[no-any-return]

@@ -1,0 +1,468 @@
+"""Concurrent reads for the restore pipeline: one listing and one fetch per file.
+
+A restore reads level by level: list the level, read its manifest, verify and read each
+file, then the levels below. On the local disk each of those calls takes microseconds;
+on an object store each is a request with tens of milliseconds of round trip, and a
+level costs ten of them one after another. :class:`PrefetchedReads` wraps the storage
+for one restore of one checkpoint tree and changes that without changing the pipeline:
+
+- the tree is **listed once** (one recursive listing: a ``LIST`` per thousand objects on
+  S3), and every ``listdir``, ``kind`` and ``size`` inside it is answered from that;
+- the small files of the tree are **fetched concurrently**, a bounded number of requests
+  in flight, as soon as the restore first looks into the tree, and each is fetched
+  **once**: the pipeline's verification and decoding read the same bytes from memory;
+- a big file is read with **parallel ranged reads**, a few chunks ahead of the reader
+  (memory bounded by those chunks), and kept for a second read where it fits the budget.
+
+Nothing here decides what is trusted: the pipeline verifies every byte it gets against
+the manifests exactly as before, and applies nothing before everything verified. A fetch
+that fails raises its error when the pipeline reads that file (and only then), so the
+error names the file as before. Paths outside the tree, and every write, go to the
+storage itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import contextvars
+import io
+import threading
+from collections.abc import Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any
+
+from ckptable._storage_concurrent import io_concurrency
+
+if TYPE_CHECKING:
+    from ckptable._storage import EntryKind, Storage
+
+__all__ = ["PrefetchedReads", "reading_ahead", "shared_prefetch"]
+
+#: Files up to this size are fetched whole, ahead of the pipeline ...
+SMALL_FILE_BYTES = 16 << 20
+#: ... up to this much per restore in all; the rest is read when the pipeline asks.
+PREFETCH_BYTES = 256 << 20
+#: A big file is read in ranges of this size, ...
+RANGE_BYTES = 32 << 20
+#: ... this many ahead of the reader.
+RANGES_AHEAD = 2
+
+_current: contextvars.ContextVar[PrefetchedReads | None] = contextvars.ContextVar(
+    "ckptable_prefetch", default=None
+)
+
+
+@contextlib.contextmanager
+def reading_ahead(storage: Storage, root: str) -> Iterator[Storage]:
+    """The storage for one restore of the tree at ``root``: ``storage`` itself where it
+    runs one request at a time (the local disk) or cannot list a tree in one call;
+    else the :class:`PrefetchedReads` over it that an enclosing call opened for the same
+    tree (``from_checkpoint`` then the restore it runs), or a new one."""
+    outer = _current.get()
+    if outer is not None and outer.covers(storage, root):
+        yield outer
+        return
+    workers = io_concurrency(storage)
+    if workers <= 1 or not callable(getattr(storage, "list_tree", None)):
+        yield storage
+        return
+    prefetch = PrefetchedReads(storage, root, workers)
+    token = _current.set(prefetch)
+    try:
+        yield prefetch
+    finally:
+        _current.reset(token)
+        prefetch.close()
+
+
+def shared_prefetch() -> PrefetchedReads | None:
+    """The prefetch of the restore running in this context, if any."""
+    return _current.get()
+
+
+class _Tree:
+    """One listing of a checkpoint tree: each directory's entries, each file's size."""
+
+    def __init__(self, storage: Storage, root: str, listing: list[tuple[str, str, int]]) -> None:
+        self.dirs: dict[str, dict[str, EntryKind]] = {}
+        self.sizes: dict[str, int] = {}
+        if not listing:
+            return  # nothing there, or not a directory: the storage itself answers
+        self.dirs[root] = {}
+        for path, kind, size in sorted(listing):
+            parent, name = storage.split(path)
+            self._add_dir(storage, root, parent)
+            if kind == "dir":
+                self._add_dir(storage, root, path)
+            else:
+                self.dirs[parent][name] = "file" if kind == "file" else "other"
+                if kind == "file":
+                    self.sizes[path] = size
+
+    def _add_dir(self, storage: Storage, root: str, path: str) -> None:
+        while path not in self.dirs:
+            self.dirs[path] = {}
+            parent, name = storage.split(path)
+            if len(parent) < len(root):
+                return
+            self._add_dir(storage, root, parent)
+            self.dirs[parent][name] = "dir"
+
+
+class PrefetchedReads:
+    """A :class:`~ckptable._storage.Storage` that lists the tree at ``root`` once and
+    fetches its files concurrently (see the module docstring)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        root: str,
+        workers: int,
+        *,
+        budget: int | None = None,
+        small: int | None = None,
+        range_bytes: int | None = None,
+    ) -> None:
+        self.inner = storage
+        self.root = root
+        self.can_rename_dirs = storage.can_rename_dirs
+        self.io_concurrency = workers
+        self._prefix = storage.join(root, "")
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            workers, thread_name_prefix="ckptable-read"
+        )
+        self._budget = PREFETCH_BYTES if budget is None else budget
+        self._small = SMALL_FILE_BYTES if small is None else small
+        self._range = RANGE_BYTES if range_bytes is None else range_bytes
+        self._lock = threading.Lock()
+        self._tree: _Tree | None = None
+        self._fetched: dict[str, concurrent.futures.Future[bytes]] = {}
+        #: Big files: the first ranges, fetched ahead like the small files.
+        self._heads: dict[str, collections.deque[concurrent.futures.Future[bytes]]] = {}
+        #: Big files: the open handle their ranged reads share.
+        self._handles: dict[str, tuple[Any, Callable[[int, int], bytes]]] = {}
+        ranged = getattr(storage, "ranged", None)
+        self._ranged: Callable[[str], Any] | None = ranged if callable(ranged) else None
+        #: Big files read whole once, kept (within the budget) for a second read.
+        self._kept: dict[str, list[bytes]] = {}
+        self._closed = False
+
+    def covers(self, storage: Storage, root: str) -> bool:
+        """Whether this prefetch serves ``root`` of ``storage``."""
+        if self._closed or not (root == self.root or root.startswith(self._prefix)):
+            return False
+        inner = storage.inner if isinstance(storage, PrefetchedReads) else storage
+        if inner is self.inner:
+            return True
+        mine, theirs = self.inner.user_filesystem(), inner.user_filesystem()
+        equals = getattr(mine, "equals", None)
+        return type(inner) is type(self.inner) and bool(
+            equals(theirs) if callable(equals) else mine == theirs
+        )
+
+    def close(self) -> None:
+        """Cancel the fetches not started, and drop what was fetched."""
+        self._closed = True
+        for future in self._fetched.values():
+            future.cancel()
+        for heads in self._heads.values():
+            for future in heads:
+                future.cancel()
+        self._pool.shutdown(wait=True)
+        for opened, _ in self._handles.values():
+            with contextlib.suppress(Exception):
+                opened.__exit__(None, None, None)
+        self._handles.clear()
+        self._fetched.clear()
+        self._heads.clear()
+        self._kept.clear()
+
+    # ----------------------------------------------------------------- the tree
+
+    def _inside(self, path: str) -> bool:
+        return path == self.root or path.startswith(self._prefix)
+
+    def _listed(self) -> _Tree:
+        """The tree's listing, made (and its small files' fetches started) on first use."""
+        with self._lock:
+            if self._tree is None:
+                list_tree: Callable[[str], list[tuple[str, str, int]]] = self.inner.list_tree  # type: ignore[attr-defined]
+                self._tree = _Tree(self.inner, self.root, list_tree(self.root))
+                self._start_fetches(self._tree)
+            return self._tree
+
+    def _start_fetches(self, tree: _Tree) -> None:
+        """Fetch the small files whole, and the first ranges of the big ones, in path
+        order (roughly the order the pipeline reads the levels in), within the budget."""
+        budget = self._budget
+        read_sized = getattr(self.inner, "read_sized", None)
+        for path, size in sorted(tree.sizes.items()):
+            if size <= self._small:
+                if size > budget:
+                    continue
+                budget -= size
+                if callable(read_sized):
+                    future = self._pool.submit(read_sized, path, size)
+                else:
+                    future = self._pool.submit(self.inner.read_bytes, path)
+                self._fetched[path] = future
+            elif self._ranged is not None:
+                heads: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+                offset = 0
+                while offset < size and len(heads) < RANGES_AHEAD:
+                    length = self._range_length(offset, size)
+                    if length > budget:
+                        break
+                    budget -= length
+                    heads.append(self._pool.submit(self._read_range, path, offset, length))
+                    offset += length
+                if heads:
+                    self._heads[path] = heads
+        self._budget = budget
+
+    def _range_length(self, offset: int, size: int) -> int:
+        """The length of the range at ``offset``: the range size, or the rest of the file
+        where less than a quarter range more would be left (one request, not two)."""
+        rest = size - offset
+        return rest if rest <= self._range + self._range // 4 else self._range
+
+    def _read_range(self, path: str, offset: int, length: int) -> bytes:
+        """One ranged read, through a handle opened once per file (closed by ``close``)."""
+        with self._lock:
+            handle = self._handles.get(path)
+            if handle is None:
+                opened = self._ranged(path)  # type: ignore[misc]
+                handle = (opened, opened.__enter__())
+                self._handles[path] = handle
+        read_at: Callable[[int, int], bytes] = handle[1]
+        return read_at(offset, length)
+
+    def _entry(self, path: str) -> tuple[_Tree, bool]:
+        """The tree, and whether it answers for ``path`` (inside it, and listed)."""
+        if not self._inside(path):
+            return _EMPTY, False
+        tree = self._listed()
+        return tree, bool(tree.dirs)
+
+    # ----------------------------------------------------------------- reads
+
+    def kind(self, path: str, *, follow_symlinks: bool = False) -> EntryKind:
+        tree, answers = self._entry(path)
+        if not answers:
+            return self.inner.kind(path, follow_symlinks=follow_symlinks)
+        if path in tree.dirs:
+            return "dir"
+        parent, name = self.inner.split(path)
+        return tree.dirs.get(parent, {}).get(name)
+
+    def listdir(self, path: str) -> dict[str, EntryKind]:
+        tree, answers = self._entry(path)
+        if answers and path in tree.dirs:
+            return dict(tree.dirs[path])
+        return self.inner.listdir(path)
+
+    def size(self, path: str) -> int:
+        tree, answers = self._entry(path)
+        if answers and path in tree.sizes:
+            return tree.sizes[path]
+        return self.inner.size(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        data = self._memory(path)
+        if data is not None:
+            return data
+        with self.open_read(path) as stream:
+            return stream.read()
+
+    def open_read(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        data = self._memory(path)
+        if data is not None:
+            return contextlib.nullcontext(io.BytesIO(data))
+        tree, answers = self._entry(path)
+        size = tree.sizes.get(path) if answers else None
+        if size is None or size <= self._small or self._ranged is None:
+            return self.inner.open_read(path)
+        return self._open_ranged(path, size)
+
+    def _memory(self, path: str) -> bytes | None:
+        """The file's bytes if fetched ahead or kept (raises the fetch's error)."""
+        if not self._inside(path):
+            return None
+        self._listed()
+        future = self._fetched.get(path)
+        if future is not None:
+            return future.result()
+        kept = self._kept.get(path)
+        return b"".join(kept) if kept is not None else None
+
+    @contextlib.contextmanager
+    def _open_ranged(self, path: str, size: int) -> Iterator[IO[bytes]]:
+        heads = self._heads.pop(path, collections.deque())
+        keep = False
+        with self._lock:
+            if size <= self._budget:
+                self._budget -= size
+                keep = True
+        reader = _RangedReader(self, path, size, heads, keep)
+        try:
+            yield reader  # type: ignore[misc]
+        finally:
+            reader.close()
+        if keep and reader.complete():
+            self._kept[path] = reader.chunks
+        elif keep:
+            with self._lock:
+                self._budget += size
+
+    # ----------------------------------------------------------------- the rest
+
+    def join(self, base: str, *names: str) -> str:
+        return self.inner.join(base, *names)
+
+    def split(self, path: str) -> tuple[str, str]:
+        return self.inner.split(path)
+
+    def display(self, path: str) -> str:
+        return self.inner.display(path)
+
+    def makedirs(self, path: str) -> None:
+        self.inner.makedirs(path)
+
+    def mkdir(self, path: str) -> None:
+        self.inner.mkdir(path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        self.inner.write_bytes(path, data)
+
+    def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        return self.inner.open_write(path)
+
+    def remove_tree(self, path: str) -> None:
+        self.inner.remove_tree(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        self.inner.rename(src, dst)
+
+    def exchange(self, a: str, b: str) -> bool:
+        return self.inner.exchange(a, b)
+
+    def fsync(self, path: str) -> None:
+        self.inner.fsync(path)
+
+    def syncfs(self, path: str) -> bool:
+        return self.inner.syncfs(path)
+
+    def lock_directory(self, path: str, *, blocking: bool = False) -> Any:
+        return self.inner.lock_directory(path, blocking=blocking)
+
+    def unlock(self, handle: Any) -> None:
+        self.inner.unlock(handle)
+
+    def age_seconds(self, path: str) -> float:
+        return self.inner.age_seconds(path)
+
+    def identity(self, path: str) -> Any:
+        return self.inner.identity(path)
+
+    def is_abandoned(self, path: str) -> bool:
+        return self.inner.is_abandoned(path)
+
+    def user_filesystem(self) -> Any:
+        return self.inner.user_filesystem()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_inner_of, (self.inner,))
+
+
+def _inner_of(storage: Storage) -> Storage:
+    return storage
+
+
+_EMPTY = _Tree.__new__(_Tree)
+_EMPTY.dirs, _EMPTY.sizes = {}, {}
+
+
+class _RangedReader(io.RawIOBase):
+    """A file read front to back through ranged reads that run ahead in the pool
+    (``RANGES_AHEAD`` of them; the first ones may have been started by the prefetch)."""
+
+    def __init__(
+        self,
+        owner: PrefetchedReads,
+        path: str,
+        size: int,
+        heads: collections.deque[concurrent.futures.Future[bytes]],
+        keep: bool,
+    ) -> None:
+        super().__init__()
+        self._owner = owner
+        self._path = path
+        self._size = size
+        self._ahead = heads
+        self._next = 0
+        for _ in heads:  # the heads are the first ranges
+            self._next += owner._range_length(self._next, size)
+        self._current = memoryview(b"")
+        self._keep = keep
+        self.chunks: list[bytes] = []
+        self._short = False
+
+    def readable(self) -> bool:
+        return True
+
+    def complete(self) -> bool:
+        return not self._short and self._next >= self._size and not self._ahead
+
+    def _fill(self) -> None:
+        owner = self._owner
+        while len(self._ahead) < RANGES_AHEAD and self._next < self._size:
+            length = owner._range_length(self._next, self._size)
+            self._ahead.append(
+                owner._pool.submit(owner._read_range, self._path, self._next, length)
+            )
+            self._next += length
+
+    def _take(self) -> bytes | None:
+        """The next range's bytes (None at the end)."""
+        self._fill()
+        if not self._ahead:
+            return None
+        chunk = self._ahead.popleft().result()
+        self._fill()
+        if self._keep:
+            self.chunks.append(chunk)
+        if not chunk:
+            self._short = True
+            return None
+        return chunk
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        if not self._current:
+            chunk = self._take()
+            if chunk is None:
+                return 0
+            self._current = memoryview(chunk)
+        n = min(len(target), len(self._current))
+        target[:n] = self._current[:n]
+        self._current = self._current[n:]
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        return super().read(size) or b""
+
+    def readall(self) -> bytes:
+        parts = [bytes(self._current)]
+        self._current = memoryview(b"")
+        while (chunk := self._take()) is not None:
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        for future in self._ahead:
+            future.cancel()
+        self._ahead.clear()
+        super().close()
