@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import io
 import json
 import os
 import pickle
@@ -643,9 +642,11 @@ def _small_first(storage: Storage, path: str) -> Iterator[IO[bytes]]:
         spool.close_through()
 
 
-class _Spool(io.RawIOBase):
+class _Spool:
+    """The stream of ``_small_first`` (a plain object: an ``io`` base class costs more
+    to create than the whole write of a small state)."""
+
     def __init__(self, storage: LocalStorage, path: str) -> None:
-        super().__init__()
         self._storage = storage
         self._path = path
         self._held: list[bytes] = []
@@ -654,6 +655,9 @@ class _Spool(io.RawIOBase):
 
     def writable(self) -> bool:
         return True
+
+    def flush(self) -> None:
+        pass
 
     def write(self, data: Any) -> int:
         if self._through is not None:

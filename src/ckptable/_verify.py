@@ -26,6 +26,7 @@ from ckptable._manifest import (
 )
 from ckptable._progress import progress_bar
 from ckptable._storage import Storage, resolve_storage
+from ckptable._storage_prefetch import reading_ahead
 from ckptable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 __all__ = ["VerifyReport", "verify_checkpoint", "verify_tree"]
@@ -79,11 +80,8 @@ def verify_checkpoint(
     """
     storage, root = resolve_storage(path, filesystem)
     try:
-        refuse_non_checkpoint(storage, root)
-        with progress_bar(progress, "Verifying") as bar:
-            if bar is not None:
-                bar.set_total(manifest_tree_bytes(storage, root))
-            return verify_tree(storage, root)
+        with reading_ahead(storage, root) as storage:
+            return _verify_root(storage, root, progress)
     except CheckpointError:
         raise  # CheckpointNotFoundError is an OSError too: keep it as it is
     except OSError as exc:
@@ -91,6 +89,16 @@ def verify_checkpoint(
         raise CorruptCheckpointError(
             f"Cannot read the checkpoint {shown}: {exc}", path=shown
         ) from exc
+
+
+def _verify_root(storage: Storage, root: str, progress: bool | None) -> VerifyReport:
+    """``verify_checkpoint`` on a resolved path (an object store's listed once and read
+    concurrently: :mod:`ckptable._storage_prefetch`)."""
+    refuse_non_checkpoint(storage, root)
+    with progress_bar(progress, "Verifying") as bar:
+        if bar is not None:
+            bar.set_total(manifest_tree_bytes(storage, root))
+        return verify_tree(storage, root)
 
 
 def verify_tree(
