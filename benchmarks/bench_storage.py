@@ -2,22 +2,36 @@
 
 What: the tree of ``benchmarks/_trees.py`` holding a *big* workload (1 GiB of float32
 arrays in 4 leaves; ``--big-mib``, ``--big-leaves``) or a *wide* one (1,000 leaves of
-1 KiB; ``--leaves``, ``--leaf-bytes``) is saved and restored in both state formats
-(cloudpickle, and msgpack via ``use_msgpack=True``) on two storages: the local disk
-(``--dir``) and an S3-compatible server (moto's, on the loopback, in a child process;
-``tests/s3_server.py``), reached with one ``pyarrow.fs.S3FileSystem`` that ckptable and
-RLlib's ``Checkpointable`` both get as ``filesystem=``. Baselines: plain I/O of the same
-bytes, one file (one object on S3) per leaf: a plain write (locally also with ``fsync``)
-and a plain read. ckptable's saves run with ``durable=True`` (its default) and, locally,
+1 KiB; ``--leaves``, ``--leaf-bytes``; on S3 100 leaves, ``--s3-leaves``) is saved and
+restored in both state formats (cloudpickle, and msgpack via ``use_msgpack=True``) on two
+storages: the local disk (``--dir``) and an S3-compatible server (moto's, on the
+loopback, in a child process; ``tests/s3_server.py``). On S3 it runs once per client
+library (``--s3-clients``: pyarrow's ``S3FileSystem``, s3fs) and per added round-trip
+time (``--s3-rtts``, default 20 ms: a latency proxy in front of the server,
+``tests/latency_proxy.py``); ckptable gets the client's filesystem as ``filesystem=``,
+and so does RLlib's ``Checkpointable`` (s3fs wrapped in
+``pyarrow.fs.PyFileSystem(FSSpecHandler(...))``, as RLlib takes pyarrow filesystems
+only). Baselines: plain I/O of the same bytes, one file (one object on S3) per leaf: a
+plain write (locally also with ``fsync``) and a plain read, one after the other
+(*sequential*) and, on S3, ``--s3-threads`` (32) at a time (*concurrent*), with the
+same client. ckptable's saves run with ``durable=True`` (its default) and, locally,
 ``durable=False``; its restores with ``verify=True`` (default), ``verify=False`` and
-``mmap=True``.
+``mmap=True``. On S3 the requests of one call of every implementation (in the last
+repeat, outside the timing) are counted by kind (PUT, GET, HEAD, LIST, DELETE, OTHER:
+``S3Server.counts()``) and reported as a table.
 
 Why: the issue "Any storage, portable formats, and big states at disk speed" sets
 targets for the local big cloudpickle case: a save within 1.1x of a plain write
 (``durable=False`` vs write; ``durable=True`` vs write+fsync), a restore within 1.1x of
 a plain read, and an ``mmap=True`` restore at least 10x faster than RLlib's restore. The
-script prints each target as PASS or FAIL with its figures, and the same measurements
-for msgpack and S3 (which have no targets), with the peak memory of every operation.
+issue about object stores at realistic latency sets targets on S3, in both formats and
+for each client: with 20 ms RTT, *wide*: save and restore each >= 5x faster than RLlib's
+and <= 1.5x the plain concurrent upload / download; *big*: save <= 1.2x the plain
+concurrent upload, restore (``verify=True``) <= 1.2x the plain concurrent download;
+without added latency: ckptable not slower than RLlib in any operation. The script
+prints each target as PASS or FAIL with its figures, and the same measurements for the
+combinations without targets, with the peak memory of every operation. The local wide
+target on tmpfs (1,000 leaves) is ``bench_wide_local.py``'s.
 
 Method (as ``bench_core.py`` and ``bench_durability.py``): every repeat runs all
 implementations of an operation back to back in a rotating order, after an untimed
@@ -31,12 +45,19 @@ ratios), and the median peak extra memory of each operation.
 Run from the repository root::
 
     python benchmarks/bench_storage.py --big-mib 64 --repeats 2     # quick local run
+    python benchmarks/bench_storage.py --storages s3 --repeats 3 --s3-big-mib 64  # quick S3
+    python benchmarks/bench_storage.py --storages s3 --s3-rtts 0,20 --s3-clients s3fs
     python benchmarks/bench_storage.py --dir /var/tmp --storages local,s3 --repeats 11 \\
         --s3-big-mib 256 --s3-leaves 100 --out docs/benchmarks.md \\
         --section "Storage and formats" --plot docs/img/storage_formats.png
 
-The S3 sizes are smaller because moto charges milliseconds per request and copies the
-whole object for each ranged GET (see ``S3Place.request_costs``).
+S3 flags: ``--s3-clients pyarrow,s3fs`` (default both), ``--s3-rtts 0,20`` (round-trip
+times in ms added by the proxy, one run each; default 20; ``--s3-rtt-ms N`` is
+``--s3-rtts N``; 0 connects to the server directly), ``--s3-threads 32`` (requests in
+flight of the plain concurrent baseline; s3fs gets as many pooled connections),
+``--s3-big-mib``, ``--s3-leaves`` (default 100), ``--s3-repeats`` (default
+``--repeats``, else 3). The S3 sizes are smaller because moto charges milliseconds per
+request and copies the whole object for each ranged GET (see ``S3Place.request_costs``).
 """
 
 from __future__ import annotations
@@ -57,6 +78,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -100,12 +122,26 @@ STORAGES = ("local", "s3")
 STORAGE_TITLES = {"local": "local disk", "s3": "S3-compatible server"}
 DEFAULT_REPEATS = {"big": 5, "wide": 7}
 DEFAULT_S3_REPEATS = 3
+#: Wide on S3: 100 leaves (each costs requests, and moto milliseconds per request).
+DEFAULT_S3_LEAVES = 100
+S3_CLIENTS = ("pyarrow", "s3fs")
+#: The round-trip times (ms) the latency proxy adds by default: a region close by.
+DEFAULT_S3_RTTS = (20.0,)
+#: Requests in flight of the plain concurrent baseline (and s3fs's connection pool).
+DEFAULT_S3_THREADS = 32
+#: Request kinds counted by the S3 server (``tests/s3_server.py``'s ``KINDS``).
+REQUEST_KINDS = ("PUT", "GET", "HEAD", "LIST", "DELETE", "OTHER")
+#: Variants that take a request per file in sequence: at 20 ms RTT, a minute per call of
+#: the wide tree with pyarrow; with added latency they are timed in fewer repeats.
+SLOW_KINDS = frozenset({"rllib", "plain"})
+DEFAULT_S3_SLOW_REPEATS = 1
 DEFAULT_SECTION = "Storage and formats"
 #: The bucket the benchmark creates on its own moto server.
 BUCKET = "ckptable-bench"
 #: The ranged read of ``S3Place.request_costs``: ckptable's read size for big files.
 PROBE_RANGE = 8 << 20
 LOCAL = frozenset({"local"})
+S3 = frozenset({"s3"})
 BOTH = frozenset(STORAGES)
 
 
@@ -129,7 +165,8 @@ class Variant:
 
     @property
     def kind(self) -> str:
-        """``ckptable``, ``rllib``, ``plain`` or ``plain-fsync``."""
+        """``ckptable``, ``rllib``, ``plain``, ``plain-conc``, ``plain-objects`` or
+        ``plain-fsync``."""
         return "ckptable" if self.label.startswith("ck") else self.label
 
     @property
@@ -141,7 +178,9 @@ SAVES = (
     Variant("save", "ck", "ckptable", BOTH),
     Variant("save", "ck-nondurable", "ckptable durable=False", LOCAL, durable=False),
     Variant("save", "rllib", "RLlib", BOTH),
-    Variant("save", "plain", "plain write", BOTH),
+    Variant("save", "plain", "plain write, sequential", BOTH),
+    Variant("save", "plain-conc", "plain write, concurrent", S3),
+    Variant("save", "plain-objects", "plain write of ckptable's objects, concurrent", S3),
     Variant("save", "plain-fsync", "plain write+fsync", LOCAL),
 )
 RESTORES = (
@@ -149,7 +188,15 @@ RESTORES = (
     Variant("restore", "ck-noverify", "ckptable verify=False", BOTH, verify=False, source="ck"),
     Variant("restore", "ck-mmap", "ckptable mmap=True", BOTH, mmap=True, source="ck"),
     Variant("restore", "rllib", "RLlib", BOTH, source="rllib"),
-    Variant("restore", "plain", "plain read", BOTH, source="plain"),
+    Variant("restore", "plain", "plain read, sequential", BOTH, source="plain"),
+    Variant("restore", "plain-conc", "plain read, concurrent", S3, source="plain-conc"),
+    Variant(
+        "restore",
+        "plain-objects",
+        "plain read of ckptable's objects, concurrent",
+        S3,
+        source="plain-objects",
+    ),
 )
 VARIANTS = {v.key: v for v in (*SAVES, *RESTORES)}
 #: Labels in the plot's legend (one colour per label, save and restore alike).
@@ -159,7 +206,9 @@ LEGEND = {
     "ck-noverify": "ckptable durable=False / verify=False",
     "ck-mmap": "ckptable mmap=True",
     "rllib": "RLlib",
-    "plain": "plain write / read",
+    "plain": "plain write / read, sequential",
+    "plain-conc": "plain write / read, concurrent (S3)",
+    "plain-objects": "plain write / read of ckptable's objects, concurrent (S3)",
     "plain-fsync": "plain write+fsync",
 }
 COLORS = {
@@ -169,6 +218,8 @@ COLORS = {
     "ck-mmap": "#0b2f5a",
     "rllib": "#e69138",
     "plain": "#999999",
+    "plain-conc": "#c9c9c9",
+    "plain-objects": "#e0e0e0",
     "plain-fsync": "#555555",
 }
 
@@ -204,18 +255,62 @@ class Ratio:
 RATIOS = (
     Ratio("save", "ck-nondurable", "plain", LOCAL, ("<=", 1.1)),
     Ratio("save", "ck", "plain-fsync", LOCAL, ("<=", 1.1)),
-    Ratio("save", "ck", "plain", frozenset({"s3"})),
+    Ratio("save", "ck", "plain-conc", S3),
+    Ratio("save", "ck", "plain", S3),
+    Ratio("save", "ck", "plain-objects", S3),
+    Ratio("save", "plain", "plain-conc", S3),
     Ratio("save", "rllib", "plain", BOTH),
     Ratio("save", "rllib", "ck-nondurable", LOCAL),
-    Ratio("save", "rllib", "ck", frozenset({"s3"})),
+    Ratio("save", "rllib", "ck", S3),
+    Ratio("restore", "ck", "plain-conc", S3),
     Ratio("restore", "ck", "plain", BOTH, ("<=", 1.1)),
     Ratio("restore", "ck-noverify", "plain", BOTH),
+    Ratio("restore", "ck", "plain-objects", S3),
+    Ratio("restore", "plain", "plain-conc", S3),
     Ratio("restore", "rllib", "plain", BOTH),
     Ratio("restore", "rllib", "ck", BOTH),
     Ratio("restore", "rllib", "ck-mmap", LOCAL, (">=", 10.0)),
 )
 #: The group the issue's targets are about: (workload, format, storage).
 TARGET_GROUP = ("big", "cloudpickle", "local")
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Target:
+    """A target of the issue about object stores at realistic latency: ``ratio`` meets
+    ``sign bound`` for the ``workloads``, in every format and with every client, in the
+    runs with added latency (``latency=True``: RTT > 0) or without (RTT = 0)."""
+
+    workloads: tuple[str, ...]
+    latency: bool
+    ratio: Ratio
+    sign: str
+    bound: float
+
+    def applies(self, workload: str, rtt_ms: float) -> bool:
+        return workload in self.workloads and self.latency == (rtt_ms > 0)
+
+
+def _s3_target(workloads: str, latency: bool, op: str, num: str, den: str, bound: str) -> S3Target:
+    sign, value = bound.split()
+    return S3Target(
+        tuple(workloads.split(",")), latency, Ratio(op, num, den, S3), sign, float(value)
+    )
+
+
+S3_TARGETS = (
+    _s3_target("wide", True, "save", "rllib", "ck", ">= 5"),
+    _s3_target("wide", True, "restore", "rllib", "ck", ">= 5"),
+    # "within 1.5x of a plain concurrent upload/download of the same files": the files
+    # of the checkpoint (four per level, as RLlib's layout has), uploaded and downloaded
+    # by plain concurrent requests. ``plain-conc`` (one object per leaf) is reported too.
+    _s3_target("wide", True, "save", "ck", "plain-objects", "<= 1.5"),
+    _s3_target("wide", True, "restore", "ck", "plain-objects", "<= 1.5"),
+    _s3_target("big", True, "save", "ck", "plain-conc", "<= 1.2"),
+    _s3_target("big", True, "restore", "ck", "plain-conc", "<= 1.2"),
+    _s3_target("big,wide", False, "save", "rllib", "ck", ">= 1"),
+    _s3_target("big,wide", False, "restore", "rllib", "ck", ">= 1"),
+)
 
 
 # --------------------------------------------------------------------------- storages
@@ -225,7 +320,9 @@ class LocalPlace:
     """Checkpoints in a directory of the local disk."""
 
     name = "local"
+    title = "local disk"
     filesystem: Any = None
+    rllib_filesystem: Any = None
 
     def __init__(self, base: str) -> None:
         self.base = base
@@ -250,16 +347,59 @@ class LocalPlace:
     def read_plain(self, path: str, names: Sequence[str], templates: Sequence[Payload]) -> Any:
         return plain_read(path, names, templates)
 
+    def close(self) -> None:
+        pass
+
 
 class S3Place:
-    """Checkpoints under a prefix of a bucket on the benchmark's own moto server."""
+    """Checkpoints under a prefix of a bucket on the benchmark's own moto server, through
+    one client library (``pyarrow`` or ``s3fs``) and, if ``server`` is a view through a
+    latency proxy (``S3Server.with_latency``), with its round-trip time.
+
+    ``filesystem`` is what ckptable gets, ``rllib_filesystem`` what RLlib gets (RLlib
+    takes pyarrow filesystems only: s3fs is wrapped in ``PyFileSystem(FSSpecHandler)``).
+    The plain baselines use the same client (``plain_filesystem``: pyarrow's with
+    ``allow_delayed_open=True``, so that a small object is one ``PutObject``, not a
+    multipart upload's three requests, as ckptable writes them): one object per leaf,
+    one request at a time (``write_plain``, ``read_plain``) or ``threads`` at a time
+    (``*_concurrent``); and ckptable's own objects, ``threads`` at a time
+    (``write_objects``, ``read_objects``).
+    """
 
     name = "s3"
 
-    def __init__(self, server: Any, filesystem: Any, prefix: str) -> None:
+    def __init__(self, server: Any, client: str, prefix: str, threads: int) -> None:
         self.server = server
-        self.filesystem = filesystem
+        self.client = client
         self.prefix = prefix
+        self.threads = threads
+        if client == "pyarrow":
+            self.filesystem = server.pyarrow_filesystem()
+            self.rllib_filesystem = self.filesystem
+            self.plain_filesystem = server.pyarrow_filesystem(allow_delayed_open=True)
+        elif client == "s3fs":
+            # As many pooled connections as the concurrent baseline has requests in
+            # flight (botocore's default is 10); a fresh instance, not fsspec's cached one.
+            self.filesystem = server.s3fs_filesystem(
+                config_kwargs={"max_pool_connections": max(threads, 10)},
+                skip_instance_cache=True,
+            )
+            self.rllib_filesystem = pyarrow.fs.PyFileSystem(
+                pyarrow.fs.FSSpecHandler(self.filesystem)
+            )
+            self.plain_filesystem = self.filesystem
+        else:
+            raise ValueError(client)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="plain-s3")
+
+    @property
+    def rtt_ms(self) -> float:
+        return float(self.server.rtt_ms)
+
+    @property
+    def title(self) -> str:
+        latency = f"{self.rtt_ms:g} ms RTT" if self.rtt_ms else "no added latency"
+        return f"S3-compatible server ({self.client}, {latency})"
 
     def new_round(self, name: str) -> str:
         return f"{self.prefix}/{name}"  # object stores have no directories to make
@@ -267,60 +407,134 @@ class S3Place:
     def join(self, base: str, name: str) -> str:
         return f"{base}/{name}"
 
+    # ------------------------------------------------------------------ one object
+
+    def put(self, key: str, payload: Payload) -> None:
+        """One object holding ``payload``'s bytes: one PUT (multipart above the
+        client's part size)."""
+        if self.client == "pyarrow":
+            with self.plain_filesystem.open_output_stream(key) as f:
+                f.write(payload)
+        else:  # botocore takes bytes, not buffers: arrays are copied once
+            data = payload.tobytes() if isinstance(payload, np.ndarray) else payload
+            self.plain_filesystem.pipe_file(key, data)
+
+    def get(self, key: str, nbytes: int) -> bytes:
+        """The first ``nbytes`` of an object, in one GET.
+
+        pyarrow: ``read(size)`` on ``open_input_stream``; ``read()`` without a size would
+        read the stream in 256 KiB requests (pyarrow cannot ask a stream its size), which
+        is no baseline at all. s3fs: ``cat_file(key, end=nbytes)``.
+        """
+        if self.client == "pyarrow":
+            with self.plain_filesystem.open_input_stream(key) as f:
+                data: bytes = f.read(nbytes)
+            return data
+        if not nbytes:  # (a range of 0 bytes is no range)
+            return bytes(self.plain_filesystem.cat_file(key))
+        return bytes(self.plain_filesystem.cat_file(key, start=0, end=nbytes))
+
     def delete(self, path: str) -> None:
         with contextlib.suppress(OSError):
-            self.filesystem.delete_dir(path)
+            if self.client == "pyarrow":
+                self.filesystem.delete_dir(path)
+            else:
+                self.filesystem.rm(path, recursive=True)
 
     def entries(self, path: str) -> set[str]:
-        infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-        return {info.base_name for info in infos}
+        if self.client == "pyarrow":
+            infos = self.filesystem.get_file_info(
+                pyarrow.fs.FileSelector(path, allow_not_found=True)
+            )
+            return {info.base_name for info in infos}
+        self.filesystem.invalidate_cache(path)
+        try:
+            names = self.filesystem.ls(path, detail=False)
+        except FileNotFoundError:
+            return set()
+        return {name.rstrip("/").rsplit("/", 1)[-1] for name in names}
+
+    # ------------------------------------------------------------------ plain I/O
 
     def write_plain(self, path: str, names: Sequence[str], payloads: Sequence[Payload]) -> None:
-        """One PUT (``open_output_stream``) per leaf, holding the payload's bytes."""
+        """One PUT per leaf holding its payload's bytes, one after the other."""
         for name, payload in zip(names, payloads, strict=True):
-            with self.filesystem.open_output_stream(f"{path}/{name}/{PLAIN_FILE}") as f:
-                f.write(payload)
+            self.put(f"{path}/{name}/{PLAIN_FILE}", payload)
+
+    def write_plain_concurrent(
+        self, path: str, names: Sequence[str], payloads: Sequence[Payload]
+    ) -> None:
+        """The same PUTs, ``threads`` in flight."""
+        keys = [f"{path}/{name}/{PLAIN_FILE}" for name in names]
+        list(self.pool.map(self.put, keys, payloads))
 
     def read_plain(self, path: str, names: Sequence[str], templates: Sequence[Payload]) -> Any:
-        """One GET per leaf: ``read(size)`` on ``open_input_stream``, the size known.
+        """One GET per leaf (the size known), one after the other."""
+        return [self._read_leaf(path, name, t) for name, t in zip(names, templates, strict=True)]
 
-        ``read()`` without a size would read the stream in 256 KiB requests (pyarrow
-        cannot ask a stream its size), which is no baseline at all.
-        """
-        out: list[Payload] = []
-        for name, template in zip(names, templates, strict=True):
-            nbytes = memoryview(template).nbytes
-            with self.filesystem.open_input_stream(f"{path}/{name}/{PLAIN_FILE}") as f:
-                data = f.read(nbytes)
-            if isinstance(template, np.ndarray):
-                out.append(np.frombuffer(data, template.dtype).reshape(template.shape))
-            else:
-                out.append(data)
-        return out
+    def read_plain_concurrent(
+        self, path: str, names: Sequence[str], templates: Sequence[Payload]
+    ) -> Any:
+        """The same GETs, ``threads`` in flight."""
+        return list(self.pool.map(lambda n, t: self._read_leaf(path, n, t), names, templates))
+
+    def read_tree(self, path: str) -> dict[str, bytes]:
+        """Every object under ``path`` (a checkpoint), by key relative to it (untimed)."""
+        if self.client == "pyarrow":
+            selector = pyarrow.fs.FileSelector(path, recursive=True)
+            infos = self.filesystem.get_file_info(selector)
+            sizes = {i.path: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+        else:
+            self.filesystem.invalidate_cache(path)
+            found = self.filesystem.find(path, detail=True)
+            sizes = {key: info["size"] for key, info in found.items() if info["type"] == "file"}
+        keys = sorted(sizes)
+        datas = self.pool.map(lambda key: self.get(key, sizes[key]), keys)
+        return {key[len(path) + 1 :]: data for key, data in zip(keys, datas, strict=True)}
+
+    def write_objects(self, path: str, objects: dict[str, bytes]) -> None:
+        """``objects`` under ``path``, ``threads`` PUTs in flight."""
+        keys = [f"{path}/{name}" for name in objects]
+        list(self.pool.map(self.put, keys, objects.values()))
+
+    def read_objects(self, path: str, objects: dict[str, bytes]) -> dict[str, bytes]:
+        """The objects of ``write_objects`` read back (their sizes known), ``threads``
+        GETs in flight."""
+        datas = self.pool.map(
+            lambda name, data: self.get(f"{path}/{name}", len(data)),
+            objects,
+            objects.values(),
+        )
+        return dict(zip(objects, datas, strict=True))
+
+    def _read_leaf(self, path: str, name: str, template: Payload) -> Payload:
+        data = self.get(f"{path}/{name}/{PLAIN_FILE}", memoryview(template).nbytes)
+        if isinstance(template, np.ndarray):
+            return np.frombuffer(data, template.dtype).reshape(template.shape)
+        return data
+
+    # ------------------------------------------------------------------ the server
 
     def request_costs(self, big_bytes: int) -> str:
-        """What moto charges per request, measured untimed before the run: the median of
-        small PUTs and GETs, and of one 8 MiB ranged GET from objects of two sizes."""
-        fs, base, small = self.filesystem, f"{self.prefix}/probe", b"x" * 1024
+        """What a request costs, measured untimed before the run (moto's time plus the
+        added round trips): the median of small PUTs and GETs, and of one 8 MiB ranged
+        GET from objects of two sizes."""
+        base, small = f"{self.prefix}/probe", b"x" * 1024
         put, get = [], []
         for i in range(20):
             start = time.perf_counter()
-            with fs.open_output_stream(f"{base}/small{i}") as f:
-                f.write(small)
+            self.put(f"{base}/small{i}", small)
             put.append(time.perf_counter() - start)
             start = time.perf_counter()
-            with fs.open_input_stream(f"{base}/small{i}") as f:
-                f.read(len(small))
+            self.get(f"{base}/small{i}", len(small))
             get.append(time.perf_counter() - start)
         ranged = {}
         for size in dict.fromkeys([PROBE_RANGE, max(PROBE_RANGE, big_bytes)]):
-            with fs.open_output_stream(f"{base}/object") as f:
-                f.write(os.urandom(size))
+            self.put(f"{base}/object", os.urandom(size))
             times = []
             for _ in range(3):
                 start = time.perf_counter()
-                with fs.open_input_stream(f"{base}/object") as f:
-                    f.read(PROBE_RANGE)
+                self.get(f"{base}/object", PROBE_RANGE)
                 times.append(time.perf_counter() - start)
             ranged[size] = statistics.median(times)
         self.delete(base)
@@ -337,43 +551,62 @@ class S3Place:
         """The moto server's peak resident memory so far (``VmHWM``), in bytes."""
         return proc_status(f"/proc/{self.server.process.pid}/status").get("VmHWM")
 
+    def reset_counts(self) -> None:
+        self.server.reset_counts()
+
+    def counts(self) -> dict[str, int]:
+        """Requests the server received since ``reset_counts()``, by kind."""
+        return dict(self.server.counts())
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
 
 Place = LocalPlace | S3Place
 
 
-def load_s3_server_module() -> ModuleType:
-    """``tests/s3_server.py``, imported by file (``tests/`` is not put on ``sys.path``)."""
-    path = REPO / "tests" / "s3_server.py"
-    spec = importlib.util.spec_from_file_location("s3_server", path)
+def load_test_module(name: str) -> ModuleType:
+    """``tests/<name>.py``, imported by file (``tests/`` is not put on ``sys.path``)."""
+    path = REPO / "tests" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["s3_server"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
+def load_s3_server_module() -> ModuleType:
+    """``tests/s3_server.py`` (and the ``latency_proxy`` module it imports)."""
+    load_test_module("latency_proxy")
+    return load_test_module("s3_server")
+
+
 @contextlib.contextmanager
-def open_place(storage: str, run_dir: str) -> Iterator[Place]:
-    """The local run directory, or a moto server (a child process) with a fresh bucket."""
-    if storage == "local":
-        yield LocalPlace(run_dir)
-        return
+def s3_server() -> Iterator[Any]:
+    """A moto server (a child process, ``tests/s3_server.py``) with the bucket ``BUCKET``."""
     s3 = load_s3_server_module()
     os.environ.update(s3.offline_aws_environment())  # no client looks for real credentials
     server = s3.start_server()
     try:
         server.create_bucket(BUCKET)
-        filesystem = pyarrow.fs.S3FileSystem(
-            endpoint_override=server.endpoint_override,
-            scheme="http",
-            access_key=s3.ACCESS_KEY,
-            secret_key=s3.SECRET_KEY,
-            region=s3.REGION,
-        )
-        yield S3Place(server, filesystem, f"{BUCKET}/{uuid.uuid4().hex[:12]}")
+        yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def s3_view(server: Any, rtt_ms: float) -> Iterator[Any]:
+    """``server`` itself (``rtt_ms`` 0), or a view of it through a latency proxy."""
+    if not rtt_ms:
+        yield server
+        return
+    view = server.with_latency(rtt_ms)
+    try:
+        yield view
+    finally:
+        view.stop()
 
 
 # --------------------------------------------------------------------------- subjects
@@ -389,6 +622,8 @@ class Subjects:
         self.place = place
         self.ck_root = build_root(_trees.CkRoot, payloads, step=ROOT_STEP)
         self.rl_root = build_root(_trees.RlRoot, payloads, step=ROOT_STEP)
+        #: S3: the objects of a ckptable checkpoint of the tree (``plain-objects``).
+        self.objects: dict[str, bytes] = {}
 
     def save(self, variant: Variant, path: str) -> Callable[[], Any]:
         fs, msgpack, place = self.place.filesystem, self.msgpack, self.place
@@ -399,10 +634,15 @@ class Subjects:
                 path, filesystem=fs, use_msgpack=msgpack, durable=durable
             )
         if variant.kind == "rllib":
-            rl_root = self.rl_root
-            return lambda: rl_root.save_to_path(path, filesystem=fs, use_msgpack=msgpack)
+            rl_root, rl_fs = self.rl_root, place.rllib_filesystem
+            return lambda: rl_root.save_to_path(path, filesystem=rl_fs, use_msgpack=msgpack)
         if variant.kind == "plain":
             return lambda: place.write_plain(path, names, payloads)
+        if variant.kind == "plain-conc" and isinstance(place, S3Place):
+            return lambda: place.write_plain_concurrent(path, names, payloads)
+        if variant.kind == "plain-objects" and isinstance(place, S3Place):
+            objects = self.objects
+            return lambda: place.write_objects(path, objects)
         if variant.kind == "plain-fsync":
             return lambda: plain_write_fsync(path, names, payloads)
         raise ValueError(variant.kind)
@@ -412,6 +652,11 @@ class Subjects:
         fs, place, names, payloads = self.place.filesystem, self.place, self.names, self.payloads
         if variant.kind == "plain":
             return lambda: (None, place.read_plain(path, names, payloads))
+        if variant.kind == "plain-conc" and isinstance(place, S3Place):
+            return lambda: (None, place.read_plain_concurrent(path, names, payloads))
+        if variant.kind == "plain-objects" and isinstance(place, S3Place):
+            objects = self.objects
+            return lambda: (None, [place.read_objects(path, objects)])
         if variant.kind == "ckptable":
             target = _trees.CkRoot(len(payloads))
             verify, mmap = variant.verify, variant.mmap
@@ -422,10 +667,10 @@ class Subjects:
 
             return restore_ckptable
         if variant.kind == "rllib":
-            rl_target = _trees.RlRoot(len(payloads))
+            rl_target, rl_fs = _trees.RlRoot(len(payloads)), place.rllib_filesystem
 
             def restore_rllib() -> tuple[int | None, list[Any]]:
-                rl_target.restore_from_path(path, filesystem=fs)
+                rl_target.restore_from_path(path, filesystem=rl_fs)
                 return rl_target.step, [leaf.payload for leaf in rl_target.leaves.values()]
 
             return restore_rllib
@@ -436,6 +681,13 @@ class Subjects:
         missing = set(self.names) - self.place.entries(path)
         if missing:
             raise BenchmarkError(f"{variant.name}: {path} lacks {len(missing)} leaves")
+
+    def check_restored(self, variant: Variant, step: int | None, got: list[Any]) -> None:
+        """A restore returned the saved data (``plain-objects``: the objects)."""
+        if variant.kind != "plain-objects":
+            check_restored(variant.name, "restore", step, got, self.payloads)
+        elif got != [self.objects]:
+            raise BenchmarkError(f"{variant.name}: the objects read differ from those written")
 
 
 # --------------------------------------------------------------------------- memory
@@ -460,6 +712,8 @@ class Untimed:
         self.sync = sync
         self.prewarm_bytes = prewarm_bytes
         self.pending: list[Callable[[], None]] = []
+        #: Called last, right before the timing starts (resetting the request counts).
+        self.last: Callable[[], None] | None = None
 
     def later(self, action: Callable[[], None]) -> None:
         self.pending.append(action)
@@ -473,6 +727,8 @@ class Untimed:
         if self.prewarm_bytes:
             prewarm(self.prewarm_bytes)
         release_memory()
+        if self.last is not None:
+            self.last()
 
 
 def measure(
@@ -501,10 +757,20 @@ class Group:
     memory: dict[tuple[str, str], list[int]] = dataclasses.field(default_factory=dict)
     #: Variant key → why it is not supported here (its exception, from the warm-up).
     unsupported: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    #: S3: variant key → the requests of one call (the last repeat's), by kind.
+    counts: dict[tuple[str, str], dict[str, int]] = dataclasses.field(default_factory=dict)
+
+    #: S3: the client and round-trip time (``pyarrow, 20 ms RTT``).
+    setting: str = ""
+    #: With added latency: the ``SLOW_KINDS`` run in the first this many repeats only,
+    #: without a warm-up round (``--s3-slow-repeats``); None: in every round.
+    slow_repeats: int | None = None
 
     @property
     def title(self) -> str:
-        return f"{self.workload.name} {self.fmt} {self.storage}"
+        return f"{self.workload.name} {self.fmt} {self.storage}" + (
+            f" ({self.setting})" if self.setting else ""
+        )
 
     def supported(self, op: str) -> list[Variant]:
         return [v for v in self.variants if v.op == op and v.key not in self.unsupported]
@@ -520,36 +786,69 @@ class Group:
         if not (self.has(ratio.op, ratio.numerator) and self.has(ratio.op, ratio.denominator)):
             return None
         num, den = self.times[ratio.op, ratio.numerator], self.times[ratio.op, ratio.denominator]
-        paired = statistics.median(a / b for a, b in zip(num, den, strict=True))
+        # Variants timed in fewer repeats (``slow_repeats``) ran in the first ones.
+        n = min(len(num), len(den))
+        paired = statistics.median(a / b for a, b in zip(num[:n], den[:n], strict=True))
         return statistics.median(num) / statistics.median(den), paired
+
+    def runs_in(self, variant: Variant, r: int) -> bool:
+        """Whether ``variant`` runs in round ``r`` (0: the warm-up round)."""
+        if self.slow_repeats is None or variant.kind not in SLOW_KINDS:
+            return True
+        return 1 <= r <= self.slow_repeats
+
+    def last_round(self, variant: Variant) -> int:
+        if self.slow_repeats is None or variant.kind not in SLOW_KINDS:
+            return self.repeats
+        return min(self.slow_repeats, self.repeats)
 
 
 def run_group(group: Group, place: Place, untimed: Untimed, peak: PeakRss) -> None:
     """One untimed warm-up round (which also finds what is not supported), then
-    ``group.repeats`` timed rounds: every save, then every restore, in rotated order."""
+    ``group.repeats`` timed rounds: every save, then every restore, in rotated order.
+    Variants limited by ``group.slow_repeats`` skip the warm-up and the later rounds.
+    On S3, each variant's requests are counted in the last round it runs in."""
     subjects = Subjects(group.workload.payloads, group.fmt, place)
     saves = [v for v in group.variants if v.op == "save"]
+    tried: set[tuple[str, str]] = set()
     for r in range(group.repeats + 1):
         warm_up = r == 0
         round_path = place.new_round(f"{group.workload.name}-{group.fmt}-r{r}")
         paths = {v.label: place.join(round_path, v.label) for v in saves}
         times: dict[str, float] = {}
-        for variant in rotated(saves, r - 1):
-            seconds, extra, _ = measure(subjects.save(variant, paths[variant.label]), untimed, peak)
+
+        def counter(variant: Variant, r: int = r) -> S3Place | None:
+            last = isinstance(place, S3Place) and r == group.last_round(variant)
+            return place if last and isinstance(place, S3Place) else None
+
+        order = rotated([v for v in saves if group.runs_in(v, r)], r - 1)
+        if warm_up:  # plain-objects writes the objects of ckptable's first save
+            order.sort(key=lambda v: v.kind == "plain-objects")
+        for variant in order:
+            with counting(counter(variant), untimed, group, variant):
+                seconds, extra, _ = measure(
+                    subjects.save(variant, paths[variant.label]), untimed, peak
+                )
             subjects.check_saved(variant, paths[variant.label])
+            if variant.label == "ck" and warm_up and isinstance(place, S3Place):
+                subjects.objects = place.read_tree(paths[variant.label])
             times[f"save:{variant.label}"] = seconds
             if not warm_up:
                 record(group, variant, seconds, extra)
-        for variant in rotated(group.supported("restore"), r - 1):
+        restores = [v for v in group.supported("restore") if group.runs_in(v, r)]
+        for variant in rotated(restores, r - 1):
             run = subjects.restore(variant, paths[variant.source])
+            first = variant.key not in tried
+            tried.add(variant.key)
             try:
-                seconds, extra, (step, got) = measure(run, untimed, peak)
+                with counting(counter(variant), untimed, group, variant):
+                    seconds, extra, (step, got) = measure(run, untimed, peak)
             except Exception as exc:
-                if not (warm_up and may_be_unsupported(variant, group.fmt, group.storage)):
+                if not (first and may_be_unsupported(variant, group.fmt, group.storage)):
                     raise
                 group.unsupported[variant.key] = f"{type(exc).__name__}: {first_line(exc)}"
                 continue
-            check_restored(variant.name, "restore", step, got, group.workload.payloads)
+            subjects.check_restored(variant, step, got)
             del run, step, got
             times[f"restore:{variant.label}"] = seconds
             if not warm_up:
@@ -560,6 +859,23 @@ def run_group(group: Group, place: Place, untimed: Untimed, peak: PeakRss) -> No
         shown = " ".join(f"{key}={format_seconds(t)}" for key, t in times.items())
         progress = "warm-up" if warm_up else f"{r}/{group.repeats}"
         print(f"[{group.title} {progress}] {shown}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def counting(
+    place: S3Place | None, untimed: Untimed, group: Group, variant: Variant
+) -> Iterator[None]:
+    """With a place: the server's request counts are reset last before the timed call
+    (after the untimed deletions) and read after it, into ``group.counts``."""
+    if place is None:
+        yield
+        return
+    untimed.last = place.reset_counts
+    try:
+        yield
+    finally:
+        untimed.last = None
+    group.counts[variant.key] = place.counts()
 
 
 def record(group: Group, variant: Variant, seconds: float, extra: int | None) -> None:
@@ -588,23 +904,60 @@ def verdicts(groups: Sequence[Group]) -> list[tuple[str, str]]:
             continue
         sign, bound = ratio.target
         name = f"{ratio.op}: {ratio.text} {sign} {format_ratio(bound)}"
-        values = group.ratio(ratio) if group is not None else None
-        if values is None:
+        if group is None:
             out.append((f"{name}: not measured (run --workloads big --formats cloudpickle)", "-"))
             continue
-        of_medians, paired = values
-        worst = max(values) if sign == "<=" else min(values)
-        ok = worst <= bound if sign == "<=" else worst >= bound
-        medians = (
-            f"{format_seconds(group.median(ratio.op, ratio.numerator))} vs "
-            f"{format_seconds(group.median(ratio.op, ratio.denominator))}"
-        )
-        line = (
-            f"{name}: {format_ratio(of_medians)} of medians ({medians}), "
-            f"{format_ratio(paired)} paired"
-        )
-        out.append((line, "PASS" if ok else "FAIL"))
+        out.append(judge(name, group, ratio, sign, bound))
     return out
+
+
+def s3_verdicts(run: Run) -> list[tuple[str, str]]:
+    """The S3 targets (``S3_TARGETS``) that apply to a run's groups: (line, verdict)."""
+    out = []
+    for group in run.groups:
+        for target in S3_TARGETS:
+            if not target.applies(group.workload.name, run.rtt_ms):
+                continue
+            ratio = target.ratio
+            name = (
+                f"{group.workload.name} {group.fmt}: {ratio.op}: {ratio.text} "
+                f"{target.sign} {format_ratio(target.bound)}"
+            )
+            out.append(judge(name, group, ratio, target.sign, target.bound))
+    return out
+
+
+def judge(name: str, group: Group, ratio: Ratio, sign: str, bound: float) -> tuple[str, str]:
+    """``(line with the figures, PASS/FAIL)``; ``-`` where a side was not measured."""
+    values = group.ratio(ratio)
+    if values is None:
+        missing = [
+            VARIANTS[ratio.op, label].name
+            for label in (ratio.numerator, ratio.denominator)
+            if not group.has(ratio.op, label)
+        ]
+        why = [
+            group.unsupported[ratio.op, label]
+            for label in (ratio.numerator, ratio.denominator)
+            if (ratio.op, label) in group.unsupported
+        ]
+        detail = f" ({why[0]})" if why else ""
+        return f"{name}: not measured: {', '.join(missing)} did not run{detail}", "-"
+    of_medians, paired = values
+    worst = max(values) if sign == "<=" else min(values)
+    ok = worst <= bound if sign == "<=" else worst >= bound
+    medians = (
+        f"{format_seconds(group.median(ratio.op, ratio.numerator))} vs "
+        f"{format_seconds(group.median(ratio.op, ratio.denominator))}"
+    )
+    line = (
+        f"{name}: {format_ratio(of_medians)} of medians ({medians}), {format_ratio(paired)} paired"
+    )
+    return line, "PASS" if ok else "FAIL"
+
+
+def run_verdicts(run: Run) -> list[tuple[str, str]]:
+    return verdicts(run.groups) if run.storage == "local" else s3_verdicts(run)
 
 
 TIME_HEADERS = [
@@ -651,15 +1004,13 @@ def time_rows(groups: Sequence[Group]) -> list[list[str]]:
     return rows
 
 
-def ratio_rows(groups: Sequence[Group]) -> list[list[str]]:
+def ratio_rows(run: Run) -> list[list[str]]:
     rows = []
-    for group in groups:
+    for group in run.groups:
         for ratio in RATIOS:
             if group.storage not in ratio.storages:
                 continue
             values = group.ratio(ratio)
-            is_target = (group.workload.name, group.fmt, group.storage) == TARGET_GROUP
-            target = f"{ratio.target[0]} {format_ratio(ratio.target[1])}" if ratio.target else ""
             rows.append(
                 [
                     group.workload.name,
@@ -668,8 +1019,47 @@ def ratio_rows(groups: Sequence[Group]) -> list[list[str]]:
                     ratio.text,
                     format_ratio(values[0]) if values else "n/s",
                     format_ratio(values[1]) if values else "n/s",
-                    target if is_target else "",
+                    target_text(run, group, ratio),
                 ]
+            )
+    return rows
+
+
+def target_text(run: Run, group: Group, ratio: Ratio) -> str:
+    """The bound a target sets on ``ratio`` in ``group`` (``<= 1.10x``), or ``""``."""
+    if run.storage == "local":
+        is_target = (group.workload.name, group.fmt, group.storage) == TARGET_GROUP
+        return (
+            f"{ratio.target[0]} {format_ratio(ratio.target[1])}"
+            if ratio.target and is_target
+            else ""
+        )
+    for target in S3_TARGETS:
+        same = (target.ratio.op, target.ratio.numerator, target.ratio.denominator) == (
+            ratio.op,
+            ratio.numerator,
+            ratio.denominator,
+        )
+        if same and target.applies(group.workload.name, run.rtt_ms):
+            return f"{target.sign} {format_ratio(target.bound)}"
+    return ""
+
+
+COUNT_HEADERS = ["Workload", "Format", "Operation", "Implementation", *REQUEST_KINDS, "total"]
+
+
+def count_rows(groups: Sequence[Group]) -> list[list[str]]:
+    """The requests of one call of every implementation (S3), by kind."""
+    rows = []
+    for group in groups:
+        for variant in group.variants:
+            counts = group.counts.get(variant.key)
+            if counts is None:
+                continue
+            cells = [str(counts.get(kind, 0)) for kind in REQUEST_KINDS]
+            total = sum(counts.get(kind, 0) for kind in REQUEST_KINDS)
+            rows.append(
+                [group.workload.name, group.fmt, variant.op, variant.name, *cells, str(total)]
             )
     return rows
 
@@ -732,17 +1122,31 @@ class Run:
     server_costs: str | None = None
     #: S3: the ``--s3-*`` options that made a workload smaller than the local one.
     smaller_than_local: list[str] = dataclasses.field(default_factory=list)
+    #: ``local disk``, or ``S3-compatible server (pyarrow, 20 ms RTT)``.
+    title: str = ""
+    #: S3: the client library (``pyarrow``, ``s3fs``) and the round-trip time added.
+    client: str = ""
+    rtt_ms: float = 0.0
+    threads: int = 0
+    slow_repeats: int = 0
+
+    def __post_init__(self) -> None:
+        self.title = self.title or STORAGE_TITLES[self.storage]
 
 
 def print_run(run: Run) -> None:
-    print(f"\n== {STORAGE_TITLES[run.storage]}: medians (ratios: time / time)")
+    print(f"\n== {run.title}: medians (ratios: time / time)")
     print(text_table(TIME_HEADERS, time_rows(run.groups), left=4))
     print()
-    print(text_table(RATIO_HEADERS, ratio_rows(run.groups), left=4))
+    print(text_table(RATIO_HEADERS, ratio_rows(run), left=4))
     rows = format_rows(run.groups)
     if rows:
         print()
         print(text_table(FORMAT_HEADERS, rows, left=3))
+    rows = count_rows(run.groups)
+    if rows:
+        print(f"\nRequests of one call, by kind ({run.title}):")
+        print(text_table(COUNT_HEADERS, rows, left=4))
     for group in run.groups:
         for key, why in group.unsupported.items():
             print(f"not supported: {group.title} {VARIANTS[key].op} {VARIANTS[key].name}: {why}")
@@ -750,9 +1154,10 @@ def print_run(run: Run) -> None:
         print(f"moto server peak RSS: {format_bytes(run.server_peak)}")
     if run.server_costs is not None:
         print(f"moto request costs: {run.server_costs}")
-    if run.storage == "local":
+    lines = run_verdicts(run)
+    if lines:
         print()
-        for line, verdict in verdicts(run.groups):
+        for line, verdict in lines:
             print(f"TARGET {verdict}: {line}")
 
 
@@ -793,21 +1198,88 @@ LOCAL_TEXT = """\
   just written, from the page cache. {cleanup}"""
 
 S3_TEXT = """\
-- The server is moto's `ThreadedMotoServer` on 127.0.0.1 in a child process
-  (`tests/s3_server.py`), one bucket, plain HTTP. ckptable and RLlib get the same
-  `pyarrow.fs.S3FileSystem(endpoint_override=..., scheme="http")` as `filesystem=`.
-  ckptable writes in place on object stores (no directory rename), the root manifest
-  last; `durable=True` has nothing to flush there (a closed stream is a committed PUT).
-- **plain write**: one `open_output_stream` (PUT; multipart above pyarrow's part size)
-  per leaf holding its bytes; **plain read**: one `open_input_stream(...).read(size)`
-  per leaf, the size known (pyarrow reads a stream in 256 KiB requests when `read()`
-  gets no size).
+- The server is moto's application on 127.0.0.1 in a child process (`tests/s3_server.py`:
+  werkzeug, a thread per connection, connections kept alive between requests as S3
+  does), one bucket, plain HTTP. {latency} Client: {client}. {filesystems} ckptable
+  writes in place on object stores (no directory rename), the root manifest last;
+  `durable=True` has nothing to flush there (a closed stream is a committed PUT).
+- **plain write, sequential**: one PUT per leaf holding its bytes ({put}; multipart
+  above the client's part size), one after the other; **plain read, sequential**: one
+  GET per leaf, the size known ({get}). **concurrent**: the same requests from a pool of
+  {threads} threads, {threads} in flight.{slow} **plain write / read of ckptable's
+  objects, concurrent**: the objects of ckptable's checkpoint of the same tree (read
+  once, untimed, after its save in the warm-up round), written and read back with the
+  same calls, {threads} in flight: the floor of ckptable's own layout (more objects than
+  leaves).
+- **Requests of one call**: the server counts the requests it receives by kind (PUT:
+  objects and parts written, multipart creates and completes included; GET: object
+  reads, ranged or not; HEAD; LIST: bucket listings; DELETE: single and bulk deletes;
+  OTHER: the rest); the counts are reset right before one call of each implementation
+  in the last repeat it runs in (after the untimed deletions) and read right after it.
 - Each repeat's objects are deleted (untimed) after its restores, so the server's memory
-  does not grow. Times include moto itself (Python, single process, serving from memory
-  and spooled temporary files): every request costs milliseconds, and a ranged GET
-  copies the whole object on the server (see the costs measured above), so readers that
-  fetch a big object in many ranged GETs pay for it many times over. These figures show
-  request counts and copies, not S3's speed."""
+  does not grow. Times include moto itself (Python, one process, serving from memory
+  and spooled temporary files): every request costs milliseconds of its CPU, requests
+  in flight at once share its interpreter, and a ranged GET copies the whole object on
+  the server (see the costs measured above), so readers that fetch a big object in many
+  ranged GETs pay for it many times over. These figures show request counts, round trips
+  and copies, not S3's speed."""
+
+LATENCY_TEXT = """\
+A latency proxy (`tests/latency_proxy.py`, a child process) stands between the
+clients and the server: every chunk of bytes is forwarded {delay} after it arrived, in
+each direction ({rtt} per round trip, no bandwidth limit: chunks are timestamped on
+arrival and forwarded in order, so streams and concurrent requests overlap as on a
+network), and a new connection's first bytes wait one round trip more (its TCP
+handshake; TLS is not modelled)."""
+
+CLIENT_TEXT = {
+    "pyarrow": '`pyarrow.fs.S3FileSystem(endpoint_override=..., scheme="http")`',
+    "s3fs": '`s3fs.S3FileSystem(client_kwargs={{"endpoint_url": ...}}, config_kwargs='
+    '{{"max_pool_connections": {pool}}})`',
+}
+FILESYSTEMS_TEXT = {
+    "pyarrow": "ckptable and RLlib get the same filesystem as `filesystem=`.",
+    "s3fs": "ckptable gets it as `filesystem=`; RLlib, which takes pyarrow filesystems only, "
+    "gets it wrapped in `pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(...))`.",
+}
+PLAIN_CALLS = {
+    "pyarrow": (
+        "`open_output_stream` + `write` on an `S3FileSystem(allow_delayed_open=True)`, which "
+        "makes a small object one `PutObject` (as ckptable writes them) instead of a multipart "
+        "upload's three requests",
+        "`open_input_stream(...).read(size)`",
+    ),
+    "s3fs": ("`pipe_file` (arrays copied to bytes, which botocore needs)", "`cat_file(end=size)`"),
+}
+
+
+def s3_text(run: Run) -> str:
+    put, get = PLAIN_CALLS[run.client]
+    latency = (
+        LATENCY_TEXT.format(
+            delay=format_seconds(run.rtt_ms / 2000), rtt=format_seconds(run.rtt_ms / 1000)
+        )
+        if run.rtt_ms
+        else "The clients connect to the server directly (no added latency)."
+    )
+    slow = ""
+    if run.rtt_ms and run.slow_repeats:
+        s = "" if run.slow_repeats == 1 else "s"
+        slow = (
+            f" RLlib and the sequential baseline, which send a request per file one after the "
+            f"other, run in the first {run.slow_repeats} timed repeat{s} only, with no "
+            "warm-up round (`--s3-slow-repeats`): at this latency a call of theirs takes "
+            "seconds to minutes; their paired ratios pair those repeats."
+        )
+    return S3_TEXT.format(
+        slow=slow,
+        latency=latency,
+        client=CLIENT_TEXT[run.client].format(pool=max(run.threads, 10)),
+        filesystems=FILESYSTEMS_TEXT[run.client],
+        put=put,
+        get=get,
+        threads=run.threads,
+    )
 
 
 def wrap_bullets(text: str) -> str:
@@ -856,7 +1328,7 @@ def markdown_section(title: str, run: Run, plot: str | None) -> str:
         textwrap.fill(
             "Generated by `benchmarks/bench_storage.py` (see `benchmarks/README.md`): "
             "ckptable, RLlib's `Checkpointable` and plain I/O of the same bytes, saving and "
-            f"restoring the same tree ({formats}) on the {STORAGE_TITLES[run.storage]}. "
+            f"restoring the same tree ({formats}) on the {run.title}. "
             "Run from the repository root:",
             width=88,
         ),
@@ -864,20 +1336,36 @@ def markdown_section(title: str, run: Run, plot: str | None) -> str:
         f"Workloads:\n\n{workload_lines(run)}",
         fact_table,
     ]
+    lines = "\n".join(f"- **{v}**: {line}" for line, v in run_verdicts(run))
     if run.storage == "local":
-        lines = "\n".join(f"- **{v}**: {line}" for line, v in verdicts(run.groups))
         parts += [
             "### Targets",
             "The issue's targets, for the big workload in cloudpickle on the local disk (a\n"
             "target passes only if both the ratio of medians and the paired ratio meet it):"
             f"\n\n{lines}",
         ]
+    elif lines:
+        which = "with added latency" if run.rtt_ms else "without added latency"
+        parts += [
+            "### Targets",
+            f"The issue's targets on an object store {which}, in each format (a target\n"
+            "passes only if both the ratio of medians and the paired ratio meet it):"
+            f"\n\n{lines}",
+        ]
     parts += [
         "### Median times and peak memory",
         markdown_table(TIME_HEADERS, time_rows(run.groups), left=4),
         "### Ratios",
-        markdown_table(RATIO_HEADERS, ratio_rows(run.groups), left=4),
+        markdown_table(RATIO_HEADERS, ratio_rows(run), left=4),
     ]
+    rows = count_rows(run.groups)
+    if rows:
+        parts += [
+            "### Requests",
+            "The requests the server received during one call of each implementation (the\n"
+            "last repeat's, counted outside the timing), by kind:",
+            markdown_table(COUNT_HEADERS, rows, left=4),
+        ]
     rows = format_rows(run.groups)
     if rows:
         parts += [
@@ -913,24 +1401,33 @@ def markdown_section(title: str, run: Run, plot: str | None) -> str:
     if plot:
         parts.append(f"![Median times per implementation (log scale)]({plot})")
     storage_text = (
-        LOCAL_TEXT.format(cleanup=cleanup_text(run.groups)) if run.storage == "local" else S3_TEXT
+        LOCAL_TEXT.format(cleanup=cleanup_text(run.groups))
+        if run.storage == "local"
+        else s3_text(run)
     )
     method = METHOD_TEXT.format(sync=sync, prewarm=prewarm_text)
     parts += ["### Method", wrap_bullets(f"{method}\n{storage_text}")]
     return "\n\n".join(parts) + "\n"
 
 
-def run_facts(bench_dir: str, storage: str, gauge: tuple[float, float]) -> list[tuple[str, str]]:
+def run_facts(bench_dir: str, place: Place, gauge: tuple[float, float]) -> list[tuple[str, str]]:
     facts = machine_facts(bench_dir)
-    versions = ["msgpack", "msgpack-numpy", "xxhash"] + (["moto"] if storage == "s3" else [])
+    versions = ["msgpack", "msgpack-numpy", "xxhash"]
+    if isinstance(place, S3Place):
+        versions += ["moto", *(["s3fs", "aiobotocore"] if place.client == "s3fs" else [])]
     for package in versions:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             facts.append((package, importlib.metadata.version(package)))
-    if storage == "s3":
+    if isinstance(place, S3Place):
+        client = {"pyarrow": "pyarrow S3FileSystem", "s3fs": "s3fs S3FileSystem"}[place.client]
+        latency = (
+            f"through a latency proxy adding {place.rtt_ms:g} ms per round trip"
+            if place.rtt_ms
+            else "no added latency"
+        )
+        storage = f"moto S3 server on 127.0.0.1 (child process), {client}, {latency}"
         facts = [
-            ("Storage", "moto S3 server on 127.0.0.1 (child process), pyarrow S3FileSystem")
-            if name == "Benchmark directory"
-            else (name, value)
+            ("Storage", storage) if name == "Benchmark directory" else (name, value)
             for name, value in facts
         ]
     facts.append(
@@ -956,13 +1453,13 @@ def plot(runs: Sequence[Run], path: str) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     panels = [
-        (run.storage, name, [g for g in run.groups if g.workload.name == name])
+        (run.title, name, [g for g in run.groups if g.workload.name == name])
         for run in runs
         for name in dict.fromkeys(g.workload.name for g in run.groups)
     ]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.4 * len(panels)), squeeze=False)
     shown: dict[str, Any] = {}
-    for ax, (storage, name, groups) in zip(axes[:, 0], panels, strict=True):
+    for ax, (title, name, groups) in zip(axes[:, 0], panels, strict=True):
         ticks, labels = [], []
         x = 0.0
         for group in groups:
@@ -995,7 +1492,7 @@ def plot(runs: Sequence[Run], path: str) -> None:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: format_seconds(y)))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel("seconds (median)")
-        ax.set_title(f"{STORAGE_TITLES[storage]}: {name} ({groups[0].workload.description})")
+        ax.set_title(f"{title}: {name} ({groups[0].workload.description})")
         ax.grid(axis="y", which="both", alpha=0.3)
     fig.legend(list(shown.values()), list(shown), loc="upper center", ncol=4, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.4 * len(panels))))
@@ -1019,13 +1516,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--s3-big-mib", type=int, default=None, help="big on S3 (default: same)")
     parser.add_argument("--big-leaves", type=int, default=4, help="big: number of leaves")
     parser.add_argument("--leaves", type=int, default=1000, help="wide: number of leaves")
-    parser.add_argument("--s3-leaves", type=int, default=None, help="wide on S3 (default: same)")
+    parser.add_argument(
+        "--s3-leaves", type=int, default=None, help=f"wide on S3 (default: {DEFAULT_S3_LEAVES})"
+    )
     parser.add_argument("--leaf-bytes", type=int, default=1024, help="wide: bytes per leaf")
     parser.add_argument(
         "--repeats", type=int, default=None, help="local repeats (default: 5 big, 7 wide)"
     )
     parser.add_argument(
-        "--s3-repeats", type=int, default=DEFAULT_S3_REPEATS, help="S3 repeats (default: 3)"
+        "--s3-repeats",
+        type=int,
+        default=None,
+        help=f"S3 repeats (default: --repeats, else {DEFAULT_S3_REPEATS})",
+    )
+    parser.add_argument(
+        "--s3-clients",
+        default=",".join(S3_CLIENTS),
+        help="S3 client libraries, one run each: pyarrow,s3fs (default: both)",
+    )
+    parser.add_argument(
+        "--s3-rtts",
+        default=None,
+        metavar="MS,...",
+        help="round-trip times (ms) a latency proxy adds, one run each; 0: no proxy (default: 20)",
+    )
+    parser.add_argument(
+        "--s3-rtt-ms", type=float, default=None, metavar="MS", help="the same as --s3-rtts MS"
+    )
+    parser.add_argument(
+        "--s3-slow-repeats",
+        type=int,
+        default=DEFAULT_S3_SLOW_REPEATS,
+        help="with added latency, RLlib and the sequential plain baseline (a request per "
+        "file, one after the other) run in the first N timed repeats only, with no warm-up "
+        f"round (default: {DEFAULT_S3_SLOW_REPEATS}; 0: in every round)",
+    )
+    parser.add_argument(
+        "--s3-threads",
+        type=int,
+        default=DEFAULT_S3_THREADS,
+        help=f"requests in flight of the plain concurrent baseline (default: "
+        f"{DEFAULT_S3_THREADS}; also s3fs's connection pool)",
     )
     parser.add_argument("--dir", default=None, help="local checkpoints (default: system temp)")
     parser.add_argument("--out", default=None, help="also write the markdown report here")
@@ -1033,8 +1564,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--section",
         default=None,
         metavar="TITLE",
-        help="with --out: add (or replace) one '## TITLE: <storage>' section per storage in "
-        "the existing --out page",
+        help="with --out: add (or replace) one '## TITLE: <storage>' section per run (S3: "
+        "per client and RTT) in the existing --out page",
     )
     parser.add_argument("--plot", default=None, metavar="PATH", help="write a PNG/SVG chart")
     parser.add_argument(
@@ -1048,22 +1579,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "workload's bytes; 0: none)",
     )
     args = parser.parse_args(argv)
-    for flag, choices in (("workloads", WORKLOADS), ("formats", FORMATS), ("storages", STORAGES)):
+    for flag, choices in (
+        ("workloads", WORKLOADS),
+        ("formats", FORMATS),
+        ("storages", STORAGES),
+        ("s3_clients", S3_CLIENTS),
+    ):
         chosen = [item.strip() for item in getattr(args, flag).split(",") if item.strip()]
         unknown = sorted(set(chosen) - set(choices))
         if unknown or not chosen:
-            parser.error(f"--{flag}: choose from {', '.join(choices)} (got {unknown})")
+            parser.error(
+                f"--{flag.replace('_', '-')}: choose from {', '.join(choices)} (got {unknown})"
+            )
         setattr(args, flag, [c for c in choices if c in chosen])  # canonical order
-    for flag in ("big_mib", "big_leaves", "leaves", "leaf_bytes", "s3_repeats"):
+    if args.s3_rtts is not None and args.s3_rtt_ms is not None:
+        parser.error("give --s3-rtts or --s3-rtt-ms, not both")
+    try:
+        rtts = (
+            [args.s3_rtt_ms]
+            if args.s3_rtt_ms is not None
+            else [float(v) for v in args.s3_rtts.split(",") if v.strip()]
+            if args.s3_rtts is not None
+            else list(DEFAULT_S3_RTTS)
+        )
+    except ValueError:
+        parser.error(f"--s3-rtts: give milliseconds, comma-separated (got {args.s3_rtts!r})")
+    if not rtts or any(rtt < 0 for rtt in rtts):
+        parser.error("--s3-rtts: give one or more round-trip times >= 0")
+    args.s3_rtts = list(dict.fromkeys(rtts))
+    for flag in ("big_mib", "big_leaves", "leaves", "leaf_bytes", "s3_threads"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be positive")
-    for flag in ("s3_big_mib", "s3_leaves"):
+    for flag in ("s3_big_mib", "s3_leaves", "s3_repeats"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     if args.prewarm_mib is not None and args.prewarm_mib < 0:
         parser.error("--prewarm-mib must not be negative")
+    if args.s3_slow_repeats < 0:
+        parser.error("--s3-slow-repeats must not be negative")
     check_section_args(parser, args)
     return args
 
@@ -1074,9 +1629,10 @@ def make_workloads(args: argparse.Namespace, storage: str) -> list[tuple[Workloa
     out = []
     for name in args.workloads:
         local_repeats = args.repeats or DEFAULT_REPEATS[name]
-        repeats = args.s3_repeats if storage == "s3" else local_repeats
+        s3_repeats = args.s3_repeats or args.repeats or DEFAULT_S3_REPEATS
+        repeats = s3_repeats if storage == "s3" else local_repeats
         if name == "wide":
-            leaves = args.s3_leaves if storage == "s3" and args.s3_leaves else args.leaves
+            leaves = (args.s3_leaves or DEFAULT_S3_LEAVES) if storage == "s3" else args.leaves
             workload = make_wide(leaves, args.leaf_bytes, repeats)
             workload.cleanup = "end"
         else:
@@ -1097,11 +1653,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = tempfile.mkdtemp(prefix="ckptable-storage-", dir=bench_dir)
     try:
         for storage in args.storages:
-            run = run_storage(args, storage, run_dir, peak)
-            runs.append(run)
-            print_run(run)
+            for run in run_storage(args, storage, run_dir, peak):
+                runs.append(run)
+                print_run(run)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+    failed = [
+        f"{run.title}: {line}"
+        for run in runs
+        for line, verdict in run_verdicts(run)
+        if verdict == "FAIL"
+    ]
+    if len(runs) > 1:
+        print(f"\n{len(failed)} target(s) failed over {len(runs)} runs" + (":" if failed else ""))
+        for line in failed:
+            print(f"  FAIL {line}")
 
     plot_ref = None
     if args.plot:
@@ -1114,51 +1680,84 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_storage(args: argparse.Namespace, storage: str, run_dir: str, peak: PeakRss) -> Run:
-    """Every workload and format on one storage (a moto server of its own for S3)."""
+def run_storage(
+    args: argparse.Namespace, storage: str, run_dir: str, peak: PeakRss
+) -> Iterator[Run]:
+    """The runs of one storage: the local disk, or on S3 (one moto server, in a child
+    process) one run per round-trip time (``--s3-rtts``) and client (``--s3-clients``)."""
+    if storage == "local":
+        yield run_place(args, LocalPlace(run_dir), peak)
+        return
+    with s3_server() as server:
+        for rtt_ms in args.s3_rtts:
+            with s3_view(server, rtt_ms) as view:
+                for client in args.s3_clients:
+                    prefix = f"{BUCKET}/{uuid.uuid4().hex[:12]}"
+                    place = S3Place(view, client, prefix, args.s3_threads)
+                    try:
+                        yield run_place(args, place, peak)
+                    finally:
+                        place.close()
+
+
+def run_place(args: argparse.Namespace, place: Place, peak: PeakRss) -> Run:
+    """Every workload and format in one place (the local disk, or S3 through one client
+    at one round-trip time)."""
+    storage = place.name
     gauge_before = statistics.median(cpu_check() for _ in range(3))
     groups: list[Group] = []
     server_costs = server_peak = None
-    with open_place(storage, run_dir) as place:
-        workloads = make_workloads(args, storage)
-        if isinstance(place, S3Place):
-            big = [w for w, _ in workloads if w.name == "big"]
-            leaf = max((memoryview(p).nbytes for w in big for p in w.payloads), default=0)
-            server_costs = place.request_costs(leaf)
-        for workload, repeats in workloads:
-            nbytes = sum(memoryview(p).nbytes for p in workload.payloads)
-            prewarm_bytes = 2 * nbytes if args.prewarm_mib is None else args.prewarm_mib << 20
-            untimed = Untimed(sync=not args.no_sync, prewarm_bytes=prewarm_bytes)
-            variants = [v for v in (*SAVES, *RESTORES) if storage in v.storages]
-            for fmt in args.formats:
-                print(f"{storage}: {workload.name} {fmt}: {workload.description}", file=sys.stderr)
-                group = Group(workload, fmt, storage, repeats, nbytes, variants)
-                run_group(group, place, untimed, peak)
-                untimed.prepare()  # the last round's deletions
-                groups.append(group)
-            workload.payloads = []  # free the arrays; the groups keep the figures
-        if isinstance(place, S3Place):
-            server_peak = place.server_peak_rss()
+    workloads = make_workloads(args, storage)
+    setting = ""
+    if isinstance(place, S3Place):
+        setting = place.title.partition("(")[2].rstrip(")")
+        print(f"{place.title}: measuring request costs", file=sys.stderr, flush=True)
+        big = [w for w, _ in workloads if w.name == "big"]
+        leaf = max((memoryview(p).nbytes for w in big for p in w.payloads), default=0)
+        server_costs = place.request_costs(leaf)
+    for workload, repeats in workloads:
+        nbytes = sum(memoryview(p).nbytes for p in workload.payloads)
+        prewarm_bytes = 2 * nbytes if args.prewarm_mib is None else args.prewarm_mib << 20
+        untimed = Untimed(sync=not args.no_sync, prewarm_bytes=prewarm_bytes)
+        variants = [v for v in (*SAVES, *RESTORES) if storage in v.storages]
+        for fmt in args.formats:
+            print(f"{place.title}: {workload.name} {fmt}: {workload.description}", file=sys.stderr)
+            group = Group(workload, fmt, storage, repeats, nbytes, variants, setting=setting)
+            if isinstance(place, S3Place) and place.rtt_ms and args.s3_slow_repeats:
+                group.slow_repeats = args.s3_slow_repeats
+            run_group(group, place, untimed, peak)
+            untimed.prepare()  # the last round's deletions
+            groups.append(group)
+        workload.payloads = []  # free the arrays; the groups keep the figures
+    if isinstance(place, S3Place):
+        server_peak = place.server_peak_rss()
     gauge = (gauge_before, statistics.median(cpu_check() for _ in range(3)))
-    facts = run_facts(args.dir or tempfile.gettempdir(), storage, gauge)
+    facts = run_facts(args.dir or tempfile.gettempdir(), place, gauge)
     command = shlex.join([sys.executable, *sys.argv])
     run = Run(storage, command, groups, facts, not args.no_sync, args.prewarm_mib)
+    run.title = place.title
     run.server_peak, run.server_costs = server_peak, server_costs
-    if storage == "s3":
-        for flag, local in (("s3_big_mib", args.big_mib), ("s3_leaves", args.leaves)):
-            value = getattr(args, flag)
+    if isinstance(place, S3Place):
+        run.client, run.rtt_ms, run.threads = place.client, place.rtt_ms, place.threads
+        run.slow_repeats = args.s3_slow_repeats
+        leaves = args.s3_leaves or DEFAULT_S3_LEAVES
+        for flag, value, local in (
+            ("s3_big_mib", args.s3_big_mib, args.big_mib),
+            ("s3_leaves", leaves, args.leaves),
+        ):
             if value is not None and value < local:
                 run.smaller_than_local.append(f"`--{flag.replace('_', '-')} {value}`")
     return run
 
 
 def write_report(args: argparse.Namespace, runs: Sequence[Run], plot_ref: str | None) -> None:
-    """One ``## <title>: <storage>`` section per storage, added to the page or a new one."""
+    """One ``## <title>: <storage>`` section per run (storage, and on S3 client and
+    round-trip time), added to the page or a new one."""
     out = Path(args.out)
     title = (args.section or DEFAULT_SECTION).strip()
     page = out.read_text() if args.section is not None else "# Benchmarks\n"
     for i, run in enumerate(runs):
-        heading = f"{title}: {STORAGE_TITLES[run.storage]}"
+        heading = f"{title}: {run.title}"
         section = markdown_section(heading, run, plot_ref if i == 0 else None)
         page = add_section(page, heading, section)
         print(f"wrote section {heading!r} of {out}")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from helpers import assert_states_equal
-from s3_server import ACCESS_KEY, BUCKET, REGION, SECRET_KEY, S3Server, offline_aws_environment
+from s3_server import BUCKET, S3Server, offline_aws_environment
 
 #: pytest's own plugin for testing plugins (tests/test_pytest_plugin.py).
 pytest_plugins = ("pytester",)
@@ -45,32 +45,47 @@ def s3_server() -> Iterator[S3Server]:
 @pytest.fixture(scope="session")
 def pyarrow_s3(s3_server: S3Server) -> Any:
     """``pyarrow.fs.S3FileSystem`` on the test server."""
-    import pyarrow.fs
-
-    return pyarrow.fs.S3FileSystem(
-        endpoint_override=s3_server.endpoint_override,
-        scheme="http",
-        access_key=ACCESS_KEY,
-        secret_key=SECRET_KEY,
-        region=REGION,
-    )
+    return s3_server.pyarrow_filesystem()
 
 
 @pytest.fixture(scope="session")
 def s3fs_s3(s3_server: S3Server) -> Any:
     """``s3fs.S3FileSystem`` (fsspec) on the test server."""
-    import s3fs
+    return s3_server.s3fs_filesystem()
 
-    return s3fs.S3FileSystem(
-        key=ACCESS_KEY,
-        secret=SECRET_KEY,
-        client_kwargs={"endpoint_url": s3_server.endpoint_url, "region_name": REGION},
-    )
+
+#: The round-trip time of ``s3_latency_server``: a client and an S3 region close by.
+LATENCY_RTT_MS = 20
+
+
+@pytest.fixture(scope="session")
+def s3_latency_server(s3_server: S3Server) -> Iterator[S3Server]:
+    """The session's server behind a latency proxy (``latency_proxy.py``) that adds
+    ``LATENCY_RTT_MS`` per round trip (and one round trip per new connection): the same
+    bucket, objects and request counts as ``s3_server``, reached at another address."""
+    view = s3_server.with_latency(LATENCY_RTT_MS)
+    try:
+        yield view
+    finally:
+        view.stop()
+
+
+@pytest.fixture(scope="session")
+def pyarrow_s3_latency(s3_latency_server: S3Server) -> Any:
+    """``pyarrow.fs.S3FileSystem`` on the test server, through the latency proxy."""
+    return s3_latency_server.pyarrow_filesystem()
+
+
+@pytest.fixture(scope="session")
+def s3fs_s3_latency(s3_latency_server: S3Server) -> Any:
+    """``s3fs.S3FileSystem`` (fsspec) on the test server, through the latency proxy."""
+    return s3_latency_server.s3fs_filesystem()
 
 
 @pytest.fixture
 def s3_prefix(s3_server: S3Server) -> str:
-    """A fresh ``bucket/prefix`` no other test uses (the bucket lives for the session)."""
+    """A fresh ``bucket/prefix`` no other test uses (the bucket lives for the session;
+    the ``*_latency`` fixtures reach the same bucket)."""
     return f"{BUCKET}/{uuid.uuid4().hex}"
 
 
