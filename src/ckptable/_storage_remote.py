@@ -140,7 +140,8 @@ class PyArrowStorage(_RemoteStorage):
         once (pyarrow's ``ReadAt`` is thread-safe: on S3, one ranged GET each; the open
         is one HEAD)."""
         with self.filesystem.open_input_file(path) as stream:
-            yield lambda offset, length: bytes(stream.read_at(length, offset))
+            # A pyarrow Buffer (no copy): the reader copies it once, into its target.
+            yield lambda offset, length: stream.read_at(length, offset)
 
     def makedirs(self, path: str) -> None:
         if not self._object_store:
