@@ -12,10 +12,19 @@ them is two attribute swaps per class), each into a fresh directory, after
 ``gc.collect()``; medians over repeats, and the median of the per-repeat (paired) ratios
 ckptable / RLlib.
 
+The last column is the memory each operation took fresh from the kernel (minor page
+faults x 4 KiB): a restore reads ~96 MiB into new buffers, and whether glibc hands out
+memory already mapped or new pages (each zeroed and faulted in: ~0.5 ms per MiB on a
+2-core VM) depends on what the operations before it allocated and freed, not on the
+implementation. ``--allocator fresh`` gives every big allocation new pages (the worst
+case, the same for every variant); ``--allocator reuse`` keeps freed memory in the heap
+(the best case); ``default`` is glibc's adaptive thresholds.
+
 Run from the repository root::
 
-    python benchmarks/bench_rllib.py                 # 15 repeats
-    python benchmarks/bench_rllib.py --repeats 5     # quick
+    python benchmarks/bench_rllib.py                        # 15 repeats
+    python benchmarks/bench_rllib.py --repeats 5            # quick
+    python benchmarks/bench_rllib.py --allocator fresh      # same memory cost for all
 """
 
 from __future__ import annotations
@@ -24,14 +33,19 @@ import argparse
 import gc
 import logging
 import os
+import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 SIZES = {"small (64x64)": [64, 64], "big (2x2048)": [2048, 2048]}
+
+#: Bytes of memory per minor page fault.
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 SAVES = {
     "rllib": dict(on=False, kwargs={}),
@@ -67,11 +81,15 @@ def switch(on: bool) -> None:
         ckptable.rllib.disable()
 
 
-def timed(fn: Callable[[], Any]) -> float:
+def timed(fn: Callable[[], Any]) -> tuple[float, int]:
+    """Seconds ``fn`` took, and the minor page faults this process took meanwhile (each
+    a 4 KiB page of memory touched for the first time: fresh memory from the kernel)."""
     gc.collect()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def tree_bytes(path: str) -> int:
@@ -84,14 +102,15 @@ def tree_bytes(path: str) -> int:
 
 def run(repeats: int, directory: str) -> list[str]:
     lines = [
-        "| checkpoint | operation | variant | median s | ratio to RLlib (paired median) |",
-        "|---|---|---|---:|---:|",
+        "| checkpoint | operation | variant | median s | ratio to RLlib (paired median) "
+        "| fresh memory, MiB (median) |",
+        "|---|---|---|---:|---:|---:|",
     ]
     for size, hidden in SIZES.items():
         switch(False)
         algo = build(hidden)
         algo.train()
-        times: dict[tuple[str, str], list[float]] = {}
+        times: dict[tuple[str, str], list[tuple[float, int]]] = {}
         paths = {}
         for name, variant in SAVES.items():  # warm-up, and the checkpoints to restore
             switch(variant["on"])
@@ -126,19 +145,50 @@ def run(repeats: int, directory: str) -> list[str]:
             base = times[(operation, "rllib")]
             for name in variants:
                 samples = times[(operation, name)]
-                ratio = statistics.median(s / b for s, b in zip(samples, base, strict=True))
+                ratio = statistics.median(
+                    s / b for (s, _), (b, _) in zip(samples, base, strict=True)
+                )
+                seconds = statistics.median(s for s, _ in samples)
+                fresh = statistics.median(f for _, f in samples) * PAGE / 2**20
                 lines.append(
                     f"| {size}, {mib:.1f} MiB | {operation} | {name} | "
-                    f"{statistics.median(samples):.4f} | {ratio:.2f}x |"
+                    f"{seconds:.4f} | {ratio:.2f}x | {fresh:.0f} |"
                 )
     return lines
+
+
+#: glibc's malloc settings per ``--allocator`` (read when a process starts).
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "default": {},
+    # Every allocation from 128 KiB up gets its own new mapping: new pages each time.
+    "fresh": {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)},
+    # Up to 32 MiB from the heap, which is never trimmed: freed memory is reused.
+    "reuse": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},
+}
+
+
+def use_allocator(name: str) -> None:
+    """Run this script again with the allocator's settings, unless they are in effect."""
+    settings = ALLOCATORS[name]
+    if all(os.environ.get(key) == value for key, value in settings.items()):
+        return
+    env = {**os.environ, **settings}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument(
+        "--allocator",
+        choices=sorted(ALLOCATORS),
+        default="default",
+        help="glibc malloc settings: default, fresh (new pages for every big buffer), "
+        "reuse (freed memory kept and reused)",
+    )
     args = parser.parse_args()
+    use_allocator(args.allocator)
     logging.getLogger("ray").setLevel(logging.ERROR)
     import ray
 

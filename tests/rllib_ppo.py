@@ -36,6 +36,39 @@ def mro_names(obj: Any) -> list[str]:
     return [cls.__qualname__ for cls in type(obj).__mro__]
 
 
+def learner_state(learner: Any) -> dict[str, Any]:
+    """A Learner's RLModule weights and optimizer state (numpy), taken in its process."""
+    return learner.get_state(components=["rl_module", "optimizer"])  # type: ignore[no-any-return]
+
+
+def learner_states(algo: Any) -> list[dict[str, Any]]:
+    """:func:`learner_state` of every Learner of ``algo`` (local or remote)."""
+    return [result.get() for result in algo.learner_group.foreach_learner(learner_state)]
+
+
+def learner_setup(learner: Any) -> dict[str, Any]:
+    """Where a (remote) Learner runs and how it trains: its node, its torch process
+    group and the class wrapping its RLModule."""
+    import ray
+    import torch.distributed
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    distributed = torch.distributed.is_initialized()
+    return {
+        "node": ray.get_runtime_context().get_node_id(),
+        "world_size": torch.distributed.get_world_size() if distributed else 1,
+        "backend": torch.distributed.get_backend() if distributed else None,
+        "module": type(learner.module[DEFAULT_MODULE_ID]).__name__,
+        "mro": mro_names(learner),
+    }
+
+
+def env_runner_weights(algo: Any) -> dict[str, Any]:
+    """The (inference-only) RLModule weights of the algorithm's local env runner."""
+    state = algo.env_runner.get_state(components="rl_module")
+    return dict(state["rl_module"])
+
+
 @contextlib.contextmanager
 def ray_job(ray_cluster: Any, *, enabled: bool) -> Iterator[None]:
     """A new Ray job on the session's cluster, started after ``ckptable.rllib.enable()``

@@ -25,7 +25,14 @@ import ckptable.rllib
 from ckptable import CheckpointError
 from ckptable._manifest import MANIFEST_FILE
 from ckptable.rllib import _bases
-from rllib_ppo import mro_names, ray_job, tiny_ppo_config, weights
+from rllib_ppo import (
+    learner_setup,
+    learner_states,
+    mro_names,
+    ray_job,
+    tiny_ppo_config,
+    weights,
+)
 
 pytestmark = pytest.mark.rllib
 
@@ -372,3 +379,47 @@ def test_remote_learner_of_a_job_without_the_worker_hook_restores_its_state(
         states_equal(weights(other), trained)
     finally:
         other.stop()
+
+
+def test_two_ddp_learners_on_two_nodes_save_once_and_both_restore(
+    switched_off: None, ray_cluster: Any, tmp_path: Path, states_equal: Any
+) -> None:
+    """``num_learners=2``: torch DDP (gloo, CPU) across the cluster's two worker nodes.
+    The save writes the first Learner's state once; the restore moves the checkpoint to
+    both nodes and gives both Learners the same weights and optimizer state."""
+    with ray_job(ray_cluster, enabled=True):
+        # The cluster's two CPUs: one Learner on each worker node, the env runner local.
+        config = tiny_ppo_config(num_learners=2)
+        algo = config.build_algo()
+        try:
+            setups = [r.get() for r in algo.learner_group.foreach_learner(learner_setup)]
+            assert {setup["node"] for setup in setups} == set(ray_cluster.worker_node_ids)
+            for setup in setups:
+                assert (setup["world_size"], setup["backend"]) == (2, "gloo")
+                assert setup["module"] == "TorchDDPRLModule"
+                assert "RLlibCheckpointable" in setup["mro"]
+            algo.train()
+            first, second = learner_states(algo)
+            states_equal(second, first)  # DDP kept them in step
+            path = algo.save_to_path(tmp_path / "ppo")
+        finally:
+            algo.stop()
+        report = ckptable.verify_checkpoint(path)
+        assert report.unverified == () and report.levels == 8
+        learner_dir = Path(path) / "learner_group" / "learner"
+        assert (learner_dir / MANIFEST_FILE).is_file()
+        assert (learner_dir / "rl_module" / "default_policy" / MANIFEST_FILE).is_file()
+        other = config.build_algo()
+        try:
+            with pytest.raises(AssertionError):
+                states_equal(learner_states(other)[0], first)
+            other.restore_from_path(path)
+            restored = learner_states(other)
+            assert len(restored) == 2
+            for state in restored:
+                states_equal(state, first)
+            other.train()
+            after_first, after_second = learner_states(other)
+            states_equal(after_second, after_first)  # still in step after the restore
+        finally:
+            other.stop()

@@ -2,9 +2,13 @@
 
 Switches RLlib onto ckptable (``ckptable.rllib.enable()``), starts an embedded local Ray,
 trains PPO on CartPole for a few iterations with one remote env runner, saves through
-ckptable, shows the checkpoint (``ckptable info``), damages a copy to show the error
-a restore gives, restores the checkpoint into a fresh algorithm and trains on. Needs
-the ``rllib`` extra (``pip install 'ckptable[rllib]'``).
+ckptable, shows the checkpoint (``ckptable info``), damages a copy of the RLModule's
+weights to show the error a restore gives, restores the checkpoint into a fresh
+algorithm and trains on. Needs the ``rllib`` extra (``pip install 'ckptable[rllib]'``).
+
+As ``ckptable demo`` (see its ``--keep``): without a directory the checkpoint is kept
+in a new temporary directory named at the end; in a directory of the user's, only with
+``keep``. The damaged copy is made in a temporary directory of its own and removed.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -35,7 +40,14 @@ def main(args: argparse.Namespace) -> int:
 def run_rllib_demo(
     directory: str | None = None, keep: bool = False, out: IO[str] = sys.stdout
 ) -> int:
-    """Run the demo; returns the exit status (0: every step did what it shows)."""
+    """Run the demo; returns the exit status (0: every step did what it shows).
+
+    Args:
+        directory: Where to write the checkpoint (as ``DIR/ppo``); None for a new
+            temporary directory, kept (and named) when the demo ran to its end.
+        keep: Keep ``DIR/ppo`` in ``directory`` (else it is removed at the end).
+        out: Where the report goes.
+    """
     try:
         import ray
         from ray.rllib.algorithms.ppo import PPOConfig  # noqa: F401
@@ -49,15 +61,20 @@ def run_rllib_demo(
     def say(text: str) -> None:
         print(text, file=out, flush=True)
 
-    root = directory or tempfile.mkdtemp(prefix="ckptable-rllib-demo-")
+    made_temp = directory is None
+    root = tempfile.mkdtemp(prefix="ckptable-rllib-demo-") if directory is None else directory
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, "ppo")
+    scratch = tempfile.mkdtemp(prefix="ckptable-rllib-demo-damaged-")
     started = time.perf_counter()
-    ckptable.rllib.enable()  # before ray.init: the env runner's worker is switched on too
-    logging.getLogger("ray").setLevel(logging.ERROR)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     algo = other = None
+    written = finished = False
     try:
+        ckptable.rllib.enable()  # before ray.init: the env runner's worker is switched on too
+        logging.getLogger("ray").setLevel(logging.ERROR)
+        ray.init(
+            num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
+        )
         say("1. PPO on CartPole, one remote env runner, RLlib switched onto ckptable")
         algo = _config().build_algo()
         for _ in range(ITERATIONS):
@@ -66,20 +83,22 @@ def run_rllib_demo(
 
         t0 = time.perf_counter()
         algo.save_to_path(path)
+        written = True
         say(f"2. saved through ckptable in {time.perf_counter() - t0:.2f}s: {path}")
         say("3. ckptable info:")
         cli_main(["info", path])
 
-        damaged = os.path.join(root, "ppo-damaged")
-        shutil.rmtree(damaged, ignore_errors=True)
-        shutil.copytree(path, damaged)
+        damaged = shutil.copytree(path, os.path.join(scratch, "ppo"))
         victim = _a_state_file(damaged)
         with open(victim, "r+b") as file:
             file.seek(os.path.getsize(victim) // 2)
             byte = file.read(1)
             file.seek(-1, os.SEEK_CUR)
             file.write(bytes([byte[0] ^ 0xFF]))
-        say(f"4. one byte flipped in {os.path.relpath(victim, root)}; restoring that copy:")
+        say(
+            f"4. one byte flipped in a copy's {os.path.relpath(victim, damaged)}; "
+            "restoring that copy:"
+        )
         weights_before = algo.learner_group.get_weights()
         try:
             algo.restore_from_path(damaged)
@@ -102,8 +121,13 @@ def run_rllib_demo(
             result = other.train()
         say(f"   iteration {other.iteration}, return {_return(result):.1f}")
         say(f"done in {time.perf_counter() - started:.1f}s")
-        if keep:
-            say(f"kept: {root} (try: ckptable verify {path})")
+        finished = True
+        if keep or made_temp:
+            quoted = shlex.quote(path)
+            say(f"checkpoint kept: {quoted}")
+            say(f"  try: ckptable info {quoted}; ckptable verify {quoted}")
+        else:
+            say("checkpoint removed; to keep it, run: ckptable demo --rllib --dir DIR --keep")
         return 0
     finally:
         for algorithm in (algo, other):
@@ -111,8 +135,11 @@ def run_rllib_demo(
                 algorithm.stop()
         ray.shutdown()
         ckptable.rllib.disable()
-        if not keep and directory is None:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if made_temp and not finished:
             shutil.rmtree(root, ignore_errors=True)
+        elif not made_temp and not keep and written:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _config() -> Any:
@@ -134,14 +161,15 @@ def _return(result: dict[str, Any]) -> float:
 
 
 def _a_state_file(root: str) -> str:
-    """The biggest state file of the checkpoint (the learner's RLModule weights)."""
+    """The RLModule's weights: the deepest state file, read last by RLlib's restore
+    order, and still refused before the first ``set_state``."""
     found = [
         os.path.join(folder, name)
         for folder, _, names in os.walk(root)
         for name in names
-        if name.startswith("state.") or name.endswith("_state.pkl")
+        if name.startswith("module_state.")
     ]
-    return max(found, key=os.path.getsize)
+    return max(found, key=lambda file: (file.count(os.sep), os.path.getsize(file)))
 
 
 def _same(a: Any, b: Any) -> bool:
