@@ -28,6 +28,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import io
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
@@ -44,7 +45,7 @@ SMALL_FILE_BYTES = 16 << 20
 #: ... up to this much per restore in all; the rest is read when the pipeline asks.
 PREFETCH_BYTES = 256 << 20
 #: A big file is read in ranges of this size, ...
-RANGE_BYTES = 32 << 20
+RANGE_BYTES = 64 << 20
 #: ... this many ahead of the reader.
 RANGES_AHEAD = 2
 
@@ -133,6 +134,10 @@ class PrefetchedReads:
             workers, thread_name_prefix="ckptable-read"
         )
         self._budget = PREFETCH_BYTES if budget is None else budget
+        self._whole_budget = self._budget
+        #: Every file of the tree in path order, and how many of them were started.
+        self._plan: list[tuple[str, int]] = []
+        self._planned = 0
         self._small = SMALL_FILE_BYTES if small is None else small
         self._range = RANGE_BYTES if range_bytes is None else range_bytes
         self._lock = threading.Lock()
@@ -193,33 +198,55 @@ class PrefetchedReads:
             return self._tree
 
     def _start_fetches(self, tree: _Tree) -> None:
-        """Fetch the small files whole, and the first ranges of the big ones, in path
-        order (roughly the order the pipeline reads the levels in), within the budget."""
-        budget = self._budget
+        """Plan the fetches: every file in path order (roughly the order the pipeline
+        reads the levels in), and start as many as the budget holds (lock held)."""
+        self._plan = sorted(tree.sizes.items())
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Start the planned fetches that fit the budget, in order (lock held): small
+        files whole, the first ranges of big ones. A window: the budget a big file's
+        first ranges hold comes back as the reader takes them, and the fetches go on."""
         read_sized = getattr(self.inner, "read_sized", None)
-        for path, size in sorted(tree.sizes.items()):
+        while self._planned < len(self._plan):
+            path, size = self._plan[self._planned]
             if size <= self._small:
-                if size > budget:
+                if size > self._whole_budget:
+                    self._planned += 1  # never fits: read when asked
                     continue
-                budget -= size
+                if size > self._budget:
+                    return
+                self._budget -= size
                 if callable(read_sized):
                     future = self._pool.submit(read_sized, path, size)
                 else:
                     future = self._pool.submit(self.inner.read_bytes, path)
                 self._fetched[path] = future
             elif self._ranged is not None:
+                first = self._range_length(0, size)
+                if first > self._whole_budget:
+                    self._planned += 1
+                    continue
+                if first > self._budget:
+                    return
                 heads: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
                 offset = 0
                 while offset < size and len(heads) < RANGES_AHEAD:
                     length = self._range_length(offset, size)
-                    if length > budget:
+                    if length > self._budget:
                         break
-                    budget -= length
+                    self._budget -= length
                     heads.append(self._pool.submit(self._read_range, path, offset, length))
                     offset += length
-                if heads:
-                    self._heads[path] = heads
-        self._budget = budget
+                self._heads[path] = heads
+            self._planned += 1
+
+    def _release(self, size: int) -> None:
+        """A first range was taken by its reader: its budget goes to the next fetches."""
+        with self._lock:
+            self._budget += size
+            if not self._closed:
+                self._schedule()
 
     def _range_length(self, offset: int, size: int) -> int:
         """The length of the range at ``offset``: the range size, or the rest of the file
@@ -301,7 +328,10 @@ class PrefetchedReads:
         heads = self._heads.pop(path, collections.deque())
         keep = False
         with self._lock:
-            if size <= self._budget:
+            # Kept for a second read (a codec that reads the file again after its
+            # verification) only with budget to spare once every fetch has started:
+            # the window of first ranges comes first.
+            if self._planned >= len(self._plan) and size <= self._budget:
                 self._budget -= size
                 keep = True
         reader = _RangedReader(self, path, size, heads, keep)
@@ -385,7 +415,13 @@ _EMPTY.dirs, _EMPTY.sizes = {}, {}
 
 class _RangedReader(io.RawIOBase):
     """A file read front to back through ranged reads that run ahead in the pool
-    (``RANGES_AHEAD`` of them; the first ones may have been started by the prefetch)."""
+    (``RANGES_AHEAD`` of them; the first ones may have been started by the prefetch).
+
+    A big ``readinto`` (a payload's final memory, see ``_pickle_walk``) is filled by the
+    pool: each range is copied into its part of the target by the thread that fetched
+    it, with the GIL released (numpy's copy), so that the first touch of fresh memory
+    (page faults) and the copies run on every core while more ranges arrive, not one
+    after another in the caller's thread."""
 
     def __init__(
         self,
@@ -399,10 +435,16 @@ class _RangedReader(io.RawIOBase):
         self._owner = owner
         self._path = path
         self._size = size
-        self._ahead = heads
+        self._ahead: collections.deque[tuple[concurrent.futures.Future[bytes], int]] = (
+            collections.deque()
+        )
         self._next = 0
-        for _ in heads:  # the heads are the first ranges
-            self._next += owner._range_length(self._next, size)
+        for future in heads:  # the heads are the first ranges
+            length = owner._range_length(self._next, size)
+            self._ahead.append((future, length))
+            self._next += length
+        #: The heads hold the prefetch's budget until they are taken.
+        self._budgeted = len(heads)
         self._current = memoryview(b"")
         self._keep = keep
         self.chunks: list[bytes] = []
@@ -414,40 +456,91 @@ class _RangedReader(io.RawIOBase):
     def complete(self) -> bool:
         return not self._short and self._next >= self._size and not self._ahead
 
-    def _fill(self) -> None:
+    def _fill(self, ranges: int = RANGES_AHEAD) -> None:
         owner = self._owner
-        while len(self._ahead) < RANGES_AHEAD and self._next < self._size:
+        while len(self._ahead) < ranges and self._next < self._size:
             length = owner._range_length(self._next, self._size)
-            self._ahead.append(
-                owner._pool.submit(owner._read_range, self._path, self._next, length)
-            )
+            future = owner._pool.submit(owner._read_range, self._path, self._next, length)
+            self._ahead.append((future, length))
             self._next += length
+
+    def _got(self, chunk: bytes, length: int) -> bytes | None:
+        """Record a range's bytes (kept for a second read); None if the file ended."""
+        if self._budgeted:
+            self._budgeted -= 1
+            self._owner._release(length)
+        if self._keep:
+            self.chunks.append(chunk)
+        if len(chunk) != length:
+            self._short = True  # shorter than listed: the reader reports the size
+            return chunk if chunk else None
+        return chunk
 
     def _take(self) -> bytes | None:
         """The next range's bytes (None at the end)."""
         self._fill()
         if not self._ahead:
             return None
-        chunk = self._ahead.popleft().result()
+        future, length = self._ahead.popleft()
+        chunk = self._got(future.result(), length)
         self._fill()
-        if self._keep:
-            self.chunks.append(chunk)
-        if not chunk:
-            self._short = True
-            return None
         return chunk
 
     def readinto(self, buffer: Any) -> int:
         target = memoryview(buffer).cast("B")
-        if not self._current:
-            chunk = self._take()
-            if chunk is None:
-                return 0
-            self._current = memoryview(chunk)
-        n = min(len(target), len(self._current))
-        target[:n] = self._current[:n]
+        filled = 0
+        if self._current:
+            filled = _copy(target, self._current)
+            self._current = self._current[filled:]
+            if filled == len(target) or self._short:
+                return filled
+        if len(target) - filled >= self._owner._range and "numpy" in sys.modules:
+            return filled + self._fill_in_pool(target[filled:])
+        if filled:
+            return filled
+        chunk = self._take()
+        if chunk is None:
+            return 0
+        self._current = memoryview(chunk)
+        n = _copy(target, self._current)
         self._current = self._current[n:]
         return n
+
+    def _fill_in_pool(self, target: memoryview) -> int:
+        """Fill ``target`` with the next ranges, each copied in by the pool; the part of
+        a range past its end becomes the current chunk. Returns the bytes filled (fewer
+        if the file is shorter than listed: the caller then sees it is truncated)."""
+        pool = self._owner._pool
+        copies: list[tuple[int, int, concurrent.futures.Future[bytes], _Copy]] = []
+        filled = 0
+        # Every range the target covers is requested now (its memory is there already).
+        self._fill(max(RANGES_AHEAD, -(-len(target) // self._owner._range) + 1))
+        while filled < len(target) and self._ahead:
+            future, length = self._ahead[0]
+            if filled + length > len(target):
+                break
+            self._ahead.popleft()
+            part = target[filled : filled + length]
+            copies.append((filled, length, future, pool.submit(_copy_when_read, future, part)))
+            filled += length
+            self._fill()
+        try:
+            for offset, length, future, copied in copies:
+                copied.result()
+                chunk = self._got(future.result(), length)
+                if self._short:
+                    return offset + (len(chunk) if chunk else 0)
+        finally:
+            for _, _, _, copied in copies:
+                copied.cancel()
+        if filled < len(target):
+            chunk = self._take()  # the rest comes from the start of the next range
+            if chunk is not None:
+                self._current = memoryview(chunk)
+                n = _copy(target[filled:], self._current)
+                self._current = self._current[n:]
+                filled += n
+        return filled
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
@@ -462,7 +555,33 @@ class _RangedReader(io.RawIOBase):
         return b"".join(parts)
 
     def close(self) -> None:
-        for future in self._ahead:
+        for future, length in self._ahead:
             future.cancel()
+            if self._budgeted:
+                self._budgeted -= 1
+                self._owner._release(length)
         self._ahead.clear()
         super().close()
+
+
+def _copy(target: memoryview, source: memoryview) -> int:
+    """Copy the start of ``source`` into the start of ``target``; returns the bytes."""
+    n = min(len(target), len(source))
+    target[:n] = source[:n]
+    return n
+
+
+_Copy = concurrent.futures.Future[None]
+
+
+def _copy_when_read(future: concurrent.futures.Future[bytes], part: memoryview) -> None:
+    """In the pool: wait for a range, copy it into its part of the target (numpy's copy
+    releases the GIL). A short range copies what there is; the reader sees the length."""
+    import numpy
+
+    chunk = future.result()
+    n = min(len(part), len(chunk))
+    numpy.copyto(
+        numpy.frombuffer(part, dtype=numpy.uint8, count=n),
+        numpy.frombuffer(chunk, dtype=numpy.uint8, count=n),
+    )
