@@ -119,7 +119,7 @@ def checksum_of(algorithm: str, data: Any) -> str:
 def _xxh3_hexdigest() -> Callable[[Any], str]:
     import xxhash
 
-    return xxhash.xxh3_64_hexdigest  # type: ignore[no-any-return]
+    return xxhash.xxh3_64_hexdigest
 
 
 # --------------------------------------------------------------------------- the helper threads

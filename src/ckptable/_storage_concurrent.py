@@ -412,34 +412,33 @@ class _SpoolingWriter(io.RawIOBase):
     ``spill_bytes`` it is written through the storage's own stream by a pool thread,
     fed chunk by chunk (each counted against the pending bytes), so that the caller
     goes on while the upload runs, and several big files upload at once. Each byte is
-    copied once, into a chunk the pool owns (the caller may reuse its buffers)."""
+    copied once, into memory the pool owns (the caller may reuse its buffers): held in
+    one ``bytearray`` (which grows without copying: big blocks are remapped), handed to
+    the storage as it is."""
 
     def __init__(self, owner: ConcurrentWrites, path: str) -> None:
         super().__init__()
         self._owner = owner
         self._path = path
-        self._held: list[bytes] = []
-        self._held_bytes = 0
+        self._held = bytearray()
         self._chunks: queue.SimpleQueue[bytes | BaseException | None] | None = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
-        chunk = bytes(memoryview(data).cast("B"))
+        view = memoryview(data).cast("B")
         if self._chunks is not None:
-            self._send(chunk)
-            return len(chunk)
-        self._owner._reserve(len(chunk))  # held until written: counted as pending
-        self._held.append(chunk)
-        self._held_bytes += len(chunk)
-        if self._held_bytes >= self._owner._spill:
+            self._send(bytes(view))
+            return len(view)
+        self._owner._reserve(len(view))  # held until written: counted as pending
+        self._held += view
+        if len(self._held) >= self._owner._spill:
             self._chunks = queue.SimpleQueue()
             self._owner._stream(self._path, self._chunks)
-            held, self._held, self._held_bytes = self._held, [], 0
-            for piece in held:
-                self._chunks.put(piece)  # reserved when held
-        return len(chunk)
+            held, self._held = self._held, bytearray()
+            self._chunks.put(held)  # type: ignore[arg-type]  # reserved when held
+        return len(view)
 
     def _send(self, chunk: bytes) -> None:
         if self._chunks is None:
@@ -449,16 +448,20 @@ class _SpoolingWriter(io.RawIOBase):
 
     def finish(self) -> None:
         if self._chunks is None:
-            data = b"".join(self._held)
-            held, self._held, self._held_bytes = self._held_bytes, [], 0
-            self._owner._release(held)  # write_bytes reserves the joined bytes again
-            self._owner.write_bytes(self._path, data)
+            data, self._held = self._held, bytearray()
+            size = len(data)
+
+            def write() -> None:
+                self._owner.inner.write_bytes(self._path, data)  # type: ignore[arg-type]
+
+            self._owner._release(size)  # reserved again, as the write's own
+            self._owner._submit(self._path, size, write)
             return
         self._chunks.put(None)
 
     def discard(self) -> None:
-        self._owner._release(self._held_bytes)
-        self._held, self._held_bytes = [], 0
+        self._owner._release(len(self._held))
+        self._held = bytearray()
         if self._chunks is not None:
             self._chunks.put(RuntimeError("the save failed while writing this file"))
 
