@@ -5,12 +5,16 @@ All nodes run on this machine, so a "remote" path is visible from the test proce
 the tests use that to check results, never the code under test. ``ProbedTransfer`` (a
 ``RayObjectStoreTransfer`` whose two task bodies report where they ran, their process
 id and their memory, and can be slowed down or made to misbehave) is the only stand-in:
-it injects faults at the edges, the reader's stream and the writer's input.
+it injects faults at the edges, the reader's stream, the writer's input and the direct
+connection between them. Tests of the stream run both ways the contents can travel:
+over the direct connection (the default) and through the object store (``direct=False``,
+also what happens where no connection can be made).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import json
 import os
@@ -18,6 +22,7 @@ import random
 import resource
 import shutil
 import signal
+import socket
 import stat
 import sys
 import threading
@@ -29,8 +34,10 @@ from typing import Any
 import pytest
 import ray
 
-from ckptable.errors import TransferError
-from ckptable.ray import _transfer
+import ckptable
+from ckptable._manifest import MANIFEST_FILE, checksum_of, preferred_algorithm
+from ckptable.errors import ActorCheckpointError, TransferError
+from ckptable.ray import _actors, _transfer_direct, _transfer_local
 from ckptable.ray._nodes import current_node_id
 from ckptable.ray._transfer import (
     TRANSFER_MARKER,
@@ -39,10 +46,13 @@ from ckptable.ray._transfer import (
     RecordingTransfer,
     TransferCall,
     TransferHook,
+    TransferReceipt,
     check_transfer_hook,
     get_default_transfer,
     set_default_transfer,
 )
+from ckptable.ray._transfer_direct import direct_allowed
+from ray_actors import Algo, foreach
 from ray_cluster import ObjectStoreSampler
 
 # The probes below run inside Ray workers, which cannot import this module by name.
@@ -110,6 +120,16 @@ def assert_nothing_at(dst: Path) -> None:
     assert leftovers(dst) == []
 
 
+def expected_receipt(root: Path) -> TransferReceipt:
+    """The receipt of the tree at ``root``: every file's size and checksum."""
+    algorithm = preferred_algorithm()
+    files = {}
+    for rel, data in snapshot(root).items():
+        if data != "dir":
+            files[os.fsdecode(rel)] = (len(data), checksum_of(algorithm, data))
+    return TransferReceipt(algorithm, files)
+
+
 def status_kib(field: str) -> int:
     """A ``VmHWM``-style field of /proc/self/status, in KiB."""
     with open("/proc/self/status") as status:
@@ -173,6 +193,10 @@ class ProbedTransfer(RayObjectStoreTransfer):
     ``delay_s``: the reader sleeps this long after each item (to be killed mid-stream).
     ``fault(index, item, src_path)``: the reader yields what it returns instead of item
     ``index`` (an iterable: drop, replace or add items; or raise).
+    ``wrap_connection(connection, probe_dir)``: what the reader sends the contents
+    through instead of its direct connection. ``refuse_connection``: the reader cannot
+    connect (as behind a firewall). Every connection the reader tries is recorded in
+    ``connections.json``.
     """
 
     def __init__(
@@ -182,6 +206,8 @@ class ProbedTransfer(RayObjectStoreTransfer):
         delay_s: float = 0.0,
         fault: Callable[[int, Any, str], Any] | None = None,
         measure: bool = False,
+        wrap_connection: Callable[[Any, str], Any] | None = None,
+        refuse_connection: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -189,6 +215,24 @@ class ProbedTransfer(RayObjectStoreTransfer):
         self.delay_s = delay_s
         self.fault = fault
         self.measure = measure
+        self.wrap_connection = wrap_connection
+        self.refuse_connection = refuse_connection
+
+    def _connect(self, peer: Any) -> Any:
+        connection = None if self.refuse_connection else super()._connect(peer)
+        with open(os.path.join(self.probe_dir, "connections.json"), "a") as file:
+            file.write(json.dumps({"connected": connection is not None}) + "\n")
+        if connection is None or self.wrap_connection is None:
+            return connection
+        return self.wrap_connection(connection, self.probe_dir)
+
+    def connections(self) -> list[bool]:
+        """Whether each connection the reader tried was made."""
+        path = os.path.join(self.probe_dir, "connections.json")
+        if not os.path.exists(path):
+            return []
+        with open(path) as file:
+            return [json.loads(line)["connected"] for line in file]
 
     def _read_source(self, src_path: str, algorithm: str) -> Iterator[Any]:
         with Probe(self.probe_dir, "reader", self.measure):
@@ -203,9 +247,9 @@ class ProbedTransfer(RayObjectStoreTransfer):
                 if self.delay_s:
                     time.sleep(self.delay_s)
 
-    def _write_destination(self, items: Iterator[Any], tmp_path: str, algorithm: str) -> None:
+    def _write_destination(self, items: Iterator[Any], tmp_path: str, algorithm: str) -> Any:
         with Probe(self.probe_dir, "writer", self.measure):
-            super()._write_destination(items, tmp_path, algorithm)
+            return super()._write_destination(items, tmp_path, algorithm)
 
     def report(self, role: str) -> dict[str, Any]:
         with open(os.path.join(self.probe_dir, role + ".json")) as file:
@@ -226,6 +270,12 @@ def probe_dir(tmp_path: Path) -> Path:
     path = tmp_path / "probes"
     path.mkdir()
     return path
+
+
+@pytest.fixture(params=[True, False], ids=["direct", "object-store"])
+def direct(request: pytest.FixtureRequest) -> bool:
+    """How the contents travel: over a direct connection, or through the object store."""
+    return bool(request.param)
 
 
 @pytest.fixture
@@ -252,11 +302,11 @@ def nodes(ray_cluster: Any, route: str) -> tuple[str, str]:
     "route", ["worker-to-worker", "head-to-worker", "worker-to-head", "same-node"]
 )
 def test_tree_arrives_byte_exact_read_on_source_and_written_on_destination_node(
-    ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path, route: str
+    ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path, route: str, direct: bool
 ) -> None:
     src_node, dst_node = nodes(ray_cluster, route)
     dst = tmp_path / "dst" / "parents" / "made" / "tree"
-    hook = ProbedTransfer(probe_dir, chunk_bytes=SMALL_CHUNK, max_chunks_in_flight=2)
+    hook = ProbedTransfer(probe_dir, chunk_bytes=SMALL_CHUNK, max_chunks_in_flight=2, direct=direct)
 
     hook.transfer(src_node, str(source), dst_node, str(dst))
 
@@ -407,6 +457,8 @@ def test_bad_arguments_are_type_errors() -> None:
     for bad in ({"chunk_bytes": 0}, {"max_chunks_in_flight": 0}, {"timeout_s": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             RayObjectStoreTransfer(**bad)
+    with pytest.raises(TypeError, match="direct"):
+        RayObjectStoreTransfer(direct="yes")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- faults
@@ -509,9 +561,10 @@ def test_broken_stream_is_a_transfer_error_and_leaves_nothing(
     probe_dir: Path,
     fault: Callable[..., Any],
     match: str,
+    direct: bool,
 ) -> None:
     dst = tmp_path / "dst"
-    hook = ProbedTransfer(probe_dir, fault=fault, chunk_bytes=SMALL_CHUNK)
+    hook = ProbedTransfer(probe_dir, fault=fault, chunk_bytes=SMALL_CHUNK, direct=direct)
     src_node, dst_node = nodes(ray_cluster, "worker-to-worker")
 
     with pytest.raises(TransferError, match=match):
@@ -527,15 +580,31 @@ def run_in_thread(call: Callable[[], None]) -> concurrent.futures.Future[None]:
     return future
 
 
-@pytest.mark.parametrize("role", ["reader", "writer"])
+@pytest.mark.parametrize(
+    ("role", "route"),
+    [
+        ("reader", "worker-to-worker"),
+        ("writer", "worker-to-worker"),
+        # The writer is this process: only the reader can be killed.
+        ("reader", "worker-to-head"),
+    ],
+)
 def test_killing_a_task_mid_stream_is_a_transfer_error_and_leaves_nothing(
-    ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path, role: str
+    ray_cluster: Any,
+    source: Path,
+    tmp_path: Path,
+    probe_dir: Path,
+    role: str,
+    route: str,
+    direct: bool,
 ) -> None:
     # About 60 chunks at 0.1 s each: the kill lands mid-stream.
     (source / "slow.bin").write_bytes(os.urandom(60 * SMALL_CHUNK))
     dst = tmp_path / "dst"
-    hook = ProbedTransfer(probe_dir, delay_s=0.1, chunk_bytes=SMALL_CHUNK, max_chunks_in_flight=2)
-    src_node, dst_node = nodes(ray_cluster, "worker-to-worker")
+    hook = ProbedTransfer(
+        probe_dir, delay_s=0.1, chunk_bytes=SMALL_CHUNK, max_chunks_in_flight=2, direct=direct
+    )
+    src_node, dst_node = nodes(ray_cluster, route)
     future = run_in_thread(lambda: hook.transfer(src_node, str(source), dst_node, str(dst)))
     pid = hook.wait_for_pid(role)
     tmp_dirs: list[str] = []
@@ -552,19 +621,41 @@ def test_killing_a_task_mid_stream_is_a_transfer_error_and_leaves_nothing(
     side = "source" if role == "reader" else "destination"
     assert f"on the {side} node: WorkerCrashedError" in str(info.value)
     assert_nothing_at(dst)
+    if role == "reader":  # it ran, so it connected if it could
+        assert hook.connections() == ([True] if direct else [])
 
 
+@pytest.mark.parametrize("route", ["head-to-worker", "worker-to-head"])
 def test_timeout_is_a_transfer_error_and_leaves_nothing(
-    ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path
+    ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path, route: str, direct: bool
 ) -> None:
     dst = tmp_path / "dst"
-    hook = ProbedTransfer(probe_dir, delay_s=0.5, chunk_bytes=SMALL_CHUNK, timeout_s=3)
-    src_node, dst_node = nodes(ray_cluster, "head-to-worker")
+    hook = ProbedTransfer(
+        probe_dir, delay_s=0.5, chunk_bytes=SMALL_CHUNK, timeout_s=3, direct=direct
+    )
+    src_node, dst_node = nodes(ray_cluster, route)
 
+    started = time.monotonic()
     with pytest.raises(TransferError, match="did not finish within 3 s"):
         hook.transfer(src_node, str(source), dst_node, str(dst))
 
+    assert time.monotonic() - started < 30
     assert_nothing_at(dst)
+
+
+def test_into_the_caller_s_node_the_caller_is_the_writer(
+    ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path, direct: bool
+) -> None:
+    src_node, dst_node = nodes(ray_cluster, "worker-to-head")
+    hook = ProbedTransfer(probe_dir, chunk_bytes=SMALL_CHUNK, direct=direct)
+
+    receipt = hook.transfer(src_node, str(source), dst_node, str(tmp_path / "dst"))
+
+    assert snapshot(tmp_path / "dst") == snapshot(source)
+    assert receipt == expected_receipt(tmp_path / "dst")
+    assert hook.report("writer")["pid"] == os.getpid()
+    assert hook.report("reader")["node_id"] == src_node
+    assert hook.connections() == ([True] if direct else [])
 
 
 # --------------------------------------------------------------------------- big and bounded
@@ -596,7 +687,7 @@ def checksum_of_file(path: Path) -> str:
 
 
 def test_more_than_a_gib_between_workers_in_a_few_chunks_of_memory(
-    ray_cluster: Any, tmp_path: Path, probe_dir: Path
+    ray_cluster: Any, tmp_path: Path, probe_dir: Path, direct: bool
 ) -> None:
     chunk, in_flight = 4 * MiB, 4
     size = (1 << 30) + 100 * MiB + 12_345  # 1.1 GiB, not a multiple of the chunk
@@ -608,7 +699,7 @@ def test_more_than_a_gib_between_workers_in_a_few_chunks_of_memory(
     dst = tmp_path / "dst"
     src_node, dst_node = ray_cluster.worker_node_ids
     hook = ProbedTransfer(
-        probe_dir, measure=True, chunk_bytes=chunk, max_chunks_in_flight=in_flight
+        probe_dir, measure=True, chunk_bytes=chunk, max_chunks_in_flight=in_flight, direct=direct
     )
 
     try:
@@ -655,11 +746,300 @@ def test_more_than_a_gib_between_workers_in_a_few_chunks_of_memory(
     bound_kib = (10 * chunk + 64 * MiB) // KiB
     assert private_kib["reader"] < bound_kib, lines
     assert private_kib["writer"] < bound_kib, lines
-    # The chunks are created on the source node: there they count; the writer's pulled
-    # copies are secondary (evictable) ones, and the writer holds a few at a time.
+    # Through the object store, the chunks are created on the source node: there they
+    # count; the writer's pulled copies are secondary (evictable) ones, and the writer
+    # holds a few at a time. Over the direct connection only the records pass there.
     assert store.samples > 10, "the object store was not sampled during the transfer"
-    assert 0 < store.peak_bytes[src_node] < (in_flight + 2) * chunk, lines
+    assert store.peak_bytes[src_node] < (in_flight + 2) * chunk, lines
     assert store.peak_bytes[dst_node] < (in_flight + 2) * chunk, lines
+    if direct:
+        assert hook.connections() == [True]
+        assert store.peak_bytes[src_node] < chunk, lines
+    else:
+        assert hook.connections() == []
+        assert store.peak_bytes[src_node] > 0, lines
+
+
+# --------------------------------------------------------------------------- direct connection
+
+
+class CountingConnection:
+    """The reader's connection, counting what it sends (in ``sent.json`` at close)."""
+
+    def __init__(self, connection: Any, probe_dir: str) -> None:
+        self.connection, self.probe_dir, self.sent = connection, probe_dir, 0
+
+    def sendall(self, data: Any) -> None:
+        self.connection.sendall(data)
+        self.sent += memoryview(data).nbytes
+
+    def close(self) -> None:
+        self.connection.close()
+        with open(os.path.join(self.probe_dir, "sent.json"), "w") as file:
+            json.dump(self.sent, file)
+
+
+class FaultyConnection:
+    """The reader's connection, misbehaving at byte ``at`` of the contents: ``flip``
+    one byte, ``drop`` the piece that holds it, ``reset`` (closed, and an error raised
+    in the reader), or ``extra`` bytes after the last."""
+
+    def __init__(self, connection: Any, kind: str, at: int) -> None:
+        self.connection, self.kind, self.at, self.sent = connection, kind, at, 0
+
+    def sendall(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        if self.sent <= self.at < self.sent + len(view) and self.kind != "extra":
+            if self.kind == "reset":
+                self.connection.close()
+                raise ConnectionResetError(errno.ECONNRESET, "injected reset")
+            if self.kind == "flip":
+                changed = bytearray(view)
+                changed[self.at - self.sent] ^= 1
+                view = memoryview(changed)
+            else:  # drop
+                self.sent += len(view)
+                return
+        self.connection.sendall(view)
+        self.sent += len(view)
+
+    def close(self) -> None:
+        if self.kind == "extra" and self.sent:
+            with contextlib.suppress(OSError):
+                self.connection.sendall(b"extra")
+        self.connection.close()
+
+
+def faulty(kind: str, at: int) -> Callable[[Any, str], Any]:
+    return lambda connection, probe_dir: FaultyConnection(connection, kind, at)
+
+
+@pytest.fixture
+def two_files(tmp_path: Path) -> Path:
+    """``a.bin`` and ``b.bin``, 1 MiB each: byte 1.5 MiB of the contents is in b.bin."""
+    root = tmp_path / "two"
+    root.mkdir()
+    (root / "a.bin").write_bytes(os.urandom(MiB))
+    (root / "b.bin").write_bytes(os.urandom(MiB))
+    return root
+
+
+def test_the_contents_travel_over_the_direct_connection(
+    ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path
+) -> None:
+    hook = ProbedTransfer(probe_dir, chunk_bytes=SMALL_CHUNK, wrap_connection=CountingConnection)
+    src_node, dst_node = nodes(ray_cluster, "worker-to-worker")
+
+    hook.transfer(src_node, str(source), dst_node, str(tmp_path / "dst"))
+
+    assert snapshot(tmp_path / "dst") == snapshot(source)
+    assert hook.connections() == [True]
+    sizes = [len(data) for data in snapshot(source).values() if data != "dir"]
+    assert json.loads((probe_dir / "sent.json").read_text()) == sum(sizes)
+
+
+def test_a_reader_that_cannot_connect_sends_through_the_object_store(
+    ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path
+) -> None:
+    hook = ProbedTransfer(probe_dir, chunk_bytes=SMALL_CHUNK, refuse_connection=True)
+    src_node, dst_node = nodes(ray_cluster, "head-to-worker")
+
+    receipt = hook.transfer(src_node, str(source), dst_node, str(tmp_path / "dst"))
+
+    assert snapshot(tmp_path / "dst") == snapshot(source)
+    assert receipt == expected_receipt(tmp_path / "dst")
+    assert hook.connections() == [False]
+
+
+def test_without_direct_the_reader_does_not_connect(
+    ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path
+) -> None:
+    hook = ProbedTransfer(probe_dir, chunk_bytes=SMALL_CHUNK, direct=False)
+    src_node, dst_node = nodes(ray_cluster, "worker-to-worker")
+
+    hook.transfer(src_node, str(source), dst_node, str(tmp_path / "dst"))
+
+    assert snapshot(tmp_path / "dst") == snapshot(source)
+    assert hook.connections() == []
+
+
+def test_no_direct_connection_where_ray_encrypts_its_traffic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RAY_USE_TLS", "1")
+    assert not direct_allowed()
+    monkeypatch.setenv("RAY_USE_TLS", "0")
+    assert direct_allowed()
+    monkeypatch.delenv("RAY_USE_TLS")
+    assert direct_allowed()
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        ("flip", r"checksum mismatch for \S*/b\.bin"),
+        ("drop", r"ended early, after \d+ bytes of \d+ \(in file 2 of 2: \S*/b\.bin\)"),
+        ("reset", "on the source node: .*injected reset"),
+        ("extra", "goes on after its end"),
+    ],
+)
+def test_a_connection_that_misbehaves_is_a_transfer_error_and_leaves_nothing(
+    ray_cluster: Any, two_files: Path, tmp_path: Path, probe_dir: Path, kind: str, match: str
+) -> None:
+    dst = tmp_path / "dst"
+    hook = ProbedTransfer(
+        probe_dir, chunk_bytes=SMALL_CHUNK, wrap_connection=faulty(kind, 3 * MiB // 2)
+    )
+    src_node, dst_node = nodes(ray_cluster, "worker-to-worker")
+
+    with pytest.raises(TransferError, match=match) as info:
+        hook.transfer(src_node, str(two_files), dst_node, str(dst))
+
+    assert info.value.path == str(dst)
+    assert_nothing_at(dst)
+
+
+class Impostor(ProbedTransfer):
+    """Someone else connects to the writer first, with a wrong token: ``alone``, the
+    reader sends over that connection (and the writer never gets the token)."""
+
+    def __init__(self, probe_dir: Path, *, alone: bool, **kwargs: Any) -> None:
+        super().__init__(probe_dir, **kwargs)
+        self.alone = alone
+
+    def _connect(self, peer: Any) -> Any:
+        impostor = socket.create_connection((peer.host, peer.port))
+        impostor.sendall(b"x" * len(peer.token))
+        if self.alone:
+            return impostor
+        self.impostor = impostor  # held open while the transfer runs
+        return super()._connect(peer)
+
+    def _write_destination(self, items: Iterator[Any], tmp_path: str, algorithm: str) -> Any:
+        before = _transfer_direct._ACCEPT_TIMEOUT_S
+        _transfer_direct._ACCEPT_TIMEOUT_S = 3.0  # in the writer task
+        try:
+            return super()._write_destination(items, tmp_path, algorithm)
+        finally:
+            _transfer_direct._ACCEPT_TIMEOUT_S = before
+
+
+def test_a_connection_without_the_token_is_refused(
+    ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path
+) -> None:
+    src_node, dst_node = nodes(ray_cluster, "worker-to-worker")
+
+    Impostor(probe_dir, alone=False, chunk_bytes=SMALL_CHUNK).transfer(
+        src_node, str(source), dst_node, str(tmp_path / "dst")
+    )
+    assert snapshot(tmp_path / "dst") == snapshot(source)
+
+    with pytest.raises(TransferError, match="connection did not arrive within 3 s"):
+        Impostor(probe_dir, alone=True, chunk_bytes=SMALL_CHUNK).transfer(
+            src_node, str(source), dst_node, str(tmp_path / "dst2")
+        )
+    assert_nothing_at(tmp_path / "dst2")
+
+
+def test_on_one_node_the_writer_reads_the_source_itself(
+    ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path
+) -> None:
+    src_node, dst_node = nodes(ray_cluster, "same-node")
+    hook = ProbedTransfer(probe_dir, chunk_bytes=SMALL_CHUNK)
+
+    receipt = hook.transfer(src_node, str(source), dst_node, str(tmp_path / "dst"))
+
+    assert snapshot(tmp_path / "dst") == snapshot(source)
+    assert receipt == expected_receipt(tmp_path / "dst")
+    assert hook.report("reader")["pid"] == hook.report("writer")["pid"]
+    assert hook.connections() == []
+
+
+# --------------------------------------------------------------------------- receipts
+
+
+@pytest.mark.parametrize("route", ["worker-to-worker", "worker-to-head"])
+def test_the_receipt_names_every_file_with_the_size_and_checksum_written(
+    ray_cluster: Any, source: Path, tmp_path: Path, route: str, direct: bool
+) -> None:
+    src_node, dst_node = nodes(ray_cluster, route)
+    hook = RayObjectStoreTransfer(chunk_bytes=SMALL_CHUNK, direct=direct)
+
+    receipt = hook.transfer(src_node, str(source), dst_node, str(tmp_path / "dst"))
+
+    assert receipt == expected_receipt(tmp_path / "dst")
+    assert receipt is not None and os.fsdecode(b"caf\xe9/na\xefve.bin") in receipt.files
+
+
+@pytest.fixture
+def algo(ray_cluster: Any) -> Iterator[Algo]:
+    """An object whose component ``runners`` is one actor on a worker node, with a
+    3 MiB payload."""
+    algo = Algo("ckptable", (ray_cluster.worker_node_ids[0],))
+    try:
+        foreach(algo.runners, lambda actor: actor.fill_payload(3 * MiB))
+        yield algo
+    finally:
+        algo.kill_actors()
+
+
+def reads_of_moved_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files the save reads back to check a moved tree (filled as it runs)."""
+    reads: list[str] = []
+    read_verified = _actors.read_verified
+
+    def counting(storage: Any, path: str, *args: Any, **kwargs: Any) -> Any:
+        reads.append(path)
+        return read_verified(storage, path, *args, **kwargs)
+
+    monkeypatch.setattr(_actors, "read_verified", counting)
+    return reads
+
+
+class WithoutReceipt:
+    """A custom hook that moves the tree with the default one and returns nothing."""
+
+    def transfer(self, src_node_id: str, src_path: str, dst_node_id: str, dst_path: str) -> None:
+        RayObjectStoreTransfer().transfer(src_node_id, src_path, dst_node_id, dst_path)
+
+
+def test_a_save_checks_a_moved_tree_by_its_receipt_instead_of_reading_it_again(
+    algo: Algo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = reads_of_moved_files(monkeypatch)
+
+    algo.save_to_path(tmp_path / "with")
+    assert reads == []
+
+    algo.save_to_path(tmp_path / "without", transfer=WithoutReceipt())
+    moved = tmp_path / "without" / "runners"
+    files = [p for p in moved.rglob("*") if p.is_file() and p.name != MANIFEST_FILE]
+    assert sorted(os.path.basename(path) for path in reads) == sorted(p.name for p in files)
+
+    for path in (tmp_path / "with", tmp_path / "without"):
+        assert ckptable.verify_checkpoint(path).verified
+
+
+class CorruptingSource:
+    """The actor's state file goes bad on its node after the actor wrote it (all nodes
+    run on this machine, so the test reaches it), then the default hook moves it."""
+
+    def transfer(self, src_node_id: str, src_path: str, dst_node_id: str, dst_path: str) -> Any:
+        with open(os.path.join(src_path, "state.pkl"), "r+b") as file:
+            file.seek(-100, os.SEEK_END)
+            byte = file.read(1)
+            file.seek(-100, os.SEEK_END)
+            file.write(bytes([byte[0] ^ 1]))
+        return RayObjectStoreTransfer().transfer(src_node_id, src_path, dst_node_id, dst_path)
+
+
+def test_a_moved_tree_that_differs_from_the_actor_s_manifest_fails_the_save(
+    algo: Algo, tmp_path: Path
+) -> None:
+    with pytest.raises(ActorCheckpointError, match=r"state\.pkl is corrupt"):
+        algo.save_to_path(tmp_path / "ckpt", transfer=CorruptingSource())
+
+    assert not (tmp_path / "ckpt").exists()
 
 
 # --------------------------------------------------------------------------- local copy
@@ -693,10 +1073,18 @@ def test_local_copy_transfer_refuses_symlinks_existing_and_nested_destinations(
     assert_nothing_at(dst)
 
 
+def test_local_copy_transfer_returns_the_receipt_of_what_it_wrote(
+    source: Path, tmp_path: Path
+) -> None:
+    receipt = LocalCopyTransfer().transfer("n", str(source), "n", str(tmp_path / "dst"))
+
+    assert receipt == expected_receipt(tmp_path / "dst")
+
+
 def test_local_copy_transfer_failure_midway_leaves_nothing(
     source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stream_tree = _transfer._stream_tree
+    stream_tree = _transfer_local._stream_tree
 
     def failing_stream(*args: Any) -> Iterator[Any]:
         for index, item in enumerate(stream_tree(*args)):
@@ -704,7 +1092,7 @@ def test_local_copy_transfer_failure_midway_leaves_nothing(
                 raise OSError(errno.ENOSPC, "No space left on device (injected)")
             yield item
 
-    monkeypatch.setattr(_transfer, "_stream_tree", failing_stream)
+    monkeypatch.setattr(_transfer_local, "_stream_tree", failing_stream)
     dst = tmp_path / "dst"
     hook = LocalCopyTransfer()
     hook.chunk_bytes = SMALL_CHUNK  # several chunks: the failure comes mid-stream
@@ -730,6 +1118,16 @@ def test_recording_transfer_records_and_delegates_to_the_object_store_by_default
     assert isinstance(hook.inner, RayObjectStoreTransfer)
     assert hook.calls == [TransferCall(src_node, str(source), dst_node, str(dst))]
     assert snapshot(dst) == snapshot(source)
+
+
+def test_recording_transfer_returns_what_its_inner_hook_returns(
+    source: Path, tmp_path: Path
+) -> None:
+    receipt = RecordingTransfer(LocalCopyTransfer()).transfer(
+        "a", str(source), "b", str(tmp_path / "dst")
+    )
+
+    assert receipt == expected_receipt(tmp_path / "dst")
 
 
 def test_recording_transfer_delegates_to_inner(source: Path, tmp_path: Path) -> None:
@@ -850,5 +1248,10 @@ def test_default_transfer_is_shared_between_threads() -> None:
 def test_hooks_pickle() -> None:
     import pickle
 
-    for hook in (RayObjectStoreTransfer(chunk_bytes=MiB, timeout_s=5.0), LocalCopyTransfer()):
+    for hook in (
+        RayObjectStoreTransfer(chunk_bytes=MiB, timeout_s=5.0),
+        RayObjectStoreTransfer(direct=False),
+        LocalCopyTransfer(),
+    ):
         assert pickle.loads(pickle.dumps(hook)) == hook
+    assert RayObjectStoreTransfer(direct=False) != RayObjectStoreTransfer()

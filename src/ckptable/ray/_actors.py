@@ -14,8 +14,10 @@ own node, then the directory joins the saver's staging tree:
 - actor on another node: it writes into a temporary directory there, which the transfer
   hook moves into the staging tree and which is removed afterwards, whatever happened.
 
-The moved tree is verified against the manifest the actor reports (one read, from the
-page cache) before the saver's manifest pins it. An actor that dies or fails on the way
+The moved tree is verified against the manifest the actor reports before the saver's
+manifest pins it: against the transfer's receipt (the checksums its writer took of the
+bytes it wrote; the built-in hooks return one), else by reading every file once more
+(from the page cache). An actor that dies or fails on the way
 is left for the next healthy one; none left raises :class:`ActorCheckpointError` with
 each actor's reason.
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import shutil
 import tempfile
 import uuid
@@ -63,7 +66,7 @@ from ckptable.errors import (
 )
 from ckptable.ray._manager import call_error, mark_unhealthy
 from ckptable.ray._nodes import current_node_id, pinned_to
-from ckptable.ray._transfer import check_transfer_hook, get_default_transfer
+from ckptable.ray._transfer import TransferReceipt, check_transfer_hook, get_default_transfer
 
 if TYPE_CHECKING:
     from ckptable._commit import StagingSession
@@ -257,11 +260,11 @@ def save_actor_component(
     counted = _progress.mark()
     for actor_id in actor_ids:
         try:
-            reported, moved = _save_through_actor(
+            reported, moved, receipt = _save_through_actor(
                 session, manager, actor_id, directory, state_ref, transfer
             )
             with _progress.uncounted():  # verifying a moved tree reads it once more
-                _adopt(session, directory, reported, verify=moved)
+                _adopt(session, directory, reported, verify=moved, receipt=receipt)
             # The tree counts once, whether a transfer counted it as it arrived, or not.
             if _progress.current() is not None:
                 _progress.rewind(counted + _bytes_under(session, directory))
@@ -293,9 +296,9 @@ def _save_through_actor(
     directory: str,
     state_ref: Any,
     transfer: Any,
-) -> tuple[bytes | None, bool]:
+) -> tuple[bytes | None, bool, TransferReceipt | None]:
     """Have ``actor_id`` save into ``directory``: (the manifest it reports, whether the
-    tree was moved between nodes and so must be verified)."""
+    tree was moved between nodes and so must be verified, the transfer's receipt)."""
     storage = session.storage
 
     def save_at(path: str, filesystem: Any) -> Any:
@@ -309,7 +312,7 @@ def _save_through_actor(
         return _call_one(manager, actor_id, save)
 
     if not isinstance(storage, LocalStorage):  # shared storage: written in place
-        return save_at(directory, storage.user_filesystem()), False
+        return save_at(directory, storage.user_filesystem()), False, None
 
     actor_node = _call_one(manager, actor_id, _node_of_actor)
     here = current_node_id()
@@ -323,7 +326,7 @@ def _save_through_actor(
         finally:
             with contextlib.suppress(OSError):
                 storage.remove_tree(private)
-        return reported, False
+        return reported, False, None
 
     try:
         temp = _temp_dir_on(actor_node)
@@ -332,26 +335,34 @@ def _save_through_actor(
     try:
         reported = save_at(f"{temp}/{_SAVED}", None)
         try:
-            transfer.transfer(actor_node, f"{temp}/{_SAVED}", here, directory)
+            receipt = transfer.transfer(actor_node, f"{temp}/{_SAVED}", here, directory)
         except Exception as exc:
             raise _ActorFailed(actor_id, f"moving its directory failed: {_describe(exc)}") from exc
     finally:
         _remove_on(actor_node, temp)
-    return reported, True
+    return reported, True, receipt if isinstance(receipt, TransferReceipt) else None
 
 
 def _adopt(
-    session: StagingSession, directory: str, reported: bytes | None, *, verify: bool
+    session: StagingSession,
+    directory: str,
+    reported: bytes | None,
+    *,
+    verify: bool,
+    receipt: TransferReceipt | None = None,
 ) -> None:
     """Make the actor-written tree at ``directory`` part of the staged checkpoint.
 
     A tree ckptable wrote carries its manifests: they are checked against the one the
-    actor reported (and, if the tree was moved, every file is read and checked) and
-    recorded, so that the parent's manifest pins them and the files are flushed with the
-    rest. A tree written by other code (RLlib's save) is checksummed as found.
+    actor reported (and, if the tree was moved, every file is checked: against the
+    transfer's receipt, whose checksums its writer took from the bytes it wrote, or else
+    by reading it) and recorded, so that the parent's manifest pins them and the files
+    are flushed with the rest. A tree written by other code (RLlib's save) is
+    checksummed as found.
     """
     storage = session.storage
     algorithm = session.algorithm
+    received = receipt.files if receipt is not None and receipt.algorithm == algorithm else {}
     if reported is None or LevelManifest.from_bytes(reported, directory).algorithm != algorithm:
         session.seal(directory, rebuild=True)
         return
@@ -362,7 +373,7 @@ def _adopt(
         check_listing(storage, level, manifest, entries)
         for file_name, entry in manifest.files.items():
             path = storage.join(level, file_name)
-            if verify:
+            if verify and received.get(_relative(path, directory)) != tuple(entry):
                 read_verified(storage, path, entry, algorithm, keep=False)
             session.staging.files[path] = entry
             if file_name in manifest.skeletons:
@@ -388,6 +399,12 @@ def _adopt(
             component=session.component_path(directory),
         )
     walk(directory, reported)
+
+
+def _relative(path: str, directory: str) -> str:
+    """``path`` relative to ``directory`` (a local path inside it), ``/``-separated, as
+    a transfer receipt names it."""
+    return os.path.relpath(path, directory).replace(os.sep, "/")
 
 
 def _forget_files_under(session: StagingSession, directory: str) -> None:
