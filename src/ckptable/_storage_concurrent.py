@@ -42,6 +42,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
+from ckptable._storage_wrapper import StorageWrapper
+
 if TYPE_CHECKING:
     from ckptable._storage import EntryKind, Storage
 
@@ -123,9 +125,13 @@ def writing_concurrently(storage: Storage) -> Iterator[Storage]:
         writes.abort()
 
 
-class ConcurrentWrites:
+class ConcurrentWrites(StorageWrapper):
     """A :class:`~ckptable._storage.Storage` whose ``write_bytes``, small ``open_write``
-    streams and ``mkdir``/``makedirs`` run in a thread pool (see the module docstring)."""
+    streams and ``mkdir``/``makedirs`` run in a thread pool (see the module docstring).
+
+    Reads, listings and removals wait for the writes before them. ``user_filesystem``
+    does not (the pipeline asks for it per component): the save pipeline calls
+    :func:`barrier` before code other than its own writes with that filesystem."""
 
     def __init__(
         self,
@@ -135,8 +141,7 @@ class ConcurrentWrites:
         max_pending_bytes: int | None = None,
         spill_bytes: int | None = None,
     ) -> None:
-        self.inner = storage
-        self.can_rename_dirs = storage.can_rename_dirs
+        super().__init__(storage)
         self.io_concurrency = workers
         self._pool = concurrent.futures.ThreadPoolExecutor(
             workers, thread_name_prefix="ckptable-write"
@@ -324,16 +329,7 @@ class ConcurrentWrites:
         if self._closed:
             raise RuntimeError("The save's concurrent writes are closed.")
 
-    # ----------------------------------------------------------------- the rest waits
-
-    def join(self, base: str, *names: str) -> str:
-        return self.inner.join(base, *names)
-
-    def split(self, path: str) -> tuple[str, str]:
-        return self.inner.split(path)
-
-    def display(self, path: str) -> str:
-        return self.inner.display(path)
+    # ------------------------------------------ the rest waits for the writes before it
 
     def kind(self, path: str, *, follow_symlinks: bool = False) -> EntryKind:
         self.barrier()
@@ -377,34 +373,6 @@ class ConcurrentWrites:
     def syncfs(self, path: str) -> bool:
         self.barrier()
         return self.inner.syncfs(path)
-
-    def lock_directory(self, path: str, *, blocking: bool = False) -> Any:
-        return self.inner.lock_directory(path, blocking=blocking)
-
-    def unlock(self, handle: Any) -> None:
-        self.inner.unlock(handle)
-
-    def age_seconds(self, path: str) -> float:
-        return self.inner.age_seconds(path)
-
-    def identity(self, path: str) -> Any:
-        return self.inner.identity(path)
-
-    def is_abandoned(self, path: str) -> bool:
-        return self.inner.is_abandoned(path)
-
-    def user_filesystem(self) -> Any:
-        # Not waited for here (it is asked for per component): the save pipeline calls
-        # ``barrier`` before code other than its own writes with this filesystem.
-        return self.inner.user_filesystem()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # What travels (to a Ray actor, say) is the storage itself, without the pool.
-        return (_inner_of, (self.inner,))
-
-
-def _inner_of(storage: Storage) -> Storage:
-    return storage
 
 
 class _SpoolingWriter(io.RawIOBase):

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from ckptable._storage_concurrent import io_concurrency
+from ckptable._storage_wrapper import StorageWrapper
 
 if TYPE_CHECKING:
     from ckptable._storage import EntryKind, Storage
@@ -111,7 +112,7 @@ class _Tree:
             self.dirs[parent][name] = "dir"
 
 
-class PrefetchedReads:
+class PrefetchedReads(StorageWrapper):
     """A :class:`~ckptable._storage.Storage` that lists the tree at ``root`` once and
     fetches its files concurrently (see the module docstring)."""
 
@@ -125,9 +126,8 @@ class PrefetchedReads:
         small: int | None = None,
         range_bytes: int | None = None,
     ) -> None:
-        self.inner = storage
+        super().__init__(storage)
         self.root = root
-        self.can_rename_dirs = storage.can_rename_dirs
         self.io_concurrency = workers
         self._prefix = storage.join(root, "")
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -344,69 +344,6 @@ class PrefetchedReads:
         elif keep:
             with self._lock:
                 self._budget += size
-
-    # ----------------------------------------------------------------- the rest
-
-    def join(self, base: str, *names: str) -> str:
-        return self.inner.join(base, *names)
-
-    def split(self, path: str) -> tuple[str, str]:
-        return self.inner.split(path)
-
-    def display(self, path: str) -> str:
-        return self.inner.display(path)
-
-    def makedirs(self, path: str) -> None:
-        self.inner.makedirs(path)
-
-    def mkdir(self, path: str) -> None:
-        self.inner.mkdir(path)
-
-    def write_bytes(self, path: str, data: bytes) -> None:
-        self.inner.write_bytes(path, data)
-
-    def open_write(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        return self.inner.open_write(path)
-
-    def remove_tree(self, path: str) -> None:
-        self.inner.remove_tree(path)
-
-    def rename(self, src: str, dst: str) -> None:
-        self.inner.rename(src, dst)
-
-    def exchange(self, a: str, b: str) -> bool:
-        return self.inner.exchange(a, b)
-
-    def fsync(self, path: str) -> None:
-        self.inner.fsync(path)
-
-    def syncfs(self, path: str) -> bool:
-        return self.inner.syncfs(path)
-
-    def lock_directory(self, path: str, *, blocking: bool = False) -> Any:
-        return self.inner.lock_directory(path, blocking=blocking)
-
-    def unlock(self, handle: Any) -> None:
-        self.inner.unlock(handle)
-
-    def age_seconds(self, path: str) -> float:
-        return self.inner.age_seconds(path)
-
-    def identity(self, path: str) -> Any:
-        return self.inner.identity(path)
-
-    def is_abandoned(self, path: str) -> bool:
-        return self.inner.is_abandoned(path)
-
-    def user_filesystem(self) -> Any:
-        return self.inner.user_filesystem()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_inner_of, (self.inner,))
-
-
-def _inner_of(storage: Storage) -> Storage:
-    return storage
 
 
 _EMPTY = _Tree.__new__(_Tree)
