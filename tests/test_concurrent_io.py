@@ -12,10 +12,12 @@ through ranged reads and streamed uploads. The unit tests at the end drive
 from __future__ import annotations
 
 import errno
+import io
 import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -509,3 +511,172 @@ def test_prefetched_reads_answer_from_one_listing(tmp_path: Path) -> None:
         with reading_ahead(storage, f"{path}/a") as inner:
             assert inner is reader
     assert sorted(calls) == sorted([f"{path}/a/x", f"{path}/a/b/y", f"{path}/z"])
+
+
+# --------------------------------------------------------------------------- review cases
+
+
+def test_a_manager_checkpoint_on_s3_gets_its_commit_record_after_its_own_record(
+    latency_fs: Any, server: S3Server, s3_prefix: str
+) -> None:
+    """The root manifest, the commit record, is written once, after every other object:
+    also after the files a caller adds to the root (CheckpointManager's record)."""
+    from ckptable import CheckpointManager
+
+    manager = CheckpointManager(f"{s3_prefix}/run", filesystem=latency_fs)
+    server.reset_counts()
+    manager.save(wide(seed=11), step=1)
+    puts = [r.path.split("?")[0] for r in server.requests() if r.kind == "PUT"]
+    commit = f"checkpoint_000001/{MANIFEST_FILE}"
+    root_manifests = [i for i, p in enumerate(puts) if p.endswith(commit)]
+    record = [i for i, p in enumerate(puts) if p.endswith("checkpoint_manager.json")]
+    assert len(root_manifests) == 1 and len(record) == 1, puts[-5:]
+    assert root_manifests[0] == len(puts) - 1 > record[0]
+    restored = Wide(LEAVES)
+    assert manager.restore_latest(restored) == 1
+
+
+def test_a_bad_concurrency_setting_loses_no_checkpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = f"memory://bad-setting-{uuid.uuid4().hex}/ckpt"
+    tree = wide(seed=12)
+    tree.save_to_path(path)
+    monkeypatch.setenv("CKPTABLE_IO_CONCURRENCY", "3O")
+    with pytest.raises(ValueError, match="CKPTABLE_IO_CONCURRENCY"):
+        wide(seed=13).save_to_path(path)
+    monkeypatch.delenv("CKPTABLE_IO_CONCURRENCY")
+    restored = Wide(LEAVES)
+    restored.restore_from_path(path)  # the checkpoint that was there is still there
+    assert payloads(restored) == payloads(tree)
+
+
+def test_a_pyarrow_path_with_a_trailing_slash_restores_and_verifies(tmp_path: Path) -> None:
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem, SubTreeFileSystem
+
+    fs = SubTreeFileSystem(str(tmp_path), PyFileSystem(FSSpecHandler(fsspec.filesystem("file"))))
+    assert io_concurrency(resolve_storage("ck", fs)[0]) > 1
+    tree = wide(seed=14)
+    tree.save_to_path("ck", filesystem=fs)
+    restored = Wide(LEAVES)
+    restored.restore_from_path("ck/", filesystem=fs)
+    assert payloads(restored) == payloads(tree)
+    assert ckptable.verify_checkpoint("ck/", filesystem=fs).levels == LEAVES + 1
+
+
+def test_big_safetensors_states_restore_from_an_object_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The safetensors decoder seeks (header, then data; the check looks at the end)."""
+    import ckptable._storage_prefetch as prefetch_module
+
+    import ckptable._restore_session as session_module
+
+    monkeypatch.setattr(prefetch_module, "SMALL_FILE_BYTES", 1 << 20)
+    monkeypatch.setattr(prefetch_module, "RANGE_BYTES", 1 << 20)
+    # Files over this are verified as the decoder reads them (one pass): 16 MiB at scale.
+    monkeypatch.setattr(session_module, "_KEEP_FILE_BYTES", 1 << 20)
+    tree = Wide(2)
+    rng = np.random.default_rng(15)
+    for leaf in tree.leaves.values():
+        leaf.payload = rng.random((3 << 20) // 8)
+    path = f"memory://st-{uuid.uuid4().hex}/ckpt"
+    tree.save_to_path(path, format="safetensors")
+    for verify in (True, False):
+        restored = Wide(2)
+        restored.restore_from_path(path, verify=verify)
+        for leaf, want in zip(restored.leaves.values(), tree.leaves.values(), strict=True):
+            assert np.array_equal(leaf.payload, want.payload)
+
+
+def _memory_file(size: int) -> tuple[Any, str, bytes]:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/reader-{uuid.uuid4().hex}"
+    data = os.urandom(size)
+    fs.pipe({f"{root}/big": data, f"{root}/a/small": b"s" * 50, f"{root}/b/big2": data})
+    storage, path = resolve_storage(root, fs)
+    return storage, path, data
+
+
+def test_a_big_file_read_partly_is_read_whole_the_second_time() -> None:
+    storage, root, data = _memory_file(2500)
+    reader = PrefetchedReads(storage, root, 4, budget=10_000, small=100, range_bytes=1000)
+    try:
+        with reader.open_read(f"{root}/big") as stream:
+            assert stream.read(10) == data[:10]
+        assert reader.read_bytes(f"{root}/big") == data
+        with reader.open_read(f"{root}/big") as stream:  # and it seeks
+            assert stream.seek(0, io.SEEK_END) == len(data)
+            assert stream.seek(1200) == 1200 and stream.tell() == 1200
+            assert stream.read(600) == data[1200:1800]
+            stream.seek(5)
+            assert stream.read() == data[5:]
+    finally:
+        reader.close()
+
+
+def test_the_prefetch_window_moves_on_and_nothing_is_fetched_twice() -> None:
+    storage, root, data = _memory_file(2500)
+    fetched: list[tuple[str, int]] = []
+    real = storage.read_sized  # type: ignore[attr-defined]
+    real_ranged = storage.ranged  # type: ignore[attr-defined]
+
+    def reading(p: str, size: int) -> bytes:
+        fetched.append((p, 0))
+        return bytes(real(p, size))
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def ranged(p: str) -> Iterator[Any]:
+        with real_ranged(p) as read_at:
+            yield lambda offset, length: (fetched.append((p, offset)), read_at(offset, length))[1]
+
+    storage.read_sized = reading  # type: ignore[attr-defined]
+    storage.ranged = ranged  # type: ignore[attr-defined]
+    # Room for one big file's first range at a time.
+    reader = PrefetchedReads(storage, root, 4, budget=1100, small=100, range_bytes=1000)
+    try:
+        # big is read before its turn in the window (which holds a/small and the head
+        # of b/big2, in path order): when the window moves on, it is not fetched again.
+        assert reader.read_bytes(f"{root}/big") == data
+        assert reader.read_bytes(f"{root}/b/big2") == data
+        assert reader.read_bytes(f"{root}/a/small") == b"s" * 50
+        first_pass = [(p.rsplit("/", 1)[1], o) for p, o in fetched]
+        # A read that fails midway (of a file read before: not kept, over the budget)
+        # gives its budget back.
+
+        def failing_decoder() -> None:
+            with reader.open_read(f"{root}/big") as stream:
+                stream.read(1)
+                raise RuntimeError("the decoder failed")
+
+        with pytest.raises(RuntimeError):
+            failing_decoder()
+    finally:
+        reader.close()
+    assert reader._budget == reader._whole_budget - 50  # only the small file is held
+    assert len(first_pass) == len(set(first_pass)) == 7, first_pass  # each range once
+
+
+def test_a_stream_near_the_memory_bound_does_not_wait_for_itself(tmp_path: Path) -> None:
+    inner = Recording(delay=0)
+    writes = ConcurrentWrites(inner, 2, max_pending_bytes=100, spill_bytes=95)
+    done = threading.Event()
+
+    def save() -> None:
+        with writes.open_write(str(tmp_path / "f")) as stream:
+            stream.write(b"a" * 60)
+            stream.write(b"b" * 60)
+        writes.barrier()
+        done.set()
+
+    worker = threading.Thread(target=save, daemon=True)
+    worker.start()
+    worker.join(30)
+    writes.abort()
+    assert done.is_set()
+    assert (tmp_path / "f").read_bytes() == b"a" * 60 + b"b" * 60

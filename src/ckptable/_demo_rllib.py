@@ -72,8 +72,14 @@ def run_rllib_demo(
     try:
         ckptable.rllib.enable()  # before ray.init: the env runner's worker is switched on too
         logging.getLogger("ray").setLevel(logging.ERROR)
+        # address="local": always a new embedded instance, never a cluster found
+        # through RAY_ADDRESS or a `ray start` (or a test's cluster) on this machine.
         ray.init(
-            num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
         )
         say("1. PPO on CartPole, one remote env runner, RLlib switched onto ckptable")
         algo = _config().build_algo()

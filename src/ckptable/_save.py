@@ -44,7 +44,7 @@ from ckptable._storage import (
     new_temporary_path,
     resolve_storage,
 )
-from ckptable._storage_concurrent import barrier, writing_concurrently
+from ckptable._storage_concurrent import barrier, io_concurrency, writing_concurrently
 from ckptable.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -75,6 +75,10 @@ class _SaveSession:
     #: ``class_and_ctor_args.pkl`` of the classes built without arguments, pickled once
     #: per save (a wide tree has many levels of one class).
     class_records: dict[type, bytes] = dataclasses.field(default_factory=dict)
+    #: The root's manifest is written once, by the caller, after files it adds itself
+    #: (a save override's, ``extra_root_files``): on an object store the commit record
+    #: must not exist before them.
+    defer_root_seal: bool = False
 
     @property
     def staging_root(self) -> str:
@@ -141,6 +145,7 @@ class _SaveSession:
         *,
         rebuild: bool = False,
         entries: dict[str, EntryKind] | None = None,
+        final: bool = False,
     ) -> None:
         """Write the manifest of a finished level (the root's last of all); every level
         below the root is marked ``nested`` (its parent's manifest pins it).
@@ -148,8 +153,11 @@ class _SaveSession:
         ``entries``: what the level holds, when this session wrote all of it (see
         ``_seal.build_manifest``). The root's manifest is the commit record: it is
         written only once every other file is stored (writes may run concurrently:
-        :mod:`ckptable._storage_concurrent`), and stored before this returns."""
+        :mod:`ckptable._storage_concurrent`), and stored before this returns; with
+        ``defer_root_seal``, only by the call that says it is the ``final`` one."""
         root = directory == self.staging_root
+        if root and self.defer_root_seal and not final:
+            return
         if root:
             barrier(self.storage)
         seal_directory(
@@ -272,7 +280,7 @@ def save_through_override(
     def write(session: _SaveSession) -> None:
         method(obj, storage.display(session.staging_root), **kwargs)
         # Whatever the override wrote around its super() call: checksum it too.
-        session.seal(session.staging_root, rebuild=True)
+        session.seal(session.staging_root, rebuild=True, final=True)
 
     return publish_tree(
         path,
@@ -284,6 +292,7 @@ def save_through_override(
         write,
         transfer,
         progress,
+        reseal_root=True,
     )
 
 
@@ -297,6 +306,8 @@ def publish_tree(
     write: Callable[[_SaveSession], None],
     transfer: Any = None,
     progress: bool | None = None,
+    *,
+    reseal_root: bool = False,
 ) -> str:
     """Stage, write (``write``), make durable and publish one whole checkpoint.
 
@@ -304,26 +315,37 @@ def publish_tree(
     replaced (anything else at ``fs_path`` is refused). ``transfer``: the hook that moves
     actor components' directories between nodes (None: ``ckptable.ray``'s default).
     ``progress``: whether to show a progress bar (None: on a terminal).
+    ``reseal_root``: ``write`` seals the root itself, last (``final=True``).
     """
     # A URI is returned as given (host, port and query kept); a local path made absolute.
     shown = storage.display(fs_path) if isinstance(storage, LocalStorage) else os.fspath(path)
     if isinstance(storage, LocalStorage) and os.path.islink(fs_path):
         fs_path = os.path.realpath(fs_path)  # replace the checkpoint the link points to
+    # Before anything is touched: a bad CKPTABLE_IO_CONCURRENCY must not cost the
+    # checkpoint an object store's in-place save removes first.
+    workers = io_concurrency(storage)
+    extra = _extra_root_files.get()
     try:
         with (
             progress_bar(progress, "Saving"),
             staged_directory(storage, fs_path, checkpoint_files, durable=durable) as staging,
-            writing_concurrently(storage) as writer,
+            writing_concurrently(storage, workers) as writer,
         ):
-            session = _SaveSession(writer, staging, codec, target=shown, transfer=transfer)
+            session = _SaveSession(
+                writer,
+                staging,
+                codec,
+                target=shown,
+                transfer=transfer,
+                defer_root_seal=reseal_root or bool(extra),
+            )
             token = _current_save.set(session)
             try:
                 write(session)
-                extra = _extra_root_files.get()
                 if extra:
                     for name, data in extra.items():
                         session.write_bytes(storage.join(session.staging_root, name), data)
-                    session.seal(session.staging_root)
+                    session.seal(session.staging_root, final=True)
             finally:
                 _current_save.reset(token)
     except OSError as exc:

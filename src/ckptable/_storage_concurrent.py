@@ -23,8 +23,9 @@ step's cleanup runs after the last of them and removes everything they wrote.
 
 Memory is bounded: the bytes handed to the pool and not yet written are at most
 ``max_pending_bytes`` (a write waits for room), and a stream (:meth:`open_write`) is
-kept in memory up to ``spill_bytes``; beyond that it is written through to the storage
-as it comes, in the caller's thread.
+kept in memory up to ``spill_bytes`` (at most half the bound); beyond that it is written
+through the storage's own stream (a multipart upload) by a pool thread, chunk by chunk as
+the caller writes them, each chunk counted against the bound.
 
 How many requests run at once is the storage's ``io_concurrency`` (object stores: 32),
 or ``CKPTABLE_IO_CONCURRENCY``; the local disk is written in the caller's thread (see
@@ -109,11 +110,12 @@ class WriteFailed(OSError):
 
 
 @contextlib.contextmanager
-def writing_concurrently(storage: Storage) -> Iterator[Storage]:
-    """``storage`` itself where it runs one request at a time; else a
-    :class:`ConcurrentWrites` over it, drained when the body returns and aborted (the
-    running writes waited for) when it raises."""
-    workers = io_concurrency(storage)
+def writing_concurrently(storage: Storage, workers: int | None = None) -> Iterator[Storage]:
+    """``storage`` itself where it runs one request at a time (``workers``, else
+    :func:`io_concurrency`); else a :class:`ConcurrentWrites` over it, drained when the
+    body returns and aborted (the running writes waited for) when it raises."""
+    if workers is None:
+        workers = io_concurrency(storage)
     if workers <= 1:
         yield storage
         return
@@ -149,7 +151,9 @@ class ConcurrentWrites(StorageWrapper):
         self._max_pending = MAX_PENDING_BYTES if max_pending_bytes is None else max_pending_bytes
         if spill_bytes is None:
             spill_bytes = int(getattr(storage, "stream_bytes", SPILL_BYTES))
-        self._spill = spill_bytes
+        # A stream held below the spill size counts as pending and nothing releases it
+        # before it spills: the spill must stay well under the bound, or it waits forever.
+        self._spill = max(1, min(spill_bytes, self._max_pending // 2))
         self._lock = threading.Condition()
         self._pending_bytes = 0
         self._futures: set[concurrent.futures.Future[None]] = set()
@@ -284,12 +288,6 @@ class ConcurrentWrites(StorageWrapper):
         with self._lock:
             future = self._pool.submit(self._run, path, 0, run_and_drain)
             self._futures.add(future)
-
-    def wait_for_directory(self, path: str) -> None:
-        """Wait until the directory ``path`` (made by this storage) exists."""
-        future = self._dirs.get(path)
-        if future is not None:
-            self._wait([future])
 
     # ----------------------------------------------------------------- ordering
 

@@ -127,9 +127,10 @@ class PrefetchedReads(StorageWrapper):
         range_bytes: int | None = None,
     ) -> None:
         super().__init__(storage)
-        self.root = root
+        # pyarrow keeps a trailing slash that the listing's paths do not have.
+        self.root = _norm(root)
         self.io_concurrency = workers
-        self._prefix = storage.join(root, "")
+        self._prefix = storage.join(self.root, "")
         self._pool = concurrent.futures.ThreadPoolExecutor(
             workers, thread_name_prefix="ckptable-read"
         )
@@ -140,7 +141,9 @@ class PrefetchedReads(StorageWrapper):
         self._planned = 0
         self._small = SMALL_FILE_BYTES if small is None else small
         self._range = RANGE_BYTES if range_bytes is None else range_bytes
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        #: Files the pipeline read before their prefetch started: never fetched again.
+        self._taken_early: set[str] = set()
         self._tree: _Tree | None = None
         self._fetched: dict[str, concurrent.futures.Future[bytes]] = {}
         #: Big files: the first ranges, fetched ahead like the small files.
@@ -186,6 +189,7 @@ class PrefetchedReads(StorageWrapper):
     # ----------------------------------------------------------------- the tree
 
     def _inside(self, path: str) -> bool:
+        path = _norm(path)
         return path == self.root or path.startswith(self._prefix)
 
     def _listed(self) -> _Tree:
@@ -210,6 +214,9 @@ class PrefetchedReads(StorageWrapper):
         read_sized = getattr(self.inner, "read_sized", None)
         while self._planned < len(self._plan):
             path, size = self._plan[self._planned]
+            if path in self._taken_early:
+                self._planned += 1
+                continue
             if size <= self._small:
                 if size > self._whole_budget:
                     self._planned += 1  # never fits: read when asked
@@ -256,12 +263,15 @@ class PrefetchedReads(StorageWrapper):
 
     def _read_range(self, path: str, offset: int, length: int) -> bytes:
         """One ranged read, through a handle opened once per file (closed by ``close``)."""
-        with self._lock:
-            handle = self._handles.get(path)
-            if handle is None:
-                opened = self._ranged(path)  # type: ignore[misc]
-                handle = (opened, opened.__enter__())
-                self._handles[path] = handle
+        handle = self._handles.get(path)
+        if handle is None:
+            # Opened outside the lock (a HEAD on S3); a second opener closes its own.
+            opened = self._ranged(path)  # type: ignore[misc]
+            mine = (opened, opened.__enter__())
+            with self._lock:
+                handle = self._handles.setdefault(path, mine)
+            if handle is not mine:
+                opened.__exit__(None, None, None)
         read_at: Callable[[int, int], bytes] = handle[1]
         return read_at(offset, length)
 
@@ -275,6 +285,7 @@ class PrefetchedReads(StorageWrapper):
     # ----------------------------------------------------------------- reads
 
     def kind(self, path: str, *, follow_symlinks: bool = False) -> EntryKind:
+        path = _norm(path)
         tree, answers = self._entry(path)
         if not answers:
             return self.inner.kind(path, follow_symlinks=follow_symlinks)
@@ -284,12 +295,14 @@ class PrefetchedReads(StorageWrapper):
         return tree.dirs.get(parent, {}).get(name)
 
     def listdir(self, path: str) -> dict[str, EntryKind]:
+        path = _norm(path)
         tree, answers = self._entry(path)
         if answers and path in tree.dirs:
             return dict(tree.dirs[path])
         return self.inner.listdir(path)
 
     def size(self, path: str) -> int:
+        path = _norm(path)
         tree, answers = self._entry(path)
         if answers and path in tree.sizes:
             return tree.sizes[path]
@@ -303,6 +316,7 @@ class PrefetchedReads(StorageWrapper):
             return stream.read()
 
     def open_read(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        path = _norm(path)
         data = self._memory(path)
         if data is not None:
             return contextlib.nullcontext(io.BytesIO(data))
@@ -313,14 +327,20 @@ class PrefetchedReads(StorageWrapper):
         return self._open_ranged(path, size)
 
     def _memory(self, path: str) -> bytes | None:
-        """The file's bytes if fetched ahead or kept (raises the fetch's error)."""
+        """The file's bytes if fetched ahead or kept (raises the fetch's error); a miss
+        is recorded, so that the prefetch does not fetch it again later."""
+        path = _norm(path)
         if not self._inside(path):
             return None
         self._listed()
-        future = self._fetched.get(path)
+        with self._lock:
+            future = self._fetched.get(path)
+            kept = self._kept.get(path)
+            if future is None and kept is None:
+                self._taken_early.add(path)
+                return None
         if future is not None:
             return future.result()
-        kept = self._kept.get(path)
         return b"".join(kept) if kept is not None else None
 
     @contextlib.contextmanager
@@ -335,15 +355,17 @@ class PrefetchedReads(StorageWrapper):
                 self._budget -= size
                 keep = True
         reader = _RangedReader(self, path, size, heads, keep)
+        completed = False
         try:
             yield reader  # type: ignore[misc]
+            completed = reader.complete()
         finally:
             reader.close()
-        if keep and reader.complete():
-            self._kept[path] = reader.chunks
-        elif keep:
-            with self._lock:
-                self._budget += size
+            if keep and completed:
+                self._kept[path] = reader.chunks
+            elif keep:
+                with self._lock:
+                    self._budget += size
 
 
 _EMPTY = _Tree.__new__(_Tree)
@@ -351,14 +373,18 @@ _EMPTY.dirs, _EMPTY.sizes = {}, {}
 
 
 class _RangedReader(io.RawIOBase):
-    """A file read front to back through ranged reads that run ahead in the pool
-    (``RANGES_AHEAD`` of them; the first ones may have been started by the prefetch).
+    """A file read through ranged reads that run ahead in the pool (``RANGES_AHEAD`` of
+    them; the first ones may have been started by the prefetch).
 
     A big ``readinto`` (a payload's final memory, see ``_pickle_walk``) is filled by the
     pool: each range is copied into its part of the target by the thread that fetched
     it, with the GIL released (numpy's copy), so that the first touch of fresh memory
     (page faults) and the copies run on every core while more ranges arrive, not one
-    after another in the caller's thread."""
+    after another in the caller's thread; at most ``RANGES_AHEAD`` copies wait at once,
+    so memory stays a few ranges.
+
+    It seeks (a decoder that reads a header, then the data; a check that looks at the
+    file's end): the position moves at once, the ranges follow at the next read."""
 
     def __init__(
         self,
@@ -375,7 +401,7 @@ class _RangedReader(io.RawIOBase):
         self._ahead: collections.deque[tuple[concurrent.futures.Future[bytes], int]] = (
             collections.deque()
         )
-        self._next = 0
+        self._next = 0  # offset of the next range to request
         for future in heads:  # the heads are the first ranges
             length = owner._range_length(self._next, size)
             self._ahead.append((future, length))
@@ -383,15 +409,50 @@ class _RangedReader(io.RawIOBase):
         #: The heads hold the prefetch's budget until they are taken.
         self._budgeted = len(heads)
         self._current = memoryview(b"")
+        #: File offset of ``_current``'s first byte, and where the reader is.
+        self._at = 0
+        self._pos = 0
         self._keep = keep
+        #: The ranges taken, in order from the start (kept for a second read).
         self.chunks: list[bytes] = []
+        self._taken = 0
         self._short = False
 
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
     def complete(self) -> bool:
-        return not self._short and self._next >= self._size and not self._ahead
+        """Whether the whole file was taken, in order, as listed."""
+        return self._keep and not self._short and self._taken == self._size
+
+    def _reposition(self) -> None:
+        """Move the ranges to the reader's position (after a seek)."""
+        self._drop_ahead()
+        self._current = memoryview(b"")
+        self._next = self._at = self._pos
+        self._keep = False  # not read in order from the start: nothing to keep
+        self.chunks = []
+
+    def _drop_ahead(self) -> None:
+        for future, length in self._ahead:
+            future.cancel()
+            if self._budgeted:
+                self._budgeted -= 1
+                self._owner._release(length)
+        self._ahead.clear()
 
     def _fill(self, ranges: int = RANGES_AHEAD) -> None:
         owner = self._owner
@@ -408,8 +469,9 @@ class _RangedReader(io.RawIOBase):
             self._owner._release(length)
         if self._keep:
             self.chunks.append(chunk)
+            self._taken += len(chunk)
         if len(chunk) != length:
-            self._short = True  # shorter than listed: the reader reports the size
+            self._short = True  # shorter than listed: the reader sees the size
             return chunk if chunk else None
         return chunk
 
@@ -423,12 +485,21 @@ class _RangedReader(io.RawIOBase):
         self._fill()
         return chunk
 
+    def _advance(self, n: int) -> int:
+        self._current = self._current[n:]
+        self._at += n
+        self._pos += n
+        return n
+
     def readinto(self, buffer: Any) -> int:
+        if self._pos != self._at and not (self._at <= self._pos < self._at + len(self._current)):
+            self._reposition()
+        elif self._pos != self._at:  # forward, inside the current range
+            self._advance_current(self._pos - self._at)
         target = memoryview(buffer).cast("B")
         filled = 0
         if self._current:
-            filled = _copy(target, self._current)
-            self._current = self._current[filled:]
+            filled = self._advance(_copy(target, self._current))
             if filled == len(target) or self._short:
                 return filled
         if len(target) - filled >= self._owner._range and "numpy" in sys.modules:
@@ -439,44 +510,71 @@ class _RangedReader(io.RawIOBase):
         if chunk is None:
             return 0
         self._current = memoryview(chunk)
-        n = _copy(target, self._current)
+        return self._advance(_copy(target, self._current))
+
+    def _advance_current(self, n: int) -> None:
         self._current = self._current[n:]
-        return n
+        self._at += n
 
     def _fill_in_pool(self, target: memoryview) -> int:
         """Fill ``target`` with the next ranges, each copied in by the pool; the part of
         a range past its end becomes the current chunk. Returns the bytes filled (fewer
         if the file is shorter than listed: the caller then sees it is truncated)."""
         pool = self._owner._pool
-        copies: list[tuple[int, int, concurrent.futures.Future[bytes], _Copy]] = []
+        copies: collections.deque[
+            tuple[int, int, concurrent.futures.Future[bytes], concurrent.futures.Future[None]]
+        ] = collections.deque()
         filled = 0
-        # Every range the target covers is requested now (its memory is there already).
-        self._fill(max(RANGES_AHEAD, -(-len(target) // self._owner._range) + 1))
-        while filled < len(target) and self._ahead:
-            future, length = self._ahead[0]
-            if filled + length > len(target):
-                break
-            self._ahead.popleft()
-            part = target[filled : filled + length]
-            copies.append((filled, length, future, pool.submit(_copy_when_read, future, part)))
-            filled += length
-            self._fill()
         try:
-            for offset, length, future, copied in copies:
-                copied.result()
-                chunk = self._got(future.result(), length)
-                if self._short:
-                    return offset + (len(chunk) if chunk else 0)
+            while filled < len(target):
+                self._fill()
+                if not self._ahead:
+                    break
+                future, length = self._ahead[0]
+                if filled + length > len(target):
+                    break
+                self._ahead.popleft()
+                part = target[filled : filled + length]
+                copies.append((filled, length, future, pool.submit(_copy_when_read, future, part)))
+                filled += length
+                while len(copies) > RANGES_AHEAD:  # memory: a few ranges at once
+                    short = self._finish_copy(copies.popleft())
+                    if short is not None:
+                        return self._done(short)
+            while copies:
+                short = self._finish_copy(copies.popleft())
+                if short is not None:
+                    return self._done(short)
         finally:
-            for _, _, _, copied in copies:
+            for _, length, future, copied in copies:  # left by an error or a short file
                 copied.cancel()
+                future.cancel()
+                if self._budgeted:
+                    self._budgeted -= 1
+                    self._owner._release(length)
+        self._done(filled)
         if filled < len(target):
             chunk = self._take()  # the rest comes from the start of the next range
             if chunk is not None:
                 self._current = memoryview(chunk)
-                n = _copy(target[filled:], self._current)
-                self._current = self._current[n:]
-                filled += n
+                filled += self._advance(_copy(target[filled:], self._current))
+        return filled
+
+    def _finish_copy(
+        self,
+        copy: tuple[int, int, concurrent.futures.Future[bytes], concurrent.futures.Future[None]],
+    ) -> int | None:
+        """Wait for one range's copy; the bytes filled up to its end if the file ended
+        there (shorter than listed), else None."""
+        offset, length, future, copied = copy
+        copied.result()
+        chunk = self._got(future.result(), length)
+        return offset + (len(chunk) if chunk else 0) if self._short else None
+
+    def _done(self, filled: int) -> int:
+        """Count ``filled`` bytes read by the pool into the reader's position."""
+        self._at += filled
+        self._pos += filled
         return filled
 
     def read(self, size: int | None = -1) -> bytes:
@@ -485,19 +583,18 @@ class _RangedReader(io.RawIOBase):
         return super().read(size) or b""
 
     def readall(self) -> bytes:
-        parts = [bytes(self._current)]
-        self._current = memoryview(b"")
-        while (chunk := self._take()) is not None:
-            parts.append(chunk)
-        return b"".join(parts)
+        buffer = bytearray(max(0, self._size - self._pos))
+        view = memoryview(buffer)
+        n = 0
+        while n < len(buffer):
+            got = self.readinto(view[n:])
+            if not got:
+                break
+            n += got
+        return bytes(view[:n]) if n < len(buffer) else bytes(buffer)
 
     def close(self) -> None:
-        for future, length in self._ahead:
-            future.cancel()
-            if self._budgeted:
-                self._budgeted -= 1
-                self._owner._release(length)
-        self._ahead.clear()
+        self._drop_ahead()
         super().close()
 
 
@@ -522,3 +619,8 @@ def _copy_when_read(future: concurrent.futures.Future[bytes], part: memoryview) 
         numpy.frombuffer(part, dtype=numpy.uint8, count=n),
         numpy.frombuffer(chunk, dtype=numpy.uint8, count=n),
     )
+
+
+def _norm(path: str) -> str:
+    """``path`` without a trailing slash (the root of a filesystem keeps its own)."""
+    return path.rstrip("/") or path

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import posixpath
+import threading
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
@@ -93,7 +94,9 @@ class PyArrowStorage(_RemoteStorage):
         output streams lazily (``allow_delayed_open``), so that a small file is one
         ``PutObject`` instead of a multipart upload's three requests."""
         if self._writer is None:
-            self._writer = _delayed_open_copy(self.filesystem)
+            with _WRITER_LOCK:  # asked for by a save's pool threads at once
+                if self._writer is None:
+                    self._writer = _delayed_open_copy(self.filesystem)
         return self._writer
 
     def display(self, path: str) -> str:
@@ -184,6 +187,8 @@ class PyArrowStorage(_RemoteStorage):
     def __reduce__(self) -> tuple[Any, ...]:
         return (PyArrowStorage, (self.filesystem, self.uri_prefix, self.uri_query))
 
+
+_WRITER_LOCK = threading.Lock()
 
 #: ``type_name`` of the pyarrow filesystems that are object stores (no directories).
 _OBJECT_STORE_TYPES = frozenset({"s3", "gcs"})
