@@ -569,9 +569,8 @@ def test_big_safetensors_states_restore_from_an_object_store(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The safetensors decoder seeks (header, then data; the check looks at the end)."""
-    import ckptable._storage_prefetch as prefetch_module
-
     import ckptable._restore_session as session_module
+    import ckptable._storage_prefetch as prefetch_module
 
     monkeypatch.setattr(prefetch_module, "SMALL_FILE_BYTES", 1 << 20)
     monkeypatch.setattr(prefetch_module, "RANGE_BYTES", 1 << 20)
