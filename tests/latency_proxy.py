@@ -100,7 +100,7 @@ def start_proxy(
         text=True,
     )
     try:
-        port = int(_first_line(process, timeout))
+        port = int(first_line(process, timeout, "latency proxy"))
     except BaseException:
         process.kill()
         process.wait()
@@ -108,18 +108,19 @@ def start_proxy(
     return Proxy(process, "127.0.0.1", port, target_host, target_port, float(rtt_ms))
 
 
-def _first_line(process: subprocess.Popen[str], timeout: float) -> str:
-    """The child's first line (its port), or an error if it does not come in time."""
+def first_line(process: subprocess.Popen[str], timeout: float, what: str) -> str:
+    """The child's first line (its port), or an error naming ``what`` if it does not
+    come in time (shared with ``s3_server.py``)."""
     import selectors
 
     assert process.stdout is not None
     with selectors.DefaultSelector() as selector:
         selector.register(process.stdout, selectors.EVENT_READ)
         if not selector.select(timeout):
-            raise RuntimeError(f"The latency proxy did not start within {timeout} s.")
+            raise RuntimeError(f"The {what} did not start within {timeout} s.")
     line = process.stdout.readline()
     if not line.strip():
-        raise RuntimeError(f"The latency proxy exited (code {process.wait()}).")
+        raise RuntimeError(f"The {what} exited (code {process.wait()}).")
     return line
 
 

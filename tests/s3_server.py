@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from latency_proxy import Proxy, start_proxy
+from latency_proxy import Proxy, first_line, start_proxy
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
@@ -228,28 +228,13 @@ def start_server(timeout: float = 60.0, *, keep_alive: bool = True) -> S3Server:
     )
     assert process.stdout is not None
     try:
-        line = _read_line(process, timeout)
+        line = first_line(process, timeout, "S3 test server")
         port = int(line)
     except BaseException:
         process.kill()
         process.wait()
         raise
     return S3Server(process, "127.0.0.1", port)
-
-
-def _read_line(process: subprocess.Popen[str], timeout: float) -> str:
-    """The child's first line (its port), or an error if it does not come in time."""
-    import selectors
-
-    assert process.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout):
-            raise RuntimeError(f"The S3 test server did not start within {timeout} s.")
-    line = process.stdout.readline()
-    if not line.strip():
-        raise RuntimeError(f"The S3 test server exited (code {process.wait()}).")
-    return line
 
 
 # --------------------------------------------------------------------------- counting
