@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
+from ckptable._parallel_read import readinto_parallel
 from ckptable._progress import advance
 from ckptable._storage import Storage
 from ckptable.errors import IncompatibleCheckpointError
@@ -298,12 +299,16 @@ class VerifyingReader:
         return data
 
     def readinto(self, buffer: Any) -> int | None:
+        view = memoryview(buffer)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        # A big read of a local file: parallel preads, each chunk checksummed in order.
+        n: int | None = readinto_parallel(self._raw, view, self._update)
+        if n is not None:
+            return n
         start = self._raw.tell()
-        n: int | None = self._raw.readinto(buffer)
+        n = self._raw.readinto(view)
         if n:
-            view = memoryview(buffer)
-            if view.format != "B" or view.ndim != 1:
-                view = view.cast("B")
             self._update(start, view[:n])
         return n
 

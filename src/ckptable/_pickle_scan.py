@@ -6,7 +6,7 @@ reconstruction call needs it; RLlib reads such a ``state.pkl`` with a plain
 ``pickle.load``. Verifying before decoding used to mean reading a big file twice (once
 for the checksum, once for pickle). This module walks the file's top-level opcodes
 instead: everything outside the big payloads (the *skeleton*: a few KiB of frames) is
-kept, each big payload is read with ``readinto`` directly into the ``bytearray`` that
+kept, each big payload is read with ``readinto`` directly into the (aligned) ``bytearray`` that
 becomes the array's memory, and the whole file is checksummed on the way. Once the
 checksum matched, ``pickle.loads(skeleton, buffers=payloads)`` builds the state, with
 ``NEXT_BUFFER`` opcodes in the places of the payloads: one read, no second copy, and no
@@ -26,7 +26,6 @@ with :func:`~ckptable._manifest.open_regular`: never a FIFO or device.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import io
 import mmap
@@ -36,6 +35,7 @@ from typing import IO, Any
 
 from ckptable._checksums import Checksum, new_checksum
 from ckptable._manifest import open_regular, read_verified
+from ckptable._parallel_read import new_payload_buffer
 from ckptable._pickle_walk import (
     PAYLOAD_MIN_BYTES,
     Mode,
@@ -68,7 +68,8 @@ class ScannedPickle:
     #: The pickle stream with each big payload replaced by a ``NEXT_BUFFER`` opcode,
     #: in the pieces it was read in (joining them would copy it once more).
     skeleton: list[bytes]
-    #: The payloads, in stream order: ``bytearray`` (read) or ``memoryview`` (mapped).
+    #: The payloads, in stream order: aligned ``bytearray`` (read: see
+    #: ``_parallel_read.new_payload_buffer``) or ``memoryview`` (mapped).
     buffers: list[Any]
     #: Bytes of the whole file the walk covered.
     size: int
@@ -125,35 +126,8 @@ class _PiecesReader(io.RawIOBase):
         return bytes(buffer[: self.readinto(buffer)])
 
 
-def _uninitialised_bytearray_factory() -> Any:
-    """CPython's ``PyByteArray_FromStringAndSize(NULL, n)``, or None where ctypes cannot
-    reach it (another interpreter): a ``bytearray`` whose memory is not zero-filled."""
-    try:
-        new = ctypes.pythonapi.PyByteArray_FromStringAndSize
-    except (AttributeError, OSError):
-        return None
-    new.restype = ctypes.py_object
-    new.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
-    return new
-
-
-_NEW_BYTEARRAY = _uninitialised_bytearray_factory()
-
-
-def _new_payload_buffer(n: int) -> bytearray:
-    """A ``bytearray`` of ``n`` bytes for a payload that is read over all of it at once.
-
-    ``bytearray(n)`` zero-fills its memory, touching every page before the read touches
-    it again: for 1 GiB of arrays that made a verified restore 1.2x a plain read. The
-    buffer is allocated uninitialised instead; nothing sees it before the read filled
-    every byte (or it is dropped). Advising huge pages for it was tried twice and measured
-    slower and erratic (2-4x, direct compaction on a VM whose memory is page cache) on a
-    2-core VM, so the kernel's default is kept.
-    """
-    if _NEW_BYTEARRAY is None:
-        return bytearray(n)
-    buffer: bytearray = _NEW_BYTEARRAY(None, n)
-    return buffer
+#: Where payloads are read into (a name looked up at each scan, so a test can watch it).
+_new_payload_buffer = new_payload_buffer
 
 
 def _stream_size(stream: IO[bytes]) -> int | None:

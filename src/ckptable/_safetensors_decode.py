@@ -28,6 +28,7 @@ import sys
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from ckptable._layout import loads_json
+from ckptable._parallel_read import new_payload_buffer, readinto_parallel
 from ckptable._safetensors_format import DTYPES, FORMAT_NAME, FORMAT_VERSION, METADATA_KEY
 from ckptable.errors import IncompatibleCheckpointError
 
@@ -409,9 +410,12 @@ def _read_exactly(stream: IO[bytes], n: int, what: str) -> bytes:
 
 
 def _fill(stream: IO[bytes], view: memoryview, what: str) -> None:
-    """Read exactly ``len(view)`` bytes into ``view``."""
+    """Read exactly ``len(view)`` bytes into ``view`` (a big one of a local file with
+    parallel reads: ``_parallel_read``)."""
     readinto = getattr(stream, "readinto", None)
     filled, total = 0, len(view)
+    if readinto is not None:
+        filled = readinto_parallel(stream, view) or 0
     while filled < total:
         chunk = view[filled : filled + _READ_CHUNK]
         if readinto is not None:
@@ -434,9 +438,15 @@ def read_state(stream: IO[bytes], tensors: TensorPlacement | None, *, max_header
     structure, np = _prepare(layout)
     arrays: dict[str, Any] = {}
     for entry in layout.entries:
-        array = np.empty(entry.shape, dtype=DTYPES[entry.dtype].carrier)
-        if array.nbytes:
-            _fill(stream, memoryview(array.reshape(-1).view(np.uint8)), repr(entry.name))
+        dtype = np.dtype(DTYPES[entry.dtype].carrier)
+        nbytes = math.prod(entry.shape) * dtype.itemsize
+        if nbytes:
+            # Aligned, uninitialised memory (not numpy's empty: see new_payload_buffer).
+            buffer = new_payload_buffer(nbytes)
+            _fill(stream, memoryview(buffer), repr(entry.name))
+            array = np.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
+        else:
+            array = np.empty(entry.shape, dtype=dtype)
         arrays[entry.name] = array
     if size is None and stream.read(1):
         raise _corrupt("bytes follow the last tensor")

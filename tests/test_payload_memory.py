@@ -1,0 +1,169 @@
+"""The memory big arrays and tensors are read into, and the parallel reads that fill it.
+
+A restore reads each big payload (an array's bytes in a pickle, a tensor in a safetensors
+file) straight into the memory the restored value keeps. That memory starts on a 64-byte
+boundary (the kernel copies page-cache pages into an unaligned destination measurably
+slower: ``_parallel_read.new_payload_buffer``), whatever the format, and a ``bytearray``
+in a state comes back a ``bytearray``. Big tensors of a local safetensors file are read
+with parallel ``pread`` calls, verified or not, and the checksum still catches a damaged
+byte anywhere in them, or a file cut short.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ckptable import Checkpointable, CorruptCheckpointError
+from ckptable._parallel_read import (
+    PARALLEL_READ_CHUNK,
+    PARALLEL_READ_MIN_BYTES,
+    PAYLOAD_ALIGNMENT,
+    new_payload_buffer,
+    readinto_parallel,
+)
+
+MiB = 1 << 20
+
+
+class Arrays(Checkpointable):
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        self.state = state or {}
+
+    def get_state(self, components: Any = None, *, not_components: Any = None, **kw: Any) -> dict:
+        return dict(self.state)
+
+    def set_state(self, state: dict) -> None:
+        self.state = state
+
+    def get_ctor_args_and_kwargs(self) -> tuple[tuple, dict]:
+        return (), {}
+
+
+def address(buffer: Any) -> int:
+    if isinstance(buffer, np.ndarray):
+        return int(buffer.ctypes.data)
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+def big_state() -> dict[str, Any]:
+    rng = np.random.default_rng(7)
+    return {
+        # Sizes that are no multiple of the alignment, so that each next one starts off it.
+        "weights": rng.random((PARALLEL_READ_MIN_BYTES // 8 + 3,)),
+        "embedding": rng.integers(0, 255, size=3 * MiB + 5, dtype=np.uint8),
+        "small": np.arange(5, dtype=np.int16),
+    }
+
+
+@pytest.mark.parametrize("n", [0, 1, 17, 64, 127, 128, 1000, 3 * MiB + 1])
+def test_new_payload_buffers_are_aligned_bytearrays_of_the_size(n: int) -> None:
+    buffer = new_payload_buffer(n)
+    assert type(buffer) is bytearray
+    assert len(buffer) == n
+    if n >= 2 * PAYLOAD_ALIGNMENT:
+        assert address(buffer) % PAYLOAD_ALIGNMENT == 0
+    buffer[:] = b"\x01" * n  # writable, and resizable like any bytearray
+    buffer += b"x"
+    assert len(buffer) == n + 1
+
+
+@pytest.mark.parametrize("fmt", ["cloudpickle", "safetensors"])
+@pytest.mark.parametrize("verify", [True, False])
+def test_restored_big_arrays_start_aligned_and_are_writable(
+    tmp_path: Path, fmt: str, verify: bool
+) -> None:
+    state = big_state()
+    Arrays(state).save_to_path(tmp_path / "ckpt", format=fmt)
+    restored = Arrays()
+    restored.restore_from_path(tmp_path / "ckpt", verify=verify)
+    for key in ("weights", "embedding"):
+        array = restored.state[key]
+        np.testing.assert_array_equal(array, state[key])
+        assert array.dtype == state[key].dtype
+        assert address(array) % PAYLOAD_ALIGNMENT == 0, key
+        assert array.flags.writeable
+        array[0] = 1  # its own memory: the checkpoint is not touched
+    again = Arrays()
+    again.restore_from_path(tmp_path / "ckpt", verify=verify)
+    np.testing.assert_array_equal(again.state["weights"], state["weights"])
+
+
+def test_a_big_bytearray_in_a_state_comes_back_a_bytearray(tmp_path: Path) -> None:
+    data = bytearray(os.urandom(2 * MiB + 3))
+    Arrays({"raw": data, "bytes": bytes(data[:100])}).save_to_path(tmp_path / "ckpt")
+    restored = Arrays()
+    restored.restore_from_path(tmp_path / "ckpt")
+    assert type(restored.state["raw"]) is bytearray
+    assert restored.state["raw"] == data
+    assert type(restored.state["bytes"]) is bytes
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "last byte"])
+def test_a_damaged_byte_in_a_big_safetensors_tensor_is_caught(tmp_path: Path, where: str) -> None:
+    state = big_state()
+    Arrays(state).save_to_path(tmp_path / "ckpt", format="safetensors")
+    file = tmp_path / "ckpt" / "state.safetensors"
+    size = file.stat().st_size
+    offset = {"start": size // 4, "middle": size // 2, "last byte": size - 1}[where]
+    with open(file, "r+b") as stream:
+        stream.seek(offset)
+        byte = stream.read(1)
+        stream.seek(offset)
+        stream.write(bytes([byte[0] ^ 0x40]))
+    target = Arrays({"untouched": 1})
+    with pytest.raises(CorruptCheckpointError, match="state.safetensors") as caught:
+        target.restore_from_path(tmp_path / "ckpt")
+    assert caught.value.path is not None and "state.safetensors" in str(caught.value.path)
+    assert target.state == {"untouched": 1}
+
+
+def test_a_big_safetensors_file_cut_short_is_refused(tmp_path: Path) -> None:
+    Arrays(big_state()).save_to_path(tmp_path / "ckpt", format="safetensors")
+    file = tmp_path / "ckpt" / "state.safetensors"
+    os.truncate(file, file.stat().st_size - 1000)
+    for verify in (True, False):
+        target = Arrays({"untouched": 1})
+        with pytest.raises(CorruptCheckpointError, match="state.safetensors"):
+            target.restore_from_path(tmp_path / "ckpt", verify=verify)
+        assert target.state == {"untouched": 1}
+
+
+def test_readinto_parallel_reads_from_the_position_in_order(tmp_path: Path) -> None:
+    data = os.urandom(PARALLEL_READ_MIN_BYTES + 3 * PARALLEL_READ_CHUNK + 11)
+    file = tmp_path / "data"
+    file.write_bytes(data)
+    seen: list[tuple[int, bytes]] = []
+    with open(file, "rb", buffering=0) as stream:
+        stream.seek(5)
+        view = memoryview(new_payload_buffer(PARALLEL_READ_MIN_BYTES + PARALLEL_READ_CHUNK))
+        n = readinto_parallel(stream, view, lambda at, chunk: seen.append((at, bytes(chunk))))
+        assert n == len(view)
+        assert bytes(view) == data[5 : 5 + n]
+        assert stream.tell() == 5 + n
+        assert [at for at, _ in seen] == sorted(at for at, _ in seen)
+        assert b"".join(chunk for _, chunk in seen) == data[5 : 5 + n]
+        # The file ends first: what is there, and the stream at the end.
+        rest = memoryview(bytearray(PARALLEL_READ_MIN_BYTES * 2))
+        got = readinto_parallel(stream, rest)
+        assert got == len(data) - 5 - n
+        assert bytes(rest[:got]) == data[5 + n :]
+        assert stream.tell() == len(data)
+        # Too small to gain, or not a regular file: the caller reads as before.
+        assert readinto_parallel(stream, memoryview(bytearray(10))) is None
+
+
+def test_readinto_parallel_leaves_pipes_to_the_caller(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        with open(read_end, "rb", buffering=0, closefd=False) as stream:
+            view = memoryview(bytearray(PARALLEL_READ_MIN_BYTES))
+            assert readinto_parallel(stream, view) is None
+    finally:
+        os.close(read_end)
+        os.close(write_end)
