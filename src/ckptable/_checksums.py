@@ -302,8 +302,9 @@ class VerifyingReader:
         view = memoryview(buffer)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        # A big read of a local file: parallel preads, each chunk checksummed in order.
-        n: int | None = readinto_parallel(self._raw, view, self._update)
+        # A big read of a local file: parallel preads, each chunk checksummed in order
+        # as it arrives, on this thread (which only waits for the reading threads).
+        n: int | None = readinto_parallel(self._raw, view, self._update_here)
         if n is not None:
             return n
         start = self._raw.tell()
@@ -325,6 +326,14 @@ class VerifyingReader:
             self._pending = checksum_executor().submit(self._checksum.update, data)
         else:
             self._checksum.update(data)
+        self._hashed += len(data)
+
+    def _update_here(self, start: int, data: Any) -> None:
+        if self._out_of_order or start != self._hashed:
+            self._update(start, data)  # (marks the reader out of order)
+            return
+        self._wait()
+        self._checksum.update(data)
         self._hashed += len(data)
 
     def _wait(self) -> None:
