@@ -167,3 +167,40 @@ def test_readinto_parallel_leaves_pipes_to_the_caller(tmp_path: Path) -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_readinto_parallel_returns_what_was_there_when_the_file_shrinks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The size comes from ``fstat`` before the reads: a file cut short meanwhile (here:
+    ``fstat`` reporting more than is there) gives the whole chunks read, never EOFError,
+    and the stream where they end."""
+    data = os.urandom(PARALLEL_READ_MIN_BYTES + PARALLEL_READ_CHUNK // 2)
+    file = tmp_path / "data"
+    file.write_bytes(data)
+    real_fstat = os.fstat
+
+    class Bigger:
+        def __init__(self, result: os.stat_result) -> None:
+            self._result = result
+            self.st_size = result.st_size + 3 * PARALLEL_READ_CHUNK
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._result, name)
+
+    with open(file, "rb", buffering=0) as stream:
+        monkeypatch.setattr(os, "fstat", lambda fd: Bigger(real_fstat(fd)))
+        view = memoryview(bytearray(len(data) + 2 * PARALLEL_READ_CHUNK))
+        got = readinto_parallel(stream, view)
+        monkeypatch.undo()
+        whole = len(data) // PARALLEL_READ_CHUNK * PARALLEL_READ_CHUNK
+        assert got == whole
+        assert bytes(view[:got]) == data[:got]
+        assert stream.tell() == got
+
+
+def test_sizes_beyond_what_c_can_hold_are_refused_not_wrapped() -> None:
+    with pytest.raises((OverflowError, MemoryError)):
+        new_payload_buffer(2**64 + 200)
+    with pytest.raises((OverflowError, MemoryError)):
+        new_payload_buffer(2**63 - 10)

@@ -426,6 +426,26 @@ def test_verify_convert_and_from_checkpoint_count_every_byte_once(
     assert "Converting: 100%" in log_file.output()
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_safetensors_levels_count_every_byte_once(
+    log_file: LogFile, no_delay: None, bars: list[dict[str, Any]], tmp_path: Path, verify: bool
+) -> None:
+    """Big tensors of a safetensors file are read around the counting stream (parallel
+    reads of its file descriptor): they are counted all the same, once."""
+    path = big_tree(32).save_to_path(tmp_path / "ckpt", format="safetensors", progress=False)
+    size = checkpoint_bytes(path)
+    with log_file:
+        big_tree(1).restore_from_path(path, verify=verify, progress=True)
+        ckptable.convert_checkpoint(path, tmp_path / "pickled", format="cloudpickle", progress=True)
+    if verify:
+        assert bars[0] == {"desc": "Restoring", "n": size, "total": size}
+    else:  # no manifests read: no total, and what is decoded is counted
+        tensors = sum(file.stat().st_size for file in Path(path).rglob("state.safetensors"))
+        assert bars[0]["desc"] == "Restoring" and bars[0]["total"] is None
+        assert tensors <= bars[0]["n"] <= size
+    assert bars[-1] == {"desc": "Converting", "n": size, "total": size}
+
+
 def test_manifests_record_the_bytes_of_their_trees(tmp_path: Path) -> None:
     """The totals come from one file: each manifest records the bytes of its tree."""
     path = big_tree(4).save_to_path(tmp_path / "ckpt")

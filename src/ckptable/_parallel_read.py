@@ -18,12 +18,16 @@ The memory a payload is read into comes from :func:`new_payload_buffer`: uniniti
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import os
 import stat
+import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import IO, Any
+
+from ckptable._progress import advance
 
 __all__ = [
     "PARALLEL_READ_CHUNK",
@@ -58,6 +62,8 @@ def _uninitialised_bytearray_factory() -> Any:
 
 
 _NEW_BYTEARRAY = _uninitialised_bytearray_factory()
+#: The largest size allocated aligned (ctypes would wrap a bigger one silently).
+_MAX_ALIGNED = sys.maxsize - PAYLOAD_ALIGNMENT
 
 
 def new_payload_buffer(n: int) -> bytearray:
@@ -79,8 +85,8 @@ def new_payload_buffer(n: int) -> bytearray:
     direct compaction on a VM whose memory is page cache) on a 2-core VM, so the kernel's
     default is kept (numpy's ``empty`` advises them for big arrays: not used here).
     """
-    if _NEW_BYTEARRAY is None:
-        return bytearray(n)
+    if _NEW_BYTEARRAY is None or not 0 <= n <= _MAX_ALIGNED:
+        return bytearray(n)  # (beyond the C size: bytearray's own error)
     if n < 2 * PAYLOAD_ALIGNMENT:  # (trimming would reallocate it: left where it is)
         small: bytearray = _NEW_BYTEARRAY(None, n)
         return small
@@ -132,7 +138,9 @@ def _fill(fd: int, view: memoryview, offset: int) -> int:
     return filled
 
 
-def pread_chunks(fd: int, view: memoryview, offset: int, chunk: int) -> Iterator[memoryview]:
+def pread_chunks(
+    fd: int, view: memoryview, offset: int, chunk: int
+) -> Generator[memoryview, None, None]:
     """Fill ``view`` from ``fd`` at ``offset``, ``chunk`` bytes per ``pread``, with up to
     :data:`READ_THREADS` in flight; yield each chunk, in order, once it is filled.
 
@@ -164,21 +172,33 @@ def readinto_parallel(
     """``stream.readinto(view)`` for a big ``view`` over a regular file: the bytes from
     the stream's position are read with :func:`pread_chunks`, ``on_chunk(offset, chunk)``
     sees each chunk in file order, and the stream is moved past what was read. Returns
-    the bytes read (fewer than ``len(view)`` only where the file ends first), or None
-    where ``stream`` is no regular file or ``view`` is too small to gain: the caller
-    reads as before.
+    the bytes read (fewer than ``len(view)`` only where the file ends first, also if it
+    shrinks meanwhile), or None where ``stream`` is no regular file or ``view`` is too
+    small to gain: the caller reads as before.
+
+    The reads go around ``stream`` to its file descriptor: a stream that counts what is
+    read through it into the progress bar (``_progress.counted``) says so with
+    ``counts_reads = True``, and the chunks are counted here instead.
     """
     if len(view) < PARALLEL_READ_MIN_BYTES:
         return None
     fd = regular_fileno(stream)
     if fd is None:
         return None
+    counts = getattr(stream, "counts_reads", False) is True
     start = int(stream.tell())
     n = max(0, min(len(view), os.fstat(fd).st_size - start))
-    offset = start
-    for chunk in pread_chunks(fd, view[:n], start, PARALLEL_READ_CHUNK):
-        if on_chunk is not None:
-            on_chunk(offset, chunk)
-        offset += len(chunk)
-    stream.seek(start + n)
-    return n
+    done = 0
+    try:
+        with contextlib.closing(pread_chunks(fd, view[:n], start, PARALLEL_READ_CHUNK)) as chunks:
+            for chunk in chunks:
+                if on_chunk is not None:
+                    on_chunk(start + done, chunk)
+                if counts:
+                    advance(len(chunk))
+                done += len(chunk)
+    except EOFError:
+        pass  # the file shrank since fstat: what was read whole, the caller sees the end
+    finally:
+        stream.seek(start + done)
+    return done

@@ -216,7 +216,10 @@ def counted_open(opened: contextlib.AbstractContextManager[IO[bytes]]) -> Iterat
 
 class _CountingReader:
     """A read-only binary stream that counts the bytes read through it (any other
-    attribute is the wrapped stream's)."""
+    attribute is the wrapped stream's, ``fileno`` included: a reader that goes around
+    it to the file descriptor counts what it reads itself, as ``counts_reads`` asks)."""
+
+    counts_reads = True
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
