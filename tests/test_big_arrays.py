@@ -125,6 +125,25 @@ def test_a_verified_restore_reads_a_big_file_once(saved: tuple[Path, dict[str, A
     assert size <= read < size * 1.1
 
 
+@pytest.mark.parametrize("safe", [False, True])
+def test_a_verified_msgpack_restore_reads_a_big_file_once(tmp_path: Path, safe: bool) -> None:
+    """msgpack decodes from the whole file in memory: the bytes the verification read are
+    decoded, not read again (on an object store, a second download)."""
+    state = {"weights": np.random.default_rng(3).random(3 * MiB), "step": 7}  # 24 MiB
+    Arrays(state).save_to_path(tmp_path / "ckpt", format="msgpack")
+    size = (tmp_path / "ckpt" / "state.msgpack").stat().st_size
+    Arrays().restore_from_path(tmp_path / "ckpt", safe=safe)  # the page cache, the imports
+
+    before = bytes_read()
+    restored = Arrays()
+    restored.restore_from_path(tmp_path / "ckpt", safe=safe)
+    read = bytes_read() - before
+
+    assert size <= read < size * 1.1
+    np.testing.assert_array_equal(restored.state["weights"], state["weights"])
+    assert restored.state["step"] == 7
+
+
 def test_the_arrays_are_read_into_their_final_memory(saved: tuple[Path, dict[str, Any]]) -> None:
     """Peak allocation of a restore: the restored state, plus the payloads that pickle
     copies out of the skeleton (byte strings, read-only arrays, arrays pickled by copy),

@@ -59,6 +59,7 @@ __all__ = [
     "get_codec",
     "locate_unencodable",
     "maps_files",
+    "reads_whole",
     "register_codec",
     "registered_codecs",
     "unpatched_msgpack",
@@ -152,6 +153,8 @@ class MsgpackCodec:
 
     name = "msgpack"
     suffix = ".msgpack"
+    #: ``load`` reads the whole stream into memory first (see :func:`reads_whole`).
+    reads_whole = True
 
     def dump(self, state: Any, stream: IO[bytes]) -> None:
         packb, _, msgpack_numpy = unpatched_msgpack()
@@ -332,6 +335,15 @@ def accepts_buffers(codec: Codec) -> bool:
     """Whether ``codec.load`` takes ``buffers=`` (pickle's out-of-band buffers): its big
     files can be read in one verified pass, or memory-mapped."""
     return bool(getattr(codec, "accepts_buffers", False))
+
+
+def reads_whole(codec: Codec) -> bool:
+    """Whether ``codec.load`` reads its whole stream into memory before decoding (as
+    msgpack's does): a restore that verifies such a file keeps the bytes it checksummed
+    and decodes from them, instead of reading the file a second time (a second download
+    from an object store). It costs no memory the decode would not take anyway: the bytes
+    of one level are dropped as its state is decoded."""
+    return bool(getattr(codec, "reads_whole", False))
 
 
 def accepts_tensors(codec: Codec) -> bool:

@@ -24,6 +24,7 @@ from ckptable._formats import (
     codec_for_suffix,
     decodes_untrusted,
     get_codec,
+    reads_whole,
 )
 from ckptable._layout import (
     DEFAULT_CLASS_FILE,
@@ -248,17 +249,20 @@ def _verify_big_files(
     manifest: LevelManifest | None,
     big: dict[str, tuple[int, str]],
     state_file: tuple[str, Codec] | None,
-) -> ScannedPickle | None:
-    """Verify the big files of a level; the state file (a pickle) in the same pass that
-    reads it for decoding, its big arrays straight into their final memory (or mapped,
-    with ``mmap=True``). Returns that state file's scan, if it was scanned."""
+) -> ScannedPickle | bytes | None:
+    """Verify the big files of a level; the state file in the same pass that reads it for
+    decoding: a pickle's big arrays straight into their final memory (or mapped, with
+    ``mmap=True``); the bytes of a codec that decodes from memory anyway (``reads_whole``:
+    msgpack) kept. Returns that state file's scan or bytes, if there are any."""
     if manifest is None:
         return None
     storage = session.storage
-    prepared = None
+    prepared: ScannedPickle | bytes | None = None
     for name, expected in big.items():
         path = storage.join(directory, name)
-        if state_file is not None and name == state_file[0] and accepts_buffers(state_file[1]):
+        if state_file is not None and name == state_file[0] and reads_whole(state_file[1]):
+            prepared = read_verified(storage, path, expected, manifest.algorithm, keep=True)
+        elif state_file is not None and name == state_file[0] and accepts_buffers(state_file[1]):
             prepared = read_pickle_verified(
                 storage,
                 path,
