@@ -639,8 +639,9 @@ def test_the_prefetch_window_moves_on_and_nothing_is_fetched_twice() -> None:
     # Room for one big file's first range at a time.
     reader = PrefetchedReads(storage, root, 4, budget=1100, small=100, range_bytes=1000)
     try:
-        # big is read before its turn in the window (which holds a/small and the head
-        # of b/big2, in path order): when the window moves on, it is not fetched again.
+        # The window holds the root's own big file's head and a/small (a level's files
+        # come before the levels below it); b/big2's head waits until the window moves
+        # on: each range is fetched once, whatever the order the reads come in.
         assert reader.read_bytes(f"{root}/big") == data
         assert reader.read_bytes(f"{root}/b/big2") == data
         assert reader.read_bytes(f"{root}/a/small") == b"s" * 50
@@ -659,6 +660,41 @@ def test_the_prefetch_window_moves_on_and_nothing_is_fetched_twice() -> None:
         reader.close()
     assert reader._budget == reader._whole_budget - 50  # only the small file is held
     assert len(first_pass) == len(set(first_pass)) == 7, first_pass  # each range once
+
+
+def test_a_level_s_own_files_are_fetched_before_the_levels_below_it() -> None:
+    """The window is planned in the order the restore reads: the root level's small files
+    (which sort after its subdirectories by path) are fetched ahead even when the big
+    files below fill the window, never fetched one by one when asked."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/order-{uuid.uuid4().hex}"
+    big = os.urandom(1000)
+    fs.pipe({f"{root}/a/state.pkl": big, f"{root}/b/state.pkl": big,
+             f"{root}/metadata.json": b"m" * 40, f"{root}/state.pkl": b"r" * 30})  # fmt: skip
+    storage, path = resolve_storage(root, fs)
+    fetched: list[str] = []
+    real = storage.read_sized  # type: ignore[attr-defined]
+    storage.read_sized = lambda p, size: (fetched.append(p), real(p, size))[1]  # type: ignore[attr-defined]
+    asked: list[str] = []
+    real_open = storage.open_read
+    storage.open_read = lambda p: (asked.append(p), real_open(p))[1]  # type: ignore[method-assign]
+    # Room for the small files and one big file's first range.
+    reader = PrefetchedReads(storage, path, 4, budget=1100, small=100, range_bytes=1000)
+    try:
+        assert reader.kind(path) == "dir"  # lists the tree and starts the fetches
+        assert reader.read_bytes(f"{path}/metadata.json") == b"m" * 40
+        assert reader.read_bytes(f"{path}/state.pkl") == b"r" * 30
+        assert reader.read_bytes(f"{path}/a/state.pkl") == big
+        assert reader.read_bytes(f"{path}/b/state.pkl") == big
+    finally:
+        reader.close()
+    assert asked == []  # nothing read past the prefetch
+    assert [p.rsplit("/", 2)[-2:] for p in fetched[:2]] == [
+        [path.rsplit("/", 1)[1], "metadata.json"],
+        [path.rsplit("/", 1)[1], "state.pkl"],
+    ]
 
 
 def test_a_stream_near_the_memory_bound_does_not_wait_for_itself(tmp_path: Path) -> None:

@@ -200,9 +200,10 @@ class PrefetchedReads(StorageWrapper):
             return self._tree
 
     def _start_fetches(self, tree: _Tree) -> None:
-        """Plan the fetches: every file in path order (roughly the order the pipeline
-        reads the levels in), and start as many as the budget holds (lock held)."""
-        self._plan = sorted(tree.sizes.items())
+        """Plan the fetches: every file in the order the pipeline reads them (a level's
+        own files before the levels below it: :func:`_pipeline_order`), and start as
+        many as the budget holds (lock held)."""
+        self._plan = sorted(tree.sizes.items(), key=lambda item: _pipeline_order(item[0]))
         self._schedule()
 
     def _schedule(self) -> None:
@@ -368,6 +369,17 @@ class PrefetchedReads(StorageWrapper):
 
 _EMPTY = _Tree.__new__(_Tree)
 _EMPTY.dirs, _EMPTY.sizes = {}, {}
+
+
+def _pipeline_order(path: str) -> list[tuple[int, str]]:
+    """Sort key: a directory's files before what is in its subdirectories, each by name.
+
+    Plain path order put ``ck/l0/state.pkl`` before ``ck/metadata.json``: when the big
+    files' first ranges filled the window, the root level's own small files (the first
+    the restore reads) were left out and fetched when asked, one request after another
+    (two round trips each on pyarrow: HEAD, GET)."""
+    *directories, name = path.split("/")
+    return [(1, directory) for directory in directories] + [(0, name)]
 
 
 def _norm(path: str) -> str:
