@@ -144,6 +144,50 @@ def test_a_verified_msgpack_restore_reads_a_big_file_once(tmp_path: Path, safe: 
     assert restored.state["step"] == 7
 
 
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [("flip", "is corrupt"), ("truncate", "truncated"), ("append", "altered")],
+)
+def test_a_damaged_big_msgpack_file_is_refused_and_nothing_applied(
+    tmp_path: Path, damage: str, says: str
+) -> None:
+    state = {"weights": np.random.default_rng(4).random(3 * MiB)}  # 24 MiB, read whole
+    Arrays(state).save_to_path(tmp_path / "ckpt", format="msgpack")
+    file = tmp_path / "ckpt" / "state.msgpack"
+    size = file.stat().st_size
+    if damage == "flip":
+        with open(file, "r+b") as stream:
+            stream.seek(size // 3)
+            byte = stream.read(1)
+            stream.seek(size // 3)
+            stream.write(bytes([byte[0] ^ 1]))
+    elif damage == "truncate":
+        os.truncate(file, size - 1)
+    else:
+        with open(file, "ab") as stream:
+            stream.write(b"\0")
+    target = Arrays({"untouched": 1})
+    with pytest.raises(CorruptCheckpointError, match=says) as caught:
+        target.restore_from_path(tmp_path / "ckpt")
+    assert str(file) in str(caught.value)
+    assert target.state == {"untouched": 1}
+
+
+@pytest.mark.parametrize("client", ["pyarrow_s3", "s3fs_s3"])
+def test_a_big_msgpack_file_on_an_object_store_is_downloaded_once(
+    request: pytest.FixtureRequest, s3_server: Any, s3_prefix: str, client: str
+) -> None:
+    filesystem = request.getfixturevalue(client)
+    state = {"weights": np.random.default_rng(5).random(3 * MiB), "step": 2}
+    Arrays(state).save_to_path(f"{s3_prefix}/ckpt", filesystem=filesystem, format="msgpack")
+    s3_server.reset_counts()
+    restored = Arrays()
+    restored.restore_from_path(f"{s3_prefix}/ckpt", filesystem=filesystem)
+    np.testing.assert_array_equal(restored.state["weights"], state["weights"])
+    gets = [r for r in s3_server.requests() if r.kind == "GET" and r.path.endswith("state.msgpack")]
+    assert len(gets) == 1, gets
+
+
 def test_the_arrays_are_read_into_their_final_memory(saved: tuple[Path, dict[str, Any]]) -> None:
     """Peak allocation of a restore: the restored state, plus the payloads that pickle
     copies out of the skeleton (byte strings, read-only arrays, arrays pickled by copy),
