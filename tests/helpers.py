@@ -1,9 +1,10 @@
-"""Assertions shared by the test modules."""
+"""Assertions and a plain state holder shared by the test modules."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ckptable import Checkpointable
 from ckptable.testing import assert_states_equal as _assert_states_equal
 
 
@@ -41,3 +42,19 @@ def same_state(actual: Any, expected: Any) -> bool:
     except AssertionError:
         return False
     return True
+
+
+class StateHolder(Checkpointable):
+    """A level whose whole state is one dict, set as given (big arrays, tensors...)."""
+
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        self.state = state or {}
+
+    def get_state(self, components: Any = None, *, not_components: Any = None, **kw: Any) -> dict:
+        return dict(self.state)
+
+    def set_state(self, state: dict) -> None:
+        self.state = state
+
+    def get_ctor_args_and_kwargs(self) -> tuple[tuple, dict]:
+        return (), {}

@@ -25,25 +25,13 @@ import ckptable
 from ckptable import Checkpointable, CorruptCheckpointError, verify_checkpoint
 from ckptable._manifest import MANIFEST_FILE
 from ckptable._pickle_scan import PAYLOAD_MIN_BYTES, ScanError, scan_pickle
-from helpers import assert_states_equal
+from helpers import StateHolder, assert_states_equal
 
 MiB = 1 << 20
 
 
-class Arrays(Checkpointable):
-    """A state of a few big arrays and some small values."""
-
-    def __init__(self, state: dict[str, Any] | None = None) -> None:
-        self.state = state or {}
-
-    def get_state(self, components: Any = None, *, not_components: Any = None, **kw: Any) -> dict:
-        return dict(self.state)
-
-    def set_state(self, state: dict) -> None:
-        self.state = state
-
-    def get_ctor_args_and_kwargs(self) -> tuple[tuple, dict]:
-        return (), {}
+#: A state of a few big arrays and some small values.
+Arrays = StateHolder
 
 
 class Holder(Checkpointable):

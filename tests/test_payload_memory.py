@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ckptable import Checkpointable, CorruptCheckpointError
+from ckptable import CorruptCheckpointError
 from ckptable._parallel_read import (
     PARALLEL_READ_CHUNK,
     PARALLEL_READ_MIN_BYTES,
@@ -27,22 +27,12 @@ from ckptable._parallel_read import (
     new_payload_buffer,
     readinto_parallel,
 )
+from helpers import StateHolder
 
 MiB = 1 << 20
 
 
-class Arrays(Checkpointable):
-    def __init__(self, state: dict[str, Any] | None = None) -> None:
-        self.state = state or {}
-
-    def get_state(self, components: Any = None, *, not_components: Any = None, **kw: Any) -> dict:
-        return dict(self.state)
-
-    def set_state(self, state: dict) -> None:
-        self.state = state
-
-    def get_ctor_args_and_kwargs(self) -> tuple[tuple, dict]:
-        return (), {}
+Arrays = StateHolder
 
 
 def address(buffer: Any) -> int:
