@@ -304,7 +304,8 @@ class VerifyingReader:
             view = view.cast("B")
         # A big read of a local file: parallel preads, each chunk checksummed in order
         # as it arrives, on this thread (which only waits for the reading threads).
-        n: int | None = readinto_parallel(self._raw, view, self._update_here)
+        here = functools.partial(self._update, behind=False)
+        n: int | None = readinto_parallel(self._raw, view, here)
         if n is not None:
             return n
         start = self._raw.tell()
@@ -313,27 +314,21 @@ class VerifyingReader:
             self._update(start, view[:n])
         return n
 
-    def _update(self, start: int, data: Any) -> None:
+    def _update(self, start: int, data: Any, *, behind: bool = True) -> None:
+        """Checksum ``data``, read at ``start``; big data on a helper thread while the
+        reader reads on, unless ``behind`` is False (a thread that only waits anyway)."""
         if not len(data) or self._out_of_order:
             return
         if start != self._hashed:
             self._out_of_order = True
             return
         self._wait()
-        if len(data) >= _PARALLEL_BYTES:
+        if behind and len(data) >= _PARALLEL_BYTES:
             # The reader does not change what it just read (it is the final memory of
             # an array, or bytes): checksummed on a helper thread while it reads on.
             self._pending = checksum_executor().submit(self._checksum.update, data)
         else:
             self._checksum.update(data)
-        self._hashed += len(data)
-
-    def _update_here(self, start: int, data: Any) -> None:
-        if self._out_of_order or start != self._hashed:
-            self._update(start, data)  # (marks the reader out of order)
-            return
-        self._wait()
-        self._checksum.update(data)
         self._hashed += len(data)
 
     def _wait(self) -> None:
