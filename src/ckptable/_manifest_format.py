@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import zlib
-from typing import Any
 
 from ckptable._layout import loads_json
 from ckptable.errors import CorruptCheckpointError, IncompatibleCheckpointError
@@ -37,8 +36,8 @@ MANIFEST_FILE = ".ckptable-manifest.json"
 MANIFEST_VERSION = 1
 
 
-#: Compact, ASCII, in insertion order (``to_bytes`` inserts keys sorted).
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
+#: A JSON string literal, ASCII (``\\uXXXX`` escapes), as ``json.dumps`` writes it.
+_quote = json.encoder.encode_basestring_ascii
 
 
 @dataclasses.dataclass
@@ -61,26 +60,49 @@ class LevelManifest:
     nested: bool = False
 
     def to_bytes(self) -> bytes:
-        # Keys in sorted order, built so (one C-encoder call without sorting): the body
-        # is compact JSON with sorted keys, which ``_manifest.manifest_tree_bytes`` uses.
-        body: dict[str, Any] = {
-            "algorithm": self.algorithm,
-            "dirs": dict(sorted(self.dirs.items())),
-            "files": {name: [size, digest] for name, (size, digest) in sorted(self.files.items())},
-        }
-        if self.nested:
-            body["nested"] = True
-        if self.skeletons:
-            body["skeletons"] = dict(sorted(self.skeletons.items()))
-        if self.tree_bytes is not None:
-            body["tree_bytes"] = self.tree_bytes
-        body["version"] = MANIFEST_VERSION
-        body_bytes = _ENCODER.encode(body).encode("ascii")
+        # The body is compact JSON with sorted keys (``_manifest.manifest_tree_bytes``
+        # relies on it): exactly ``json.dumps(body, separators=(",", ":"),
+        # sort_keys=True)``, built by hand because for a document this small setting up
+        # the JSON encoder costs more than the text (a wide tree writes one per level).
+        body_bytes = self._body_text().encode("ascii")
         # One JSON document; the CRC covers the body's exact bytes, so checking it needs
         # no re-encoding. No trailing newline: any truncation breaks the document.
         return b"".join(
             (_PREFIX, body_bytes, _SUFFIX_START, b"%08x" % zlib.crc32(body_bytes), _SUFFIX_END)
         )
+
+    def _body_text(self) -> str:
+        quote = _quote
+        parts = [
+            '{"algorithm":',
+            quote(self.algorithm),
+            ',"dirs":{',
+            ",".join(
+                [quote(name) + ":" + quote(digest) for name, digest in sorted(self.dirs.items())]
+            ),
+            '},"files":{',
+            ",".join(
+                [
+                    f"{quote(name)}:[{_size(size)},{quote(digest)}]"
+                    for name, (size, digest) in sorted(self.files.items())
+                ]
+            ),
+            "}",
+        ]
+        if self.nested:
+            parts.append(',"nested":true')
+        if self.skeletons:
+            skeletons = ",".join(
+                [
+                    quote(name) + ":" + quote(digest)
+                    for name, digest in sorted(self.skeletons.items())
+                ]
+            )
+            parts.append(f',"skeletons":{{{skeletons}}}')
+        if self.tree_bytes is not None:
+            parts.append(f',"tree_bytes":{_size(self.tree_bytes)}')
+        parts.append(f',"version":{MANIFEST_VERSION}}}')
+        return "".join(parts)
 
     @classmethod
     def from_bytes(cls, data: bytes, shown: str) -> LevelManifest:

@@ -33,10 +33,11 @@ from ckptable._formats import Codec, get_codec
 from ckptable._layout import (
     checkpoint_file_names,
 )
-from ckptable._manifest import HashingWriter, checksum_of, preferred_algorithm, seal_directory
+from ckptable._manifest import checksum_of, preferred_algorithm, seal_directory
 from ckptable._pickle_scan import PAYLOAD_MIN_BYTES, skeleton_checksum
 from ckptable._progress import advance, progress_bar
-from ckptable._save_level import _small_first, _write_level, collect_level_state
+from ckptable._save_level import _write_level, collect_level_state
+from ckptable._save_stream import RecordingStream
 from ckptable._storage import (
     EntryKind,
     LocalStorage,
@@ -75,6 +76,9 @@ class _SaveSession:
     #: ``class_and_ctor_args.pkl`` of the classes built without arguments, pickled once
     #: per save (a wide tree has many levels of one class).
     class_records: dict[type, bytes] = dataclasses.field(default_factory=dict)
+    #: The JSON text of ckptable's record in ``metadata.json``, per class and components
+    #: (``_save_level._metadata_json``): the same for most levels of a wide tree.
+    record_json: dict[tuple[Any, ...], str] = dataclasses.field(default_factory=dict)
     #: The root's manifest is written once, by the caller, after files it adds itself
     #: (a save override's, ``extra_root_files``): on an object store the commit record
     #: must not exist before them.
@@ -123,18 +127,22 @@ class _SaveSession:
         self.staging.files[path] = (len(data), checksum_of(self.algorithm, data))
         advance(len(data))
 
-    @contextlib.contextmanager
-    def open_write(self, path: str, *, pickled: bool = False) -> Iterator[HashingWriter]:
-        """A stream that checksums what it writes; recorded for the manifest on close.
+    def open_write(self, path: str, *, pickled: bool = False) -> RecordingStream:
+        """A stream (a context manager) whose file is recorded for the manifest, with
+        its size and checksum, when the ``with`` block ends without an error.
 
         ``pickled``: the file is a pickle; if it is big, its skeleton's checksum is
         recorded too (what a memory-mapped restore verifies).
         """
-        with _small_first(self.storage, path) as raw:
-            writer = HashingWriter(raw, self.algorithm)
-            yield writer
-        self.staging.files[path] = (writer.size, writer.hexdigest())
-        if pickled and writer.size >= PAYLOAD_MIN_BYTES and isinstance(self.storage, LocalStorage):
+        record = self._record_pickle if pickled else self._record_file
+        return RecordingStream(self.storage, path, self.algorithm, record)
+
+    def _record_file(self, path: str, size: int, digest: str) -> None:
+        self.staging.files[path] = (size, digest)
+
+    def _record_pickle(self, path: str, size: int, digest: str) -> None:
+        self.staging.files[path] = (size, digest)
+        if size >= PAYLOAD_MIN_BYTES and isinstance(self.storage, LocalStorage):
             skeleton = skeleton_checksum(self.storage, path, self.algorithm)
             if skeleton is not None:
                 self.staging.skeletons[path] = skeleton

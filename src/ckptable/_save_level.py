@@ -9,12 +9,11 @@ record under the ``"ckptable"`` key), ``class_and_ctor_args.pkl``, ``state.pkl``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pickle
 import platform
-from collections.abc import Iterator, Mapping
-from typing import IO, TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
@@ -226,33 +225,73 @@ def _write_metadata(
         )
     metadata = dict(metadata)
     metadata.setdefault("checkpoint_version", CHECKPOINT_VERSION)
-    cls = type(obj)
-    metadata[RECORD_KEY] = {
-        "layout_version": LAYOUT_VERSION,
-        "format": session.codec.name,
-        "state_file": obj.STATE_FILE_NAME + session.codec.suffix,
-        "class": f"{cls.__module__}.{cls.__qualname__}",
-        "components": saved,
-        # Components held by Ray actors (informational: `ckptable info` marks them).
-        "actor_components": actor_components,
-        "state_version": _declared_state_version(obj, session, directory),
-        # Components that rename their metadata file (as RLlib's Algorithm does): the
-        # restore reads their levels before their objects exist (created in set_state).
-        "component_metadata_files": metadata_files,
-        "ckptable_version": package_version(),
-        "python_version": _PYTHON_VERSION,
-        "cloudpickle_version": cloudpickle.__version__,
-    }
     try:
-        payload = json.dumps(metadata).encode("utf-8")
+        payload = _metadata_json(
+            session, obj, directory, metadata, saved, metadata_files, actor_components
+        )
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
-            f"The metadata of {cls.__name__} ({session.describe(directory)}) is not "
+            f"The metadata of {type(obj).__name__} ({session.describe(directory)}) is not "
             f"JSON-serializable: {exc}",
             path=session.target,
             component=session.component_path(directory),
         ) from exc
     session.write_bytes(session.storage.join(directory, obj.METADATA_FILE_NAME), payload)
+
+
+def _metadata_json(
+    session: _SaveSession,
+    obj: Checkpointable,
+    directory: str,
+    metadata: dict[str, Any],
+    saved: list[str],
+    metadata_files: dict[str, str],
+    actor_components: list[str],
+) -> bytes:
+    """``json.dumps(metadata)`` with ckptable's record added under ``RECORD_KEY``, last.
+
+    The record is the same for every level of a class with the same components: its
+    JSON text is kept per save (``session.record_json``) and joined to the text of the
+    object's own metadata (a wide tree's levels differ in that only, if at all).
+    """
+    cls = type(obj)
+    key = (
+        cls,
+        obj.STATE_FILE_NAME,
+        tuple(saved),
+        tuple(actor_components),
+        tuple(metadata_files.items()),
+        getattr(cls, "STATE_VERSION", 1),
+    )
+    try:
+        record = session.record_json.get(key)
+    except TypeError:  # an unhashable STATE_VERSION: refused just below
+        record = None
+    if record is None:
+        record = json.dumps(
+            {
+                "layout_version": LAYOUT_VERSION,
+                "format": session.codec.name,
+                "state_file": obj.STATE_FILE_NAME + session.codec.suffix,
+                "class": f"{cls.__module__}.{cls.__qualname__}",
+                "components": saved,
+                # Components held by Ray actors (informational: `ckptable info` marks them).
+                "actor_components": actor_components,
+                "state_version": _declared_state_version(obj, session, directory),
+                # Components that rename their metadata file (as RLlib's Algorithm does):
+                # the restore reads their levels before their objects exist (created in
+                # set_state).
+                "component_metadata_files": metadata_files,
+                "ckptable_version": package_version(),
+                "python_version": _PYTHON_VERSION,
+                "cloudpickle_version": cloudpickle.__version__,
+            }
+        )
+        session.record_json[key] = record
+    metadata.pop(RECORD_KEY, None)  # the object's own key of that name: replaced
+    own = json.dumps(metadata)  # never empty: it has "checkpoint_version"
+    text = f'{own[:-1]}, "{RECORD_KEY}": {record}}}'
+    return text.encode("utf-8")
 
 
 def _write_class_and_ctor_args(session: _SaveSession, obj: Checkpointable, directory: str) -> None:
@@ -294,76 +333,6 @@ def _pickle_class_record(
             path=session.target,
             component=session.component_path(directory),
         ) from exc
-
-
-#: A state file up to this size is encoded in memory and written with one call.
-_SMALL_STATE_BYTES = 1 << 20
-
-
-@contextlib.contextmanager
-def _small_first(storage: Storage, path: str) -> Iterator[IO[bytes]]:
-    """A stream for one file of the local disk, kept in memory while it is small and
-    written in one call at the end (most levels' states are a few hundred bytes: this
-    saves the file object a stream needs); past ``_SMALL_STATE_BYTES`` it is opened and
-    written through. Other storages stream as they do (see ``_storage_concurrent``)."""
-    if not isinstance(storage, LocalStorage):
-        with storage.open_write(path) as stream:
-            yield stream
-        return
-    spool = _Spool(storage, path)
-    try:
-        yield spool  # type: ignore[misc]
-        spool.finish()
-    finally:
-        spool.close_through()
-
-
-class _Spool:
-    """The stream of ``_small_first`` (a plain object: an ``io`` base class costs more
-    to create than the whole write of a small state)."""
-
-    def __init__(self, storage: LocalStorage, path: str) -> None:
-        self._storage = storage
-        self._path = path
-        self._held: list[bytes] = []
-        self._size = 0
-        self._through: IO[bytes] | None = None
-
-    def writable(self) -> bool:
-        return True
-
-    def flush(self) -> None:
-        pass
-
-    def write(self, data: Any) -> int:
-        if self._through is not None:
-            return self._through.write(data) or 0
-        view = memoryview(data).cast("B")
-        if self._size + len(view) > _SMALL_STATE_BYTES:
-            self._through = self._storage.open_write(self._path)  # type: ignore[assignment]
-            for piece in self._held:
-                _write_all(self._through, piece)  # type: ignore[arg-type]
-            self._held = []
-            return self._through.write(view) or 0  # type: ignore[union-attr]
-        self._held.append(bytes(view))
-        self._size += len(view)
-        return len(view)
-
-    def finish(self) -> None:
-        if self._through is None:
-            self._storage.write_bytes(self._path, b"".join(self._held))
-            self._held = []
-
-    def close_through(self) -> None:
-        if self._through is not None:
-            through, self._through = self._through, None
-            through.close()
-
-
-def _write_all(stream: IO[bytes], data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[stream.write(view) or 0 :]
 
 
 def _declared_state_version(obj: Any, session: _SaveSession, directory: str) -> int:
