@@ -28,6 +28,7 @@ import ckptable
 from ckptable import CheckpointError, CorruptCheckpointError
 from ckptable._manifest import MANIFEST_FILE
 from ckptable._storage import LocalStorage, resolve_storage
+from ckptable._storage_batched import BatchedLocalWrites
 from ckptable._storage_concurrent import (
     ConcurrentWrites,
     WriteFailed,
@@ -337,7 +338,8 @@ def test_the_local_disk_keeps_writing_in_the_callers_thread(tmp_path: Path) -> N
     storage, _ = resolve_storage(str(tmp_path))
     assert io_concurrency(storage) == 1
     with writing_concurrently(storage) as writer:
-        assert writer is storage
+        # Batched, not concurrent (tests/test_batched_writes.py): no thread pool.
+        assert isinstance(writer, BatchedLocalWrites)
     with reading_ahead(storage, str(tmp_path)) as reader:
         assert reader is storage
 

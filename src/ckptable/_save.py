@@ -83,6 +83,21 @@ class _SaveSession:
     #: (a save override's, ``extra_root_files``): on an object store the commit record
     #: must not exist before them.
     defer_root_seal: bool = False
+    #: The component whose ``save_to_path`` the pipeline is calling (``expect_call``).
+    _expected_call: list[object] = dataclasses.field(default_factory=list)
+
+    def expect_call(self, component: object) -> None:
+        """The pipeline is about to call ``component.save_to_path`` itself."""
+        self._expected_call[:] = [component]
+
+    def called_by_pipeline(self, obj: object) -> bool:
+        """Whether this nested save of ``obj`` is the call the pipeline announced (and
+        not one from other code: a save override's ``super()`` call, say)."""
+        expected = self._expected_call
+        if expected and expected[0] is obj:
+            expected.clear()
+            return True
+        return False
 
     @property
     def staging_root(self) -> str:
@@ -231,13 +246,13 @@ def save_checkpointable(
     """``Checkpointable.save_to_path``: see there."""
     session = _current_save.get()
     if session is not None and session.owns_plain_path(path, filesystem):
-        _write_level(session, obj, path, state)
+        _write_nested_level(session, obj, path, state)
         return str(path)
     if path is None:
         path, filesystem = new_temporary_path(), None
     storage, fs_path = resolve_storage(path, filesystem)
     if session is not None and session.owns(storage, fs_path):
-        _write_level(session, obj, fs_path, state)
+        _write_nested_level(session, obj, fs_path, state)
         return storage.display(fs_path)
     codec = get_codec(format or ("msgpack" if use_msgpack else "cloudpickle"))
 
@@ -255,6 +270,18 @@ def save_checkpointable(
         transfer,
         progress,
     )
+
+
+def _write_nested_level(
+    session: _SaveSession, obj: Checkpointable, path: str, state: dict[str, Any] | None
+) -> None:
+    """A ``save_to_path`` inside a save in progress: write the level in place. Called by
+    code other than the pipeline (a save override that goes on to read or write the
+    tree), the writes still queued are done first (``_storage_batched``)."""
+    from_pipeline = session.called_by_pipeline(obj)
+    _write_level(session, obj, path, state)
+    if not from_pipeline:
+        barrier(session.storage)
 
 
 def save_through_override(

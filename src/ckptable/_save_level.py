@@ -90,6 +90,8 @@ def _write_level(
             saved.append(name)
             actor_saved.append(name)
             continue
+        if not own_code:
+            session.expect_call(comp)
         comp.save_to_path(
             comp_dir,
             filesystem=_filesystem_for(storage, comp),

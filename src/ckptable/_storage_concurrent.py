@@ -43,6 +43,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
+from ckptable._storage_batched import BatchedLocalWrites
+from ckptable._storage_local import LocalStorage
 from ckptable._storage_wrapper import StorageWrapper
 
 if TYPE_CHECKING:
@@ -111,13 +113,24 @@ class WriteFailed(OSError):
 
 @contextlib.contextmanager
 def writing_concurrently(storage: Storage, workers: int | None = None) -> Iterator[Storage]:
-    """``storage`` itself where it runs one request at a time (``workers``, else
-    :func:`io_concurrency`); else a :class:`ConcurrentWrites` over it, drained when the
-    body returns and aborted (the running writes waited for) when it raises."""
+    """The storage a save writes through: a :class:`ConcurrentWrites` over ``storage``
+    where it runs several requests at once (``workers``, else :func:`io_concurrency`);
+    the local disk's writes batched in the caller's thread
+    (:class:`~ckptable._storage_batched.BatchedLocalWrites`); else ``storage`` itself.
+    What runs behind the caller is drained when the body returns, and dropped (the
+    running writes waited for) when it raises."""
     if workers is None:
         workers = io_concurrency(storage)
     if workers <= 1:
-        yield storage
+        if type(storage) is not LocalStorage:
+            yield storage
+            return
+        batched = BatchedLocalWrites()
+        try:
+            yield batched
+            batched.barrier()
+        finally:
+            batched.discard()
         return
     writes = ConcurrentWrites(storage, workers)
     try:
@@ -434,6 +447,7 @@ class _SpoolingWriter(io.RawIOBase):
 
 def barrier(storage: Storage) -> None:
     """Wait for the writes ``storage`` runs behind its caller (none unless it is a
-    :class:`ConcurrentWrites`); raise the first failure."""
-    if isinstance(storage, ConcurrentWrites):
+    :class:`ConcurrentWrites` or a :class:`~ckptable._storage_batched.
+    BatchedLocalWrites`); raise the first failure."""
+    if isinstance(storage, (ConcurrentWrites, BatchedLocalWrites)):
         storage.barrier()

@@ -58,6 +58,7 @@ from ckptable._manifest import (
     read_verified,
 )
 from ckptable._storage import LocalStorage, Storage, resolve_storage
+from ckptable._storage_concurrent import barrier
 from ckptable.errors import (
     ActorCheckpointError,
     CheckpointError,
@@ -320,6 +321,7 @@ def _save_through_actor(
         parent, _ = storage.split(directory)
         private = storage.join(parent, f".ckptable-actor-{uuid.uuid4().hex}")
         storage.mkdir(private)
+        barrier(storage)  # the actor writes into it: it must exist now, not queued
         try:
             reported = save_at(storage.join(private, _SAVED), None)
             storage.rename(storage.join(private, _SAVED), directory)
