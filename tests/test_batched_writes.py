@@ -117,9 +117,14 @@ def test_a_local_save_writes_in_the_callers_thread_and_drops_the_queue_on_failur
         writer.write_bytes(str(tmp_path / "kept"), b"k")
         assert threading.active_count() == threads
     assert (tmp_path / "kept").read_bytes() == b"k"
-    with pytest.raises(RuntimeError), writing_concurrently(LocalStorage()) as writer:
-        writer.write_bytes(str(tmp_path / "dropped"), b"d")
-        raise RuntimeError("the save failed")
+
+    def failing_save() -> None:
+        with writing_concurrently(LocalStorage()) as writer:
+            writer.write_bytes(str(tmp_path / "dropped"), b"d")
+            raise RuntimeError("the save failed")
+
+    with pytest.raises(RuntimeError):
+        failing_save()
     assert not (tmp_path / "dropped").exists()
 
 
