@@ -46,6 +46,7 @@ from typing import IO, TYPE_CHECKING, Any
 from ckptable._storage_batched import BatchedLocalWrites
 from ckptable._storage_local import LocalStorage
 from ckptable._storage_wrapper import StorageWrapper
+from ckptable._thread_pools import borrow_pool
 
 if TYPE_CHECKING:
     from ckptable._storage import EntryKind, Storage
@@ -158,9 +159,7 @@ class ConcurrentWrites(StorageWrapper):
     ) -> None:
         super().__init__(storage)
         self.io_concurrency = workers
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            workers, thread_name_prefix="ckptable-write"
-        )
+        self._pool = borrow_pool(workers, "ckptable-write")
         self._max_pending = MAX_PENDING_BYTES if max_pending_bytes is None else max_pending_bytes
         if spill_bytes is None:
             spill_bytes = int(getattr(storage, "stream_bytes", SPILL_BYTES))

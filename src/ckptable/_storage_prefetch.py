@@ -35,6 +35,7 @@ from typing import IO, TYPE_CHECKING, Any
 from ckptable._storage_concurrent import io_concurrency
 from ckptable._storage_ranged import RANGES_AHEAD, RangedReader
 from ckptable._storage_wrapper import StorageWrapper
+from ckptable._thread_pools import borrow_pool
 
 if TYPE_CHECKING:
     from ckptable._storage import EntryKind, Storage
@@ -129,9 +130,7 @@ class PrefetchedReads(StorageWrapper):
         self.root = _norm(root)
         self.io_concurrency = workers
         self._prefix = storage.join(self.root, "")
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            workers, thread_name_prefix="ckptable-read"
-        )
+        self._pool = borrow_pool(workers, "ckptable-read")
         self._budget = PREFETCH_BYTES if budget is None else budget
         self._whole_budget = self._budget
         #: Every file of the tree in path order, and how many of them were started.
