@@ -124,8 +124,9 @@ def test_a_wide_save_sends_one_put_per_file_and_the_root_manifest_last(
     files = 4 * (LEAVES + 1)
     assert counts["PUT"] == files, counts  # one request per file: no multipart, no markers
     assert counts["GET"] == 0 and counts["DELETE"] == 0, counts
-    # Looking at the target before writing (is it a checkpoint, was one there): a few.
-    assert counts["HEAD"] + counts["LIST"] <= 10, counts
+    # Looking at the target before writing: one look at a new path (nothing to check
+    # or remove there; each look is a round trip or two).
+    assert counts["HEAD"] <= 1 and counts["LIST"] <= 1, counts
     puts = [r for r in server.requests() if r.kind == "PUT"]
     assert puts[-1].path.split("?")[0].endswith(f"ckpt/{MANIFEST_FILE}")
     assert sum(r.path.split("?")[0].endswith(f"ckpt/{MANIFEST_FILE}") for r in puts) == 1

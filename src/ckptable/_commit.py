@@ -129,8 +129,9 @@ class StagingSession(Protocol):
         ...
 
 
-def check_target(storage: Storage, target: str, checkpoint_files: Iterable[str]) -> None:
-    """Refuse to replace anything but a missing path, an empty directory or a checkpoint.
+def check_target(storage: Storage, target: str, checkpoint_files: Iterable[str]) -> EntryKind:
+    """Refuse to replace anything but a missing path, an empty directory or a checkpoint;
+    returns what is there (None: nothing).
 
     A save replaces the whole directory, so it must really be a checkpoint, judged from
     its whole listing (``_foreign_entry``): one file of the user's beside a
@@ -139,7 +140,7 @@ def check_target(storage: Storage, target: str, checkpoint_files: Iterable[str])
     """
     kind = storage.kind(target)
     if kind is None:
-        return
+        return None
     shown = storage.display(target)
     if kind != "dir":
         raise CheckpointError(
@@ -148,7 +149,7 @@ def check_target(storage: Storage, target: str, checkpoint_files: Iterable[str])
         )
     entries = storage.listdir(target)
     if not entries:
-        return
+        return kind
     foreign = _foreign_entry(storage, target, entries, set(checkpoint_files))
     if foreign is not None:
         raise CheckpointError(
@@ -157,6 +158,7 @@ def check_target(storage: Storage, target: str, checkpoint_files: Iterable[str])
             "choose an empty or new path, or an existing checkpoint.",
             path=shown,
         )
+    return kind
 
 
 #: Files a checkpoint level may hold besides its class's own metadata, class and state
@@ -234,9 +236,9 @@ def staged_directory(
 
     If anything fails, the staging directory is removed and ``target`` is untouched.
     """
-    check_target(storage, target, checkpoint_files)
+    found = check_target(storage, target, checkpoint_files)
     if not storage.can_rename_dirs:
-        yield from _in_place(storage, target)
+        yield from _in_place(storage, target, existed=found is not None)
         return
     recover_leftovers(storage, target)
     parent, name = storage.split(target)
@@ -282,16 +284,18 @@ class _PublishedNotDurable(Exception):
         self.replaced = replaced
 
 
-def _in_place(storage: Storage, target: str) -> Iterator[Staging]:
+def _in_place(storage: Storage, target: str, *, existed: bool) -> Iterator[Staging]:
     """Object stores: invalidate the old checkpoint (its manifest first), write in place.
     The root manifest the save writes last is the commit record.
 
+    ``existed``: whether ``check_target`` found anything at ``target``; a new path has
+    nothing to remove (each check there is a request or two: 50 ms at 20 ms round trip).
     The old checkpoint is gone from the start, so an error says so (not that what was
     there is unchanged)."""
-    existed = storage.kind(target) is not None
-    with contextlib.suppress(FileNotFoundError):
-        storage.remove_tree(storage.join(target, MANIFEST_FILE))
-    storage.remove_tree(target)
+    if existed:
+        with contextlib.suppress(FileNotFoundError):
+            storage.remove_tree(storage.join(target, MANIFEST_FILE))
+        storage.remove_tree(target)
     storage.makedirs(target)
     try:
         yield Staging(target)
