@@ -135,6 +135,33 @@ def test_a_wide_save_sends_one_put_per_file_and_the_root_manifest_last(
     assert payloads(restored) == payloads(tree)
 
 
+def test_saving_over_a_wide_checkpoint_checks_it_with_one_listing(
+    latency_fs: Any, server: S3Server, s3_prefix: str
+) -> None:
+    """Before replacing what is at the path, the save checks that it is a checkpoint:
+    from one recursive listing, not a LIST per level (one round trip each)."""
+    path = f"{s3_prefix}/ckpt"
+    wide(seed=1).save_to_path(path, filesystem=latency_fs)
+    tree = wide(seed=2)
+    server.reset_counts()
+    tree.save_to_path(path, filesystem=latency_fs)
+    counts = server.counts()
+    # One to check the tree, the rest to remove the old manifest and tree.
+    assert counts["LIST"] <= 5 < LEAVES, counts
+    restored = Wide(LEAVES)
+    restored.restore_from_path(path, filesystem=latency_fs)
+    assert payloads(restored) == payloads(tree)
+    assert len(_objects(latency_fs, path)) == 4 * (LEAVES + 1)  # the new tree, nothing else
+
+    # The listing is judged as the per-level one was: a user's file two levels down,
+    # in a directory that is no checkpoint level, still stops the save.
+    storage, fs_path = resolve_storage(path, latency_fs)
+    storage.write_bytes(storage.join(fs_path, "leaf_003", "extra", "notes.txt"), b"mine")
+    with pytest.raises(CheckpointError, match=r"notes\.txt is in a directory that is not"):
+        wide(seed=4).save_to_path(path, filesystem=latency_fs)
+    assert len(_objects(latency_fs, path)) == 4 * (LEAVES + 1) + 1  # nothing touched
+
+
 def test_a_wide_restore_lists_once_and_fetches_each_file_once(
     latency_fs: Any, server: S3Server, s3_prefix: str
 ) -> None:

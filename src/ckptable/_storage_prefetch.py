@@ -40,7 +40,7 @@ from ckptable._thread_pools import borrow_pool
 if TYPE_CHECKING:
     from ckptable._storage import EntryKind, Storage
 
-__all__ = ["PrefetchedReads", "reading_ahead", "shared_prefetch"]
+__all__ = ["PrefetchedReads", "TreeListing", "reading_ahead", "shared_prefetch"]
 
 #: Files up to this size are fetched whole, ahead of the pipeline ...
 SMALL_FILE_BYTES = 16 << 20
@@ -82,7 +82,7 @@ def shared_prefetch() -> PrefetchedReads | None:
     return _current.get()
 
 
-class _Tree:
+class TreeListing:
     """One listing of a checkpoint tree: each directory's entries, each file's size."""
 
     def __init__(self, storage: Storage, root: str, listing: list[tuple[str, str, int]]) -> None:
@@ -141,7 +141,7 @@ class PrefetchedReads(StorageWrapper):
         self._lock = threading.RLock()
         #: Files the pipeline read before their prefetch started: never fetched again.
         self._taken_early: set[str] = set()
-        self._tree: _Tree | None = None
+        self._tree: TreeListing | None = None
         self._fetched: dict[str, concurrent.futures.Future[bytes]] = {}
         #: Big files: the first ranges, fetched ahead like the small files.
         self._heads: dict[str, collections.deque[concurrent.futures.Future[bytes]]] = {}
@@ -189,16 +189,16 @@ class PrefetchedReads(StorageWrapper):
         path = _norm(path)
         return path == self.root or path.startswith(self._prefix)
 
-    def _listed(self) -> _Tree:
+    def _listed(self) -> TreeListing:
         """The tree's listing, made (and its small files' fetches started) on first use."""
         with self._lock:
             if self._tree is None:
                 list_tree: Callable[[str], list[tuple[str, str, int]]] = self.inner.list_tree  # type: ignore[attr-defined]
-                self._tree = _Tree(self.inner, self.root, list_tree(self.root))
+                self._tree = TreeListing(self.inner, self.root, list_tree(self.root))
                 self._start_fetches(self._tree)
             return self._tree
 
-    def _start_fetches(self, tree: _Tree) -> None:
+    def _start_fetches(self, tree: TreeListing) -> None:
         """Plan the fetches: every file in the order the pipeline reads them (a level's
         own files before the levels below it: :func:`_pipeline_order`), and start as
         many as the budget holds (lock held)."""
@@ -273,7 +273,7 @@ class PrefetchedReads(StorageWrapper):
         read_at: Callable[[int, int], bytes] = handle[1]
         return read_at(offset, length)
 
-    def _entry(self, path: str) -> tuple[_Tree, bool]:
+    def _entry(self, path: str) -> tuple[TreeListing, bool]:
         """The tree, and whether it answers for ``path`` (inside it, and listed)."""
         if not self._inside(path):
             return _EMPTY, False
@@ -366,7 +366,7 @@ class PrefetchedReads(StorageWrapper):
                     self._budget += size
 
 
-_EMPTY = _Tree.__new__(_Tree)
+_EMPTY = TreeListing.__new__(TreeListing)
 _EMPTY.dirs, _EMPTY.sizes = {}, {}
 
 
