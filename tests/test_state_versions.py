@@ -10,35 +10,25 @@ from typing import Any
 import pytest
 
 from ckptable import (
-    Checkpointable,
     CheckpointError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
 )
-from helpers import reseal
+from helpers import StateHolder, reseal
 
 
-class Versioned(Checkpointable):
+class Versioned(StateHolder):
     """Version 1 stored ``{"weights": [...]}``; version 2 stores ``{"w": [...], "n": len}``."""
 
     STATE_VERSION = 2
 
     def __init__(self, children: dict[str, Versioned] | None = None) -> None:
-        self.state: dict[str, Any] = {}
+        super().__init__()
         self.children = children or {}
         self.upgrades: list[int] = []
 
     def get_checkpointable_components(self) -> list[tuple[str, Any]]:
         return list(self.children.items())
-
-    def get_state(self, components: Any = None, *, not_components: Any = None, **kw: Any) -> dict:
-        return dict(self.state)
-
-    def set_state(self, state: dict) -> None:
-        self.state = state
-
-    def get_ctor_args_and_kwargs(self) -> tuple[tuple, dict]:
-        return (), {}
 
     def upgrade_state(self, state: dict, from_version: int) -> dict:
         self.upgrades.append(from_version)

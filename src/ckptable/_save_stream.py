@@ -84,19 +84,14 @@ class RecordingStream:
     def write(self, data: Any) -> int:
         if self._through is not None:
             return self._through.write(data)
-        if type(data) is bytes:  # the encoder's own, immutable: kept as it is
-            size = len(data)
-            if self._size + size <= SMALL_BYTES:
-                self._held.append(data)
-                self._size += size
-                return size
-        else:
-            view = memoryview(data).cast("B")
-            size = len(view)
-            if self._size + size <= SMALL_BYTES:
-                self._held.append(bytes(view))  # a caller's buffer may change later
-                self._size += size
-                return size
+        size = len(data) if type(data) is bytes else memoryview(data).nbytes
+        if self._size + size <= SMALL_BYTES:
+            # The encoder's own bytes are immutable and kept as they are; a caller's
+            # buffer may change later, so it is copied.
+            held = data if type(data) is bytes else bytes(memoryview(data).cast("B"))
+            self._held.append(held)
+            self._size += size
+            return size
         through = self._open_through()
         for piece in self._held:
             through.write(piece)
