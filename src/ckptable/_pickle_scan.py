@@ -73,6 +73,10 @@ class ScannedPickle:
     buffers: list[Any]
     #: Bytes of the whole file the walk covered.
     size: int
+    #: Of ``buffers``, how many are writable views of downloaded memory rather than
+    #: ``bytearray`` objects: a decoder must check that each became an array (see
+    #: ``_buffer_views``).
+    views: int = 0
 
     def open(self) -> io.RawIOBase:
         """The skeleton as a binary stream, for ``load(stream, buffers=self.buffers)``."""
@@ -209,7 +213,7 @@ def scan_pickle(
         ordered.wait()
     if not walk.keep and mode != "skeleton":
         return None
-    return ScannedPickle(walk.parts, walk.buffers, walk.position)
+    return ScannedPickle(walk.parts, walk.buffers, walk.position, walk.views)
 
 
 def skeleton_checksum(storage: Storage, path: str, algorithm: str) -> str | None:

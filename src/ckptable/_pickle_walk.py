@@ -142,6 +142,9 @@ class Walk:
         self.parts: list[bytes] = []
         self.kept = 0
         self.buffers: list[Any] = []
+        #: Of ``buffers``, the writable views of the stream's own memory (see
+        #: :meth:`payload_into_buffer`): each must become an array, not a ``bytearray``.
+        self.views = 0
         self.position = 0
 
     # -- reading -----------------------------------------------------------------------
@@ -185,6 +188,7 @@ class Walk:
                 self.keep = False  # too big to hold: checksum on, the caller reads again
                 self.parts.clear()
                 self.buffers.clear()
+                self.views = 0
             else:
                 self.parts.append(data)
 
@@ -227,6 +231,17 @@ class Walk:
         if self.size is None:
             self.buffers.append(self.payload_unsized(n))
             return
+        viewing = getattr(self.stream, "payload_view", None)
+        if callable(viewing):
+            # Memory the stream already holds the payload in (a downloaded big file,
+            # ``_storage_filebuffer``): the buffer is a writable view of it, not a copy.
+            held: memoryview | None = viewing(n)
+            if held is not None:
+                self.checksum.update_behind(held)
+                self.position += n
+                self.buffers.append(held)
+                self.views += 1
+                return
         buffer = self.new_buffer(n)
         view = memoryview(buffer)
         fd = regular_fileno(self.stream) if n >= PARALLEL_READ_MIN_BYTES else None

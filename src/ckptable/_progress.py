@@ -240,6 +240,15 @@ class _CountingReader:
         advance(len(data))
         return data
 
+    def payload_view(self, n: int) -> Any:
+        """The wrapped stream's ``payload_view`` (see ``_storage_filebuffer``), counted;
+        None where it has none."""
+        viewing = getattr(self._stream, "payload_view", None)
+        view = viewing(n) if callable(viewing) else None
+        if view is not None:
+            advance(n)
+        return view
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 

@@ -12,6 +12,7 @@ import logging
 import pickle
 from typing import TYPE_CHECKING, Any
 
+from ckptable._buffer_views import decode_with_views
 from ckptable._checksums import VerifyingReader
 from ckptable._components import (
     force_list,
@@ -128,13 +129,20 @@ def decode_file(
     (a codec safe on unverified bytes; the state is returned only if it matched)."""
     shown = storage.display(path)
     extra: dict[str, Any] = {}
-    if isinstance(raw, ScannedPickle):
-        extra["buffers"] = iter(raw.buffers)
     own_placement = tensors is None and accepts_tensors(codec)
     if accepts_tensors(codec):
         extra["tensors"] = tensors if tensors is not None else TensorPlacement(options.map_location)
-    state = _decode(storage, path, codec, raw, options, shown, extra, allowed,
-                    allow_subclasses_of, count_reads, mapped, check)  # fmt: skip
+
+    def decode(buffers: list[Any] | None) -> Any:
+        if buffers is not None:
+            extra["buffers"] = iter(buffers)
+        return _decode(storage, path, codec, raw, options, shown, extra, allowed,
+                       allow_subclasses_of, count_reads, mapped, check)  # fmt: skip
+
+    if isinstance(raw, ScannedPickle):
+        state = decode_with_views(decode, raw.buffers)
+    else:
+        state = decode(None)
     if own_placement:
         extra["tensors"].warn(stacklevel=4)  # the caller of from_checkpoint, say
     return state

@@ -38,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from ckptable._buffer_views import note_array_buffer
 from ckptable._safe_allowlist import imported_numpy
 from ckptable._safe_rules import BYTES_LIKE, Rule, arity, brief, register_rules
 from ckptable.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
@@ -142,6 +143,7 @@ def _rule_frombuffer(u: SafeUnpickler, target: Any, args: tuple[Any, ...]) -> st
         return problem
     numpy = imported_numpy()
     buffer, dtype, shape, order = args
+    note_array_buffer(buffer)  # (see _buffer_views)
     if not isinstance(buffer, BYTES_LIKE):
         return (
             "its buffer must be bytes, a bytearray or a pickle buffer, not a "

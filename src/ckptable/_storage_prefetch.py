@@ -28,11 +28,13 @@ import concurrent.futures
 import contextlib
 import contextvars
 import io
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from ckptable._storage_concurrent import io_concurrency
+from ckptable._storage_filebuffer import SLACK, BufferReader, FileBuffer
 from ckptable._storage_ranged import RANGES_AHEAD, RangedReader
 from ckptable._storage_wrapper import StorageWrapper
 from ckptable._thread_pools import borrow_pool
@@ -44,8 +46,11 @@ __all__ = ["PrefetchedReads", "TreeListing", "reading_ahead", "shared_prefetch"]
 
 #: Files up to this size are fetched whole, ahead of the pipeline ...
 SMALL_FILE_BYTES = 16 << 20
-#: ... up to this much per restore in all; the rest is read when the pipeline asks.
+#: ... up to this much per restore in all (at least; see :func:`prefetch_budget`); the
+#: rest is read when the pipeline asks.
 PREFETCH_BYTES = 256 << 20
+#: The most a restore fetches ahead, however much memory is free.
+MAX_PREFETCH_BYTES = 4 << 30
 #: A big file is read in ranges of this size, ...
 RANGE_BYTES = 64 << 20
 
@@ -131,7 +136,7 @@ class PrefetchedReads(StorageWrapper):
         self.io_concurrency = workers
         self._prefix = storage.join(self.root, "")
         self._pool = borrow_pool(workers, "ckptable-read")
-        self._budget = PREFETCH_BYTES if budget is None else budget
+        self._budget = prefetch_budget() if budget is None else budget
         self._whole_budget = self._budget
         #: Every file of the tree in path order, and how many of them were started.
         self._plan: list[tuple[str, int]] = []
@@ -149,6 +154,14 @@ class PrefetchedReads(StorageWrapper):
         self._handles: dict[str, tuple[Any, Callable[[int, int], bytes]]] = {}
         ranged = getattr(storage, "ranged", None)
         self._ranged: Callable[[str], Any] | None = ranged if callable(ranged) else None
+        ranged_into = getattr(storage, "ranged_into", None)
+        self._ranged_into: Callable[[str], Any] | None = (
+            ranged_into if callable(ranged_into) else None
+        )
+        #: Big files fetched whole into memory their arrays can keep, and the open
+        #: handles their ranges share (``_storage_filebuffer``).
+        self._buffers: dict[str, FileBuffer] = {}
+        self._into_handles: dict[str, tuple[Any, Callable[[int, memoryview], int]]] = {}
         #: Big files read whole once, kept (within the budget) for a second read.
         self._kept: dict[str, list[bytes]] = {}
         self._closed = False
@@ -174,11 +187,15 @@ class PrefetchedReads(StorageWrapper):
         for heads in self._heads.values():
             for future in heads:
                 future.cancel()
+        for buffer in self._buffers.values():
+            buffer.cancel()
         self._pool.shutdown(wait=True)
-        for opened, _ in self._handles.values():
+        for opened, _ in [*self._handles.values(), *self._into_handles.values()]:
             with contextlib.suppress(Exception):
                 opened.__exit__(None, None, None)
         self._handles.clear()
+        self._into_handles.clear()
+        self._buffers.clear()
         self._fetched.clear()
         self._heads.clear()
         self._kept.clear()
@@ -227,6 +244,11 @@ class PrefetchedReads(StorageWrapper):
                 else:
                     future = self._pool.submit(self.inner.read_bytes, path)
                 self._fetched[path] = future
+            elif self._ranged_into is not None and SLACK + size <= self._whole_budget:
+                if SLACK + size > self._budget:
+                    return
+                self._budget -= SLACK + size
+                self._buffers[path] = self._fetch_whole(path, size)
             elif self._ranged is not None:
                 first = self._range_length(0, size)
                 if first > self._whole_budget:
@@ -252,6 +274,34 @@ class PrefetchedReads(StorageWrapper):
             self._budget += size
             if not self._closed:
                 self._schedule()
+
+    def _fetch_whole(self, path: str, size: int) -> FileBuffer:
+        """Start fetching the big file at ``path`` whole, its ranges in parallel, into
+        memory of its own (lock held)."""
+        ranges = []
+        offset = 0
+        while offset < size:
+            length = self._range_length(offset, size)
+            ranges.append((offset, length))
+            offset += length
+
+        def submit(offset: int, view: memoryview) -> concurrent.futures.Future[int]:
+            return self._pool.submit(self._read_into, path, offset, view)
+
+        return FileBuffer(size, ranges, submit)
+
+    def _read_into(self, path: str, offset: int, view: memoryview) -> int:
+        """One range of a file fetched whole, through the handle its ranges share."""
+        handle = self._into_handles.get(path)
+        if handle is None:
+            opened = self._ranged_into(path)  # type: ignore[misc]
+            mine = (opened, opened.__enter__())
+            with self._lock:
+                handle = self._into_handles.setdefault(path, mine)
+            if handle is not mine:
+                opened.__exit__(None, None, None)
+        read_into: Callable[[int, memoryview], int] = handle[1]
+        return read_into(offset, view)
 
     def _range_length(self, offset: int, size: int) -> int:
         """The length of the range at ``offset``: the range size, or the rest of the file
@@ -315,6 +365,12 @@ class PrefetchedReads(StorageWrapper):
 
     def open_read(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         path = _norm(path)
+        if self._inside(path):
+            self._listed()
+            with self._lock:
+                buffer = self._buffers.get(path)
+            if buffer is not None:
+                return self._open_buffer(path, buffer)
         data = self._memory(path)
         if data is not None:
             return contextlib.nullcontext(io.BytesIO(data))
@@ -334,12 +390,32 @@ class PrefetchedReads(StorageWrapper):
         with self._lock:
             future = self._fetched.get(path)
             kept = self._kept.get(path)
-            if future is None and kept is None:
+            buffer = self._buffers.get(path)
+            if future is None and kept is None and buffer is None:
                 self._taken_early.add(path)
                 return None
         if future is not None:
             return future.result()
+        if buffer is not None:
+            with BufferReader(buffer) as whole:
+                return whole.readall()
         return b"".join(kept) if kept is not None else None
+
+    @contextlib.contextmanager
+    def _open_buffer(self, path: str, buffer: FileBuffer) -> Iterator[IO[bytes]]:
+        """A reader over the file fetched whole. Once it handed payloads out (their
+        memory is the decoded state's now, and the buffer no longer the file), the
+        buffer is dropped and its budget given back; else it stays for a second read."""
+        reader = BufferReader(buffer)
+        try:
+            yield reader  # type: ignore[misc]
+        finally:
+            reader.close()
+            if buffer.handed_out:
+                with self._lock:
+                    if self._buffers.get(path) is buffer:
+                        del self._buffers[path]
+                self._release(SLACK + buffer.size)
 
     @contextlib.contextmanager
     def _open_ranged(self, path: str, size: int) -> Iterator[IO[bytes]]:
@@ -368,6 +444,38 @@ class PrefetchedReads(StorageWrapper):
 
 _EMPTY = TreeListing.__new__(TreeListing)
 _EMPTY.dirs, _EMPTY.sizes = {}, {}
+
+
+def prefetch_budget() -> int:
+    """How much a restore fetches ahead of its pipeline: a quarter of the memory
+    available now, at least ``PREFETCH_BYTES`` and at most ``MAX_PREFETCH_BYTES``.
+
+    Most of it is a restore's own memory anyway: a big pickle file fetched whole
+    becomes its arrays (``_storage_filebuffer``), and a transactional restore holds every
+    level's state before it applies any. A window smaller than the tree makes the files
+    past it wait for the pipeline, one after another, where a download of all of them at
+    once takes the time of the slowest (Orbax bounds the same thing by
+    ``restore_concurrent_gb``, 96 GB by default)."""
+    available = _memory_available()
+    if available is None:
+        return PREFETCH_BYTES
+    return max(PREFETCH_BYTES, min(MAX_PREFETCH_BYTES, available // 4))
+
+
+def _memory_available() -> int | None:
+    """The memory the kernel can give without swapping (``MemAvailable``), or the free
+    memory where that is not known; None where neither is."""
+    try:
+        with open("/proc/meminfo", "rb") as meminfo:
+            for line in meminfo:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _pipeline_order(path: str) -> list[tuple[int, str]]:

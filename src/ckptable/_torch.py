@@ -61,6 +61,8 @@ import types
 from collections.abc import Iterable
 from typing import IO, TYPE_CHECKING, Any
 
+from ckptable._buffer_views import FROMBUFFER, watched
+
 if TYPE_CHECKING:
     from ckptable._torch_placement import TensorPlacement
 
@@ -241,7 +243,9 @@ class TensorUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if not module.startswith("torch"):
-            return super().find_class(module, name)
+            found = super().find_class(module, name)
+            # (Payloads may be views of downloaded memory: see _buffer_views.)
+            return watched(found) if (module, name) in FROMBUFFER else found
         replaced = self._placement.replacement(module, name)
         if replaced is not None:
             return replaced
