@@ -361,3 +361,88 @@ def test_a_damaged_byte_in_a_file_fetched_whole_applies_nothing(
 def server(s3_latency_server: S3Server) -> S3Server:
     s3_latency_server.reset_counts()
     return s3_latency_server
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_big_msgpack_state_is_decoded_from_the_downloaded_memory(
+    latency_fs: Any, s3_prefix: str, monkeypatch: pytest.MonkeyPatch, verify: bool
+) -> None:
+    import ckptable._formats as formats_module
+
+    whole = _fetched_whole(monkeypatch)
+    given: list[Any] = []
+    real_read_whole = formats_module._read_whole
+
+    def read_whole(stream: Any) -> Any:
+        given.append(real_read_whole(stream))
+        return given[-1]
+
+    monkeypatch.setattr(formats_module, "_read_whole", read_whole)
+    tree = Pair()
+    tree.left.value = {"w": np.random.default_rng(7).random((3 << 20) // 8), "n": 3}
+    tree.right.value = np.arange(1 << 19, dtype=np.int32)
+    path = f"{s3_prefix}/mp-{uuid.uuid4().hex}"
+    tree.save_to_path(path, filesystem=latency_fs, use_msgpack=True)
+    restored = Pair()
+    restored.restore_from_path(path, filesystem=latency_fs, verify=verify)
+    assert np.array_equal(restored.left.value["w"], tree.left.value["w"])
+    assert restored.left.value["n"] == 3
+    assert np.array_equal(restored.right.value, tree.right.value)
+    assert sorted(p.rsplit("/", 2)[-2] for p in whole) == ["left", "right"]
+    # Both big states reached msgpack as views of the memory they were fetched into.
+    big = [view for view in given if isinstance(view, memoryview) and len(view) > 1 << 20]
+    assert len(big) == 2 and all(isinstance(view.obj, bytearray) for view in big)
+
+
+def test_a_damaged_big_msgpack_state_applies_nothing(
+    latency_fs: Any, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fetched_whole(monkeypatch)
+    tree = Pair()
+    tree.left.value = np.random.default_rng(8).random((3 << 20) // 8)
+    tree.right.value = np.random.default_rng(9).random((3 << 20) // 8)
+    path = f"{s3_prefix}/mp-damaged-{uuid.uuid4().hex}"
+    tree.save_to_path(path, filesystem=latency_fs, use_msgpack=True)
+    storage, fs_path = resolve_storage(f"{path}/left/state.msgpack", latency_fs)
+    data = bytearray(storage.read_bytes(fs_path))
+    data[len(data) // 2] ^= 0x04
+    storage.write_bytes(fs_path, bytes(data))
+    target = Pair()
+    with pytest.raises(CorruptCheckpointError, match="left/state.msgpack"):
+        target.restore_from_path(path, filesystem=latency_fs)
+    assert target.left.value is None and target.right.value is None
+
+
+@pytest.mark.parametrize("use_msgpack", [False, True])
+def test_files_fetched_whole_count_every_byte_once_in_the_progress_bar(
+    latency_fs: Any, s3_prefix: str, monkeypatch: pytest.MonkeyPatch, use_msgpack: bool
+) -> None:
+    import tqdm
+
+    _fetched_whole(monkeypatch)
+    closed: list[tuple[Any, int, Any]] = []
+    close = tqdm.tqdm.close
+
+    def recording_close(self: Any) -> None:
+        if not getattr(self, "disable", True):
+            closed.append((self.desc, self.n, self.total))
+        close(self)
+
+    monkeypatch.setattr(tqdm.tqdm, "close", recording_close)
+    tree = Pair()
+    tree.left.value = np.random.default_rng(10).random((3 << 20) // 8)
+    tree.right.value = {"a": np.ones(1 << 18), "b": np.zeros(1 << 18)}
+    path = f"{s3_prefix}/progress-{uuid.uuid4().hex}"
+    tree.save_to_path(path, filesystem=latency_fs, use_msgpack=use_msgpack, progress=False)
+    size = ckptable.verify_checkpoint(path, filesystem=latency_fs, progress=False).bytes
+    Pair().restore_from_path(path, filesystem=latency_fs, progress=True)
+    assert closed == [("Restoring", size, size)]
+    closed.clear()
+    Pair().restore_from_path(path, filesystem=latency_fs, progress=True, verify=False)
+    states = sum(
+        n for p, kind, n in resolve_storage(path, latency_fs)[0].list_tree(  # type: ignore[attr-defined]
+            resolve_storage(path, latency_fs)[1]
+        ) if kind == "file" and "/state." in p
+    )  # fmt: skip
+    assert closed[0][0] == "Restoring" and closed[0][2] is None
+    assert states <= closed[0][1] <= size

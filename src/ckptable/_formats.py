@@ -163,7 +163,10 @@ class MsgpackCodec:
     def load(self, stream: IO[bytes]) -> Any:
         _, unpackb, msgpack_numpy = unpatched_msgpack()
         return unpackb(
-            stream.read(), object_hook=msgpack_numpy.decode, strict_map_key=False, raw=False
+            _read_whole(stream),
+            object_hook=msgpack_numpy.decode,
+            strict_map_key=False,
+            raw=False,
         )
 
     def load_restricted(
@@ -179,7 +182,19 @@ class MsgpackCodec:
 
         _, unpackb, _ = unpatched_msgpack()
         hook = functools.partial(safe_msgpack_decode, source=source)
-        return unpackb(stream.read(), object_hook=hook, strict_map_key=False, raw=False)
+        return unpackb(_read_whole(stream), object_hook=hook, strict_map_key=False, raw=False)
+
+
+def _read_whole(stream: IO[bytes]) -> Any:
+    """The rest of ``stream``: ``rest_view(True)`` where the stream has it (a file an
+    object store's prefetch fetched whole, or verified bytes held from it), a view of
+    the memory it holds the file in, which msgpack reads as well as bytes, without the
+    copy ``read()`` would make; else ``read()`` (an ``io.BytesIO`` over bytes returns
+    those bytes themselves)."""
+    rest_view = getattr(stream, "rest_view", None)
+    if callable(rest_view):
+        return rest_view(True)
+    return stream.read()
 
 
 def _import_msgpack() -> tuple[types.ModuleType, types.ModuleType]:

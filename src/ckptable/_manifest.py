@@ -53,6 +53,7 @@ __all__ = [
     "preferred_algorithm",
     "read_manifest",
     "read_verified",
+    "read_verified_view",
     "refuse_special_entries",
     "require_manifest_unless_foreign",
     "seal_directory",
@@ -279,10 +280,38 @@ def read_verified(
     Returns its bytes if ``keep`` (small files: decoded from memory later, saving a second
     read), else None (the decoder reads the file again; only its checksum was needed now).
     """
+    kept = _read_checked(storage, path, expected, algorithm, keep, as_view=False)
+    assert not isinstance(kept, memoryview)
+    return kept
+
+
+def read_verified_view(
+    storage: Storage, path: str, expected: tuple[int, str], algorithm: str
+) -> bytes | memoryview:
+    """:func:`read_verified` keeping the file: a big file that the storage holds in
+    memory already (one an object store's prefetch fetched whole:
+    ``_storage_filebuffer``) is checksummed where it lies and returned as a read-only
+    ``memoryview`` of that memory, not copied; any other file as its bytes."""
+    kept = _read_checked(storage, path, expected, algorithm, True, as_view=True)
+    assert kept is not None
+    return kept
+
+
+def _read_checked(
+    storage: Storage,
+    path: str,
+    expected: tuple[int, str],
+    algorithm: str,
+    keep: bool,
+    *,
+    as_view: bool,
+) -> bytes | memoryview | None:
+    """:func:`read_verified` and :func:`read_verified_view`."""
     size, digest = expected
     shown = storage.display(path)
     checksum = new_checksum(algorithm, path=shown)
     chunks: list[bytes] = []
+    held: memoryview | None = None
     try:
         if size <= _SMALL_FILE_BYTES:
             # The common case on wide trees: one read, one checksum call.
@@ -294,7 +323,17 @@ def read_verified(
             chunks.append(data)
         else:
             with storage.open_read(path) as stream:
-                read = read_checksummed(stream, checksum, size, chunks if keep else None)
+                rest_view = getattr(stream, "rest_view", None)
+                held = rest_view(keep and as_view) if callable(rest_view) else None
+                if held is not None:
+                    # Checksummed where it lies: no copy to read it, none to keep it.
+                    read = len(held)
+                    checksum.update(held)
+                    advance(read)
+                    if keep and not as_view:
+                        chunks.append(bytes(held))
+                else:
+                    read = read_checksummed(stream, checksum, size, chunks if keep else None)
     except OSError as exc:
         raise CorruptCheckpointError(f"Cannot read {shown}: {exc}", path=shown) from exc
     if read != size:
@@ -309,4 +348,6 @@ def read_verified(
             f"from the manifest's {digest}.",
             path=shown,
         )
+    if keep and as_view and held is not None:
+        return held
     return b"".join(chunks) if keep else None

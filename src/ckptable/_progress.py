@@ -240,17 +240,26 @@ class _CountingReader:
         advance(len(data))
         return data
 
-    def payload_view(self, n: int) -> Any:
-        """The wrapped stream's ``payload_view`` (see ``_storage_filebuffer``), counted;
-        None where it has none."""
-        viewing = getattr(self._stream, "payload_view", None)
-        view = viewing(n) if callable(viewing) else None
-        if view is not None:
-            advance(n)
-        return view
-
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
+        found = getattr(self._stream, name)
+        if name == "payload_view":  # (reads without read(): see _storage_filebuffer)
+
+            def payload_view(n: int) -> Any:
+                view = found(n)
+                if view is not None:
+                    advance(n)
+                return view
+
+            return payload_view
+        if name == "rest_view":
+
+            def rest_view(take: bool) -> Any:
+                view = found(take)
+                advance(len(view))
+                return view
+
+            return rest_view
+        return found
 
 
 def _open(progress: bool | None, description: str, total: int | None) -> Bar | None:

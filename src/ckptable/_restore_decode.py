@@ -108,7 +108,7 @@ def decode_file(
     storage: Storage,
     path: str,
     codec: Codec,
-    raw: bytes | ScannedPickle | None,
+    raw: bytes | memoryview | ScannedPickle | None,
     options: RestoreOptions,
     *,
     allowed: set[type] | frozenset[type] = frozenset(),
@@ -152,7 +152,7 @@ def _decode(
     storage: Storage,
     path: str,
     codec: Codec,
-    raw: bytes | ScannedPickle | None,
+    raw: bytes | memoryview | ScannedPickle | None,
     options: RestoreOptions,
     shown: str,
     extra: dict[str, Any],
@@ -249,15 +249,58 @@ def _verifying(
 
 
 def _open_source(
-    storage: Storage, path: str, raw: bytes | ScannedPickle | None, count_reads: bool
+    storage: Storage, path: str, raw: bytes | memoryview | ScannedPickle | None, count_reads: bool
 ) -> Any:
     if isinstance(raw, ScannedPickle):
         return raw.open()
+    if isinstance(raw, memoryview):
+        return _HeldBytes(raw)
     if raw is not None:
         return io.BytesIO(raw)
     if count_reads:
         return counted_open(storage.open_read(path))
     return storage.open_read(path)
+
+
+class _HeldBytes(io.RawIOBase):
+    """A read-only stream over a file's verified bytes held as a ``memoryview`` (of the
+    memory an object store's file was fetched into): ``rest_view()``, as a file fetched
+    whole has it, gives a decoder that takes a buffer those bytes without a copy (the
+    msgpack codec); ``read`` copies, as any stream's."""
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__()
+        self._data = data
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        n = max(0, min(len(target), len(self._data) - self._pos))
+        target[:n] = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def rest_view(self, take: bool) -> memoryview:
+        """The bytes from the position to the end (the position moves there)."""
+        rest = self._data[self._pos :]
+        self._pos = len(self._data)
+        return rest
 
 
 def read_class_file(

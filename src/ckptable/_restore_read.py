@@ -40,6 +40,7 @@ from ckptable._manifest import (
     check_listing,
     read_manifest,
     read_verified,
+    read_verified_view,
     refuse_special_entries,
     require_manifest_unless_foreign,
 )
@@ -249,7 +250,7 @@ def _verify_big_files(
     manifest: LevelManifest | None,
     big: dict[str, tuple[int, str]],
     state_file: tuple[str, Codec] | None,
-) -> ScannedPickle | bytes | None:
+) -> ScannedPickle | bytes | memoryview | None:
     """Verify the big files of a level; the state file in the same pass that reads it for
     decoding: a pickle's big arrays straight into their final memory (or mapped, with
     ``mmap=True``); the bytes of a codec that decodes from memory anyway (``reads_whole``:
@@ -257,11 +258,11 @@ def _verify_big_files(
     if manifest is None:
         return None
     storage = session.storage
-    prepared: ScannedPickle | bytes | None = None
+    prepared: ScannedPickle | bytes | memoryview | None = None
     for name, expected in big.items():
         path = storage.join(directory, name)
         if state_file is not None and name == state_file[0] and reads_whole(state_file[1]):
-            prepared = read_verified(storage, path, expected, manifest.algorithm, keep=True)
+            prepared = read_verified_view(storage, path, expected, manifest.algorithm)
         elif state_file is not None and name == state_file[0] and accepts_buffers(state_file[1]):
             prepared = read_pickle_verified(
                 storage,

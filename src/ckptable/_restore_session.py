@@ -58,7 +58,7 @@ class Level:
     codec: Codec | None = None
     #: The state file's bytes if step 1 read and kept them (small files), or its pickle
     #: split into skeleton and big payloads (big files: see ``_pickle_scan``).
-    raw_state: bytes | ScannedPickle | None = None
+    raw_state: bytes | memoryview | ScannedPickle | None = None
     #: Read for a component the object does not have (yet): a decode failure defers it.
     read_ahead: bool = False
     #: ``upgrade_state`` has run on ``state`` (or was not needed).

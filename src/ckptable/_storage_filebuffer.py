@@ -92,6 +92,15 @@ class FileBuffer:
             target[:n] = self._view[SLACK + start : SLACK + end]
         return max(n, 0)
 
+    def rest(self, start: int, take: bool) -> memoryview:
+        """A read-only view of the file's bytes from ``start`` to its end, once they are
+        all there. ``take``: the view is kept as the file's bytes (a decoder's input), so
+        the buffer is handed out, never read again."""
+        end = self.available(start, self.size)
+        if take:
+            self.handed_out = True
+        return self._view[SLACK + start : SLACK + end].toreadonly()
+
     def payload(self, start: int, n: int) -> memoryview | None:
         """The file's bytes ``[start, start + n)`` as a writable, aligned view of the
         buffer, or None (the file is shorter; or aligning it would move it over a payload
@@ -153,6 +162,13 @@ class BufferReader(io.RawIOBase):
         rest = bytearray(max(0, self._buffer.size - self._pos))
         n = self.readinto(rest)
         return bytes(rest) if n == len(rest) else bytes(rest[:n])
+
+    def rest_view(self, take: bool) -> memoryview:
+        """The rest of the file as a read-only view of the downloaded memory, the position
+        moved to its end (see :meth:`FileBuffer.rest`): read without a copy."""
+        view = self._buffer.rest(self._pos, take)
+        self._pos += len(view)
+        return view
 
     def payload_view(self, n: int) -> memoryview | None:
         """The next ``n`` bytes as a writable view of the downloaded memory (aligned),
