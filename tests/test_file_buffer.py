@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import mmap
 import pickle
 import threading
 import uuid
@@ -26,7 +27,7 @@ import pytest
 
 import ckptable
 from ckptable import CorruptCheckpointError
-from ckptable._buffer_views import decode_with_views
+from ckptable._buffer_views import decode_with_views, is_view
 from ckptable._parallel_read import PAYLOAD_ALIGNMENT
 from ckptable._pickle_scan import ScannedPickle, scan_pickle
 from ckptable._safe_unpickler import safe_pickle_load
@@ -106,7 +107,7 @@ def test_payloads_are_aligned_writable_views_of_the_fetched_memory(
     first = reader.payload_view(MIB)
     assert first is not None and not first.readonly
     assert address(first) % PAYLOAD_ALIGNMENT == 0
-    assert first.obj is buffer.memory  # the fetched memory itself, not a copy
+    assert first.obj is buffer._view.obj  # the fetched memory itself, not a copy
     assert bytes(first) == data[71 : 71 + MIB]
     # The bytes after it are the file's still; the next payload starts 9 bytes on.
     assert reader.read(9) == data[71 + MIB : 80 + MIB]
@@ -196,8 +197,10 @@ def test_views_that_became_arrays_are_kept_and_a_bytearray_value_is_copied(safe:
     array = np.arange(1 << 18, dtype=np.float64)  # 2 MiB: a payload of its own
     value = bytearray(b"x" * (2 << 20))
     walked = _scanned({"a": array, "b": value})
-    assert [type(b) for b in walked.buffers] == [bytearray, bytearray]
-    views = [memoryview(b) for b in walked.buffers]  # as a file fetched whole gives them
+    # Writable views of memory of their own (kept between restores), as a file fetched
+    # whole gives them too.
+    views = walked.buffers
+    assert [is_view(b) for b in views] == [True, True]
     decodes: list[list[Any]] = []
     state = decode_with_views(_decoder(walked, decodes, safe), views)
     assert len(decodes) == 2  # the bytearray value did not go to numpy: decoded again
@@ -205,7 +208,7 @@ def test_views_that_became_arrays_are_kept_and_a_bytearray_value_is_copied(safe:
     assert np.array_equal(state["a"], array)
 
     walked = _scanned({"a": array, "c": array[::2].copy()})
-    views = [memoryview(b) for b in walked.buffers]
+    views = walked.buffers
     decodes.clear()
     state = decode_with_views(_decoder(walked, decodes, safe), views)
     assert len(decodes) == 1  # numpy took both views: decoded once, no copies
@@ -304,7 +307,7 @@ def test_big_arrays_restore_as_the_downloaded_memory(
         assert got.flags.writeable and got.flags.aligned
         assert got.ctypes.data % PAYLOAD_ALIGNMENT == 0
         # The array's memory is the downloaded file's (a view of it), not a copy.
-        assert isinstance(_memory_of(got), bytearray)
+        assert isinstance(_memory_of(got), mmap.mmap)
     # The two payloads of one file share the file's memory.
     assert _memory_of(arrays[0]) is _memory_of(arrays[1])
     assert _memory_of(arrays[0]) is not _memory_of(arrays[2])
@@ -391,7 +394,7 @@ def test_a_big_msgpack_state_is_decoded_from_the_downloaded_memory(
     assert sorted(p.rsplit("/", 2)[-2] for p in whole) == ["left", "right"]
     # Both big states reached msgpack as views of the memory they were fetched into.
     big = [view for view in given if isinstance(view, memoryview) and len(view) > 1 << 20]
-    assert len(big) == 2 and all(isinstance(view.obj, bytearray) for view in big)
+    assert len(big) == 2 and all(isinstance(view.obj, mmap.mmap) for view in big)
 
 
 def test_a_damaged_big_msgpack_state_applies_nothing(

@@ -35,7 +35,7 @@ from typing import IO, Any
 
 from ckptable._checksums import Checksum, new_checksum
 from ckptable._manifest import open_regular, read_verified
-from ckptable._parallel_read import new_payload_buffer
+from ckptable._payload_pool import payload_memory
 from ckptable._pickle_walk import (
     PAYLOAD_MIN_BYTES,
     Mode,
@@ -68,15 +68,12 @@ class ScannedPickle:
     #: The pickle stream with each big payload replaced by a ``NEXT_BUFFER`` opcode,
     #: in the pieces it was read in (joining them would copy it once more).
     skeleton: list[bytes]
-    #: The payloads, in stream order: aligned ``bytearray`` (read: see
-    #: ``_parallel_read.new_payload_buffer``) or ``memoryview`` (mapped).
+    #: The payloads, in stream order: writable ``memoryview`` (read: of memory kept
+    #: between restores, ``_payload_pool``, or of a file fetched whole,
+    #: ``_storage_filebuffer``) or read-only ``memoryview`` (mapped).
     buffers: list[Any]
     #: Bytes of the whole file the walk covered.
     size: int
-    #: Of ``buffers``, how many are writable views of downloaded memory rather than
-    #: ``bytearray`` objects: a decoder must check that each became an array (see
-    #: ``_buffer_views``).
-    views: int = 0
 
     def open(self) -> io.RawIOBase:
         """The skeleton as a binary stream, for ``load(stream, buffers=self.buffers)``."""
@@ -130,8 +127,9 @@ class _PiecesReader(io.RawIOBase):
         return bytes(buffer[: self.readinto(buffer)])
 
 
-#: Where payloads are read into (a name looked up at each scan, so a test can watch it).
-_new_payload_buffer = new_payload_buffer
+#: Where payloads are read into (a name looked up at each scan, so a test can watch it):
+#: memory kept between restores (``_payload_pool``).
+_new_payload_buffer = payload_memory
 
 
 def _stream_size(stream: IO[bytes]) -> int | None:
@@ -213,7 +211,7 @@ def scan_pickle(
         ordered.wait()
     if not walk.keep and mode != "skeleton":
         return None
-    return ScannedPickle(walk.parts, walk.buffers, walk.position, walk.views)
+    return ScannedPickle(walk.parts, walk.buffers, walk.position)
 
 
 def skeleton_checksum(storage: Storage, path: str, algorithm: str) -> str | None:

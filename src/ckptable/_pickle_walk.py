@@ -63,8 +63,10 @@ _PAYLOAD_OPS = {
     pickle.BINUNICODE[0]: 4,
 }
 #: Of those, the one whose payload becomes a buffer: ``BYTEARRAY8``, what protocol 5
-#: writes for a writable array's memory (the buffer *is* the ``bytearray`` pickle would
-#: make, or, mapped, a read-only ``memoryview``). Byte strings stay in the skeleton:
+#: writes for a writable array's memory (the buffer stands for the ``bytearray`` pickle
+#: would make: a writable ``memoryview`` of memory of its own, which numpy's arrays keep
+#: and a ``bytearray`` value gets copied from, see ``_buffer_views``; or, mapped, a
+#: read-only ``memoryview``). Byte strings stay in the skeleton:
 #: ``bytes`` values, read-only arrays and arrays pickled by copy (non-contiguous ones,
 #: whose ``__setstate__`` takes only ``bytes``) need a real ``bytes`` object.
 _AS_BUFFER = {pickle.BYTEARRAY8[0]}
@@ -124,7 +126,7 @@ class Walk:
         mapped: mmap.mmap | None,
         skeleton_limit: int | None,
         size: int | None,
-        new_buffer: Callable[[int], bytearray],
+        new_buffer: Callable[[int], Any],
     ) -> None:
         self.stream = stream
         self.mode = mode
@@ -136,15 +138,13 @@ class Walk:
         #: is left of them. None: unknown (a stream that cannot tell; payloads are then
         #: read piece by piece, never allocated ahead).
         self.size = size
-        #: Allocates the ``bytearray`` a payload of ``n`` bytes is read into.
+        #: Allocates the writable memory a payload of ``n`` bytes is read into (a view of
+        #: memory kept between restores: ``_payload_pool``).
         self.new_buffer = new_buffer
         self.keep = mode != "skeleton"
         self.parts: list[bytes] = []
         self.kept = 0
         self.buffers: list[Any] = []
-        #: Of ``buffers``, the writable views of the stream's own memory (see
-        #: :meth:`payload_into_buffer`): each must become an array, not a ``bytearray``.
-        self.views = 0
         self.position = 0
 
     # -- reading -----------------------------------------------------------------------
@@ -188,7 +188,6 @@ class Walk:
                 self.keep = False  # too big to hold: checksum on, the caller reads again
                 self.parts.clear()
                 self.buffers.clear()
-                self.views = 0
             else:
                 self.parts.append(data)
 
@@ -227,7 +226,7 @@ class Walk:
             self.checksum.update_behind(data)  # (bytes: nothing changes it meanwhile)
 
     def payload_into_buffer(self, n: int) -> None:
-        """Read ``n`` payload bytes into a new ``bytearray`` (checksummed behind)."""
+        """Read ``n`` payload bytes into memory of their own (checksummed behind)."""
         if self.size is None:
             self.buffers.append(self.payload_unsized(n))
             return
@@ -240,7 +239,6 @@ class Walk:
                 self.checksum.update_behind(held)
                 self.position += n
                 self.buffers.append(held)
-                self.views += 1
                 return
         buffer = self.new_buffer(n)
         view = memoryview(buffer)

@@ -31,7 +31,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ckptable._parallel_read import PAYLOAD_ALIGNMENT, new_payload_buffer
+from ckptable._parallel_read import PAYLOAD_ALIGNMENT
+from ckptable._payload_pool import payload_memory
 
 __all__ = ["SLACK", "BufferReader", "FileBuffer", "copy_into"]
 
@@ -53,9 +54,8 @@ class FileBuffer:
         submit: Callable[[int, memoryview], concurrent.futures.Future[int]],
     ) -> None:
         self.size = size
-        self.memory = new_payload_buffer(SLACK + size)
-        self._view = memoryview(self.memory)
-        self._address = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
+        self._view = payload_memory(SLACK + size)
+        self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._view))
         self._fetches = [
             (offset, length, submit(offset, self._view[SLACK + offset : SLACK + offset + length]))
             for offset, length in ranges
