@@ -51,9 +51,10 @@ _lock = threading.Lock()
 _lent: list[mmap.mmap] = []
 _idle: dict[int, list[mmap.mmap]] = {}
 _idle_total = 0
-#: References to a lent block that nothing else holds: the list's, the loop variable's
-#: and ``sys.getrefcount``'s own argument.
-_UNREFERENCED = 3
+#: An object held the way a lent block is held and by nothing else: its reference
+#: count, taken the same way, is what a block's is once nothing outside refers to it
+#: (how many references the interpreter itself adds differs between versions).
+_probe: list[object] = [object()]
 
 
 def _forget() -> None:
@@ -112,9 +113,10 @@ def release_idle() -> int:
 def _collect() -> None:
     """Move the lent blocks nothing refers to any more to the idle ones (lock held)."""
     global _idle_total
+    unreferenced = min(_reference_count(thing) for thing in _probe)
     still: list[mmap.mmap] = []
     for block in _lent:
-        if sys.getrefcount(block) > _UNREFERENCED:
+        if _reference_count(block) > unreferenced:
             still.append(block)
             continue
         size = len(block)
@@ -127,6 +129,11 @@ def _collect() -> None:
         _idle.setdefault(size, []).append(block)
         _idle_total += size
     _lent[:] = still
+
+
+def _reference_count(thing: object) -> int:
+    """``sys.getrefcount`` of ``thing``, called the same way for a block and the probe."""
+    return sys.getrefcount(thing)
 
 
 def _take_idle(size: int) -> mmap.mmap | None:
