@@ -169,3 +169,29 @@ def test_arrays_a_state_keeps_are_not_overwritten_by_the_next_restore(tmp_path: 
         assert np.array_equal(kept.state[key], value)
         assert kept.state[key].flags.writeable
         assert kept.state[key].ctypes.data % mmap.PAGESIZE == 0
+
+
+def test_idle_memory_past_the_hot_bound_is_given_to_the_kernel_to_take(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    advised: list[int] = []
+    real_madvise = mmap.mmap.madvise
+
+    class Watched(mmap.mmap):
+        def madvise(self, option: int, *args: int) -> None:
+            advised.append(len(self))
+            real_madvise(self, option, *args)
+
+    monkeypatch.setattr(_payload_pool.mmap, "mmap", Watched)
+    monkeypatch.setattr(_payload_pool, "MAX_HOT_BYTES", 2 * MiB)
+    views = [payload_memory(MiB) for _ in range(4)]
+    for view in views:
+        view[:] = b"\x01" * MiB
+    del views, view
+    assert idle_bytes() == 4 * MiB
+    assert advised == [MiB, MiB]  # two kept as they are, two marked MADV_FREE
+    again = [payload_memory(MiB) for _ in range(4)]  # all four reused, as they are
+    assert idle_bytes() == 0 and advised == [MiB, MiB]
+    for view in again:
+        view[:] = b"\x02" * MiB
+        assert view[MiB - 1] == 2

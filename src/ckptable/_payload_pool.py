@@ -17,11 +17,12 @@ So payload memory comes from blocks of anonymous memory that this module keeps:
   ``memoryview``; the arrays decoded from it keep it (through that view).
 - A lent block is idle again once nothing outside this module refers to it (its
   reference count: every view, and every array or tensor made from one, holds a
-  reference). Blocks become idle at the next request and are reused as they are; the
-  kernel may take back their pages meanwhile (``MADV_FREE``), which costs nothing unless
-  memory runs short, and then only the fresh pages a new block would have cost anyway.
-- At most ``MAX_IDLE_BYTES`` are kept idle; beyond that, blocks are unmapped. A process
-  forked from this one starts without the pool.
+  reference). Blocks become idle at the next request and are reused as they are.
+- At most ``MAX_IDLE_BYTES`` are kept idle; beyond that, blocks are unmapped. Of those,
+  ``MAX_HOT_BYTES`` are kept as they are, as glibc keeps the top of its heap; the kernel
+  may take back the pages of the rest meanwhile (``MADV_FREE``), which costs nothing
+  unless memory runs short, and then only the fresh pages a new block would have cost
+  anyway. A process forked from this one starts without the pool.
 
 A ``bytearray`` value of a state must come back a ``bytearray``: views handed to the
 decoder are checked (``_buffer_views``).
@@ -37,8 +38,12 @@ import threading
 
 __all__ = ["MAX_IDLE_BYTES", "idle_bytes", "payload_memory", "release_idle"]
 
-#: Idle memory kept for the next restore, at most (its pages reclaimable meanwhile).
+#: Idle memory kept for the next restore, at most ...
 MAX_IDLE_BYTES = 1 << 30
+#: ... of which this much is kept as it is; the rest is marked ``MADV_FREE`` (the
+#: kernel may take its pages back), which costs its next writer a minor fault per page:
+#: 5 ms per 96 MiB reused, a fifth of a PPO restore.
+MAX_HOT_BYTES = 256 << 20
 #: A block serves a payload at most this much smaller than itself (the rest is unused).
 _SLACK_FACTOR = 1.25
 
@@ -51,6 +56,9 @@ _lock = threading.Lock()
 _lent: list[mmap.mmap] = []
 _idle: dict[int, list[mmap.mmap]] = {}
 _idle_total = 0
+#: Of the idle blocks, the bytes of those not marked ``MADV_FREE``, and their ids.
+_hot_total = 0
+_hot: set[int] = set()
 #: An object held the way a lent block is held and by nothing else: its reference
 #: count, taken the same way, is what a block's is once nothing outside refers to it
 #: (how many references the interpreter itself adds differs between versions).
@@ -58,11 +66,12 @@ _probe: list[object] = [object()]
 
 
 def _forget() -> None:
-    global _lock, _idle_total
+    global _lock, _idle_total, _hot_total
     _lock = threading.Lock()
     _lent.clear()
     _idle.clear()
-    _idle_total = 0
+    _hot.clear()
+    _idle_total = _hot_total = 0
 
 
 if hasattr(os, "register_at_fork"):
@@ -98,7 +107,7 @@ def idle_bytes() -> int:
 
 def release_idle() -> int:
     """Unmap every idle block (those still in use stay); returns the bytes released."""
-    global _idle_total
+    global _idle_total, _hot_total
     with _lock:
         _collect()
         released = _idle_total
@@ -106,13 +115,14 @@ def release_idle() -> int:
             for block in blocks:
                 block.close()
         _idle.clear()
-        _idle_total = 0
+        _hot.clear()
+        _idle_total = _hot_total = 0
     return released
 
 
 def _collect() -> None:
     """Move the lent blocks nothing refers to any more to the idle ones (lock held)."""
-    global _idle_total
+    global _idle_total, _hot_total
     unreferenced = min(_reference_count(thing) for thing in _probe)
     still: list[mmap.mmap] = []
     for block in _lent:
@@ -123,7 +133,10 @@ def _collect() -> None:
         if _idle_total + size > MAX_IDLE_BYTES:
             block.close()
             continue
-        if _MADV_FREE is not None:
+        if _hot_total + size <= MAX_HOT_BYTES:
+            _hot.add(id(block))
+            _hot_total += size
+        elif _MADV_FREE is not None:
             with contextlib.suppress(OSError):
                 block.madvise(_MADV_FREE)  # the kernel may take the pages meanwhile
         _idle.setdefault(size, []).append(block)
@@ -138,7 +151,7 @@ def _reference_count(thing: object) -> int:
 
 def _take_idle(size: int) -> mmap.mmap | None:
     """An idle block of ``size`` bytes, or the smallest one a little bigger (lock held)."""
-    global _idle_total
+    global _idle_total, _hot_total
     fits = [s for s in _idle if size <= s <= size * _SLACK_FACTOR and _idle[s]]
     if not fits:
         return None
@@ -147,4 +160,7 @@ def _take_idle(size: int) -> mmap.mmap | None:
     if not _idle[chosen]:
         del _idle[chosen]
     _idle_total -= chosen
+    if id(block) in _hot:
+        _hot.discard(id(block))
+        _hot_total -= chosen
     return block
