@@ -69,3 +69,14 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand memory the process freed back to the kernel: glibc's heap (``malloc_trim``)
+    and the idle payload memory ckptable keeps between restores (``_payload_pool``), so
+    that every implementation's next operation starts from new pages alike."""
+    from ckptable._payload_pool import release_idle
+
+    release_idle()
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)

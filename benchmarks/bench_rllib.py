@@ -17,8 +17,11 @@ faults x 4 KiB): a restore reads ~96 MiB into new buffers, and whether glibc han
 memory already mapped or new pages (each zeroed and faulted in: ~0.5 ms per MiB on a
 2-core VM) depends on what the operations before it allocated and freed, not on the
 implementation. ``--allocator fresh`` gives every big allocation new pages (the worst
-case, the same for every variant); ``--allocator reuse`` keeps freed memory in the heap
-(the best case); ``default`` is glibc's adaptive thresholds.
+case, the same for every variant: ckptable's own idle payload memory is released before
+each operation too); ``--allocator reuse`` keeps freed memory in the heap (the best
+case); ``default`` is glibc's adaptive thresholds. ckptable keeps the memory of its
+restores' arrays for the next restore (``_payload_pool``) under ``default`` and
+``reuse``.
 
 Run from the repository root::
 
@@ -81,10 +84,19 @@ def switch(on: bool) -> None:
         ckptable.rllib.disable()
 
 
+#: ``--allocator fresh``: ckptable's idle payload memory (``_payload_pool``) is handed
+#: back before each operation too, as glibc's is by its settings.
+RELEASE_POOL = False
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, int]:
     """Seconds ``fn`` took, and the minor page faults this process took meanwhile (each
     a 4 KiB page of memory touched for the first time: fresh memory from the kernel)."""
     gc.collect()
+    if RELEASE_POOL:
+        from ckptable._payload_pool import release_idle
+
+        release_idle()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     fn()
@@ -189,6 +201,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     use_allocator(args.allocator)
+    global RELEASE_POOL
+    RELEASE_POOL = args.allocator == "fresh"
     logging.getLogger("ray").setLevel(logging.ERROR)
     import ray
 

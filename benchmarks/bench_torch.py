@@ -94,7 +94,7 @@ if (_SRC / "ckptable" / "__init__.py").exists() and str(_SRC) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _memory
 
 import torch  # noqa: E402
-from _memory import MALLOC_TRIM, PeakRss  # noqa: E402
+from _memory import PeakRss, release_freed_memory  # noqa: E402
 
 import ckptable  # noqa: E402
 
@@ -228,8 +228,7 @@ class Untimed:
         if self.prewarm_bytes:
             buffer = torch.ones(self.prewarm_bytes // 8, dtype=torch.float64)
             del buffer
-        if MALLOC_TRIM is not None:
-            MALLOC_TRIM(0)
+        release_freed_memory()
 
 
 def cpu_gauge() -> float:
