@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import ctypes
 import io
-import mmap
 import pickle
 import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -307,7 +307,7 @@ def test_big_arrays_restore_as_the_downloaded_memory(
         assert got.flags.writeable and got.flags.aligned
         assert got.ctypes.data % PAYLOAD_ALIGNMENT == 0
         # The array's memory is the downloaded file's (a view of it), not a copy.
-        assert isinstance(_memory_of(got), mmap.mmap)
+        assert isinstance(_memory_of(got), ctypes.Array)  # a block of the payload pool
     # The two payloads of one file share the file's memory.
     assert _memory_of(arrays[0]) is _memory_of(arrays[1])
     assert _memory_of(arrays[0]) is not _memory_of(arrays[2])
@@ -394,7 +394,7 @@ def test_a_big_msgpack_state_is_decoded_from_the_downloaded_memory(
     assert sorted(p.rsplit("/", 2)[-2] for p in whole) == ["left", "right"]
     # Both big states reached msgpack as views of the memory they were fetched into.
     big = [view for view in given if isinstance(view, memoryview) and len(view) > 1 << 20]
-    assert len(big) == 2 and all(isinstance(view.obj, mmap.mmap) for view in big)
+    assert len(big) == 2 and all(isinstance(view.obj, ctypes.Array) for view in big)
 
 
 def test_a_damaged_big_msgpack_state_applies_nothing(
@@ -449,3 +449,58 @@ def test_files_fetched_whole_count_every_byte_once_in_the_progress_bar(
     )  # fmt: skip
     assert closed[0][0] == "Restoring" and closed[0][2] is None
     assert states <= closed[0][1] <= size
+
+
+# --------------------------------------------------------------------------- budget
+
+
+def _cgroup(tmp_path: Path, groups: str, files: dict[str, str]) -> tuple[str, str]:
+    tmp_path.mkdir()
+    (tmp_path / "cgroup").write_text(groups)
+    for name, text in files.items():
+        target = tmp_path / "fs" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return str(tmp_path / "cgroup"), str(tmp_path / "fs")
+
+
+def test_the_prefetch_budget_stays_within_a_container_s_memory_limit(tmp_path: Path) -> None:
+    from ckptable._storage_prefetch import _cgroup_memory_left
+
+    v2 = _cgroup(tmp_path / "v2", "0::/pod/app\n", {
+        "pod/app/memory.max": "2147483648\n", "pod/app/memory.current": "536870912\n",
+    })  # fmt: skip
+    assert _cgroup_memory_left(*v2) == 1536 << 20
+    unlimited = _cgroup(tmp_path / "max", "0::/x\n", {
+        "x/memory.max": "max\n", "x/memory.current": "5\n",
+    })  # fmt: skip
+    assert _cgroup_memory_left(*unlimited) is None
+    v1 = _cgroup(tmp_path / "v1", "4:memory:/job\n1:cpu:/\n", {
+        "memory/job/memory.limit_in_bytes": str(1 << 30),
+        "memory/job/memory.usage_in_bytes": str(1 << 29),
+    })  # fmt: skip
+    assert _cgroup_memory_left(*v1) == 1 << 29
+    assert _cgroup_memory_left(str(tmp_path / "none"), str(tmp_path)) is None
+
+
+def needs_a_bytearray(data: Any) -> bytes:
+    """A reconstructor that takes only a ``bytearray`` (as some libraries' are)."""
+    if type(data) is not bytearray:
+        raise TypeError(f"a bytearray, not a {type(data).__name__}")
+    return bytes(data[:4])
+
+
+class _Reduced:
+    def __init__(self, data: bytearray) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return needs_a_bytearray, (self.data,)
+
+
+def test_a_reconstructor_that_refuses_a_view_gets_a_bytearray() -> None:
+    walked = _scanned({"x": _Reduced(bytearray(b"abcd" * (1 << 19))), "a": np.arange(1 << 18)})
+    decodes: list[list[Any]] = []
+    state = decode_with_views(_decoder(walked, decodes, False), walked.buffers)
+    assert len(decodes) == 2  # the first failed: decoded again with bytearrays
+    assert state["x"] == b"abcd" and np.array_equal(state["a"], np.arange(1 << 18))

@@ -58,17 +58,28 @@ def watched(frombuffer: Callable[..., Any]) -> Callable[..., Any]:
 
 def decode_with_views(decode: Callable[[list[Any]], _T], buffers: list[Any]) -> _T:
     """``decode(buffers)``; where a writable view among ``buffers`` did not go to numpy's
-    ``_frombuffer`` (a ``bytearray`` value), ``decode`` again with every view copied into
-    a ``bytearray``, the objects pickle itself would have made."""
+    ``_frombuffer`` (a ``bytearray`` value, or a reconstructor that takes only a
+    ``bytearray``), ``decode`` again with every view copied into a ``bytearray``, the
+    objects pickle itself would have made. Also when the first decode failed that way:
+    then the error raised is the second decode's, if it fails too."""
     if not any(is_view(buffer) for buffer in buffers):
         return decode(buffers)
     taken: set[int] = set()
     token = _taken.set(taken)
     try:
         decoded = decode(buffers)
+    except Exception:
+        if all(id(buffer) in taken for buffer in buffers if is_view(buffer)):
+            raise
+        decoded = _NOT_DECODED
     finally:
         _taken.reset(token)
-    if all(id(buffer) in taken for buffer in buffers if is_view(buffer)):
+    if decoded is not _NOT_DECODED and all(
+        id(buffer) in taken for buffer in buffers if is_view(buffer)
+    ):
         return decoded
     del decoded
     return decode([bytearray(buffer) if is_view(buffer) else buffer for buffer in buffers])
+
+
+_NOT_DECODED: Any = object()

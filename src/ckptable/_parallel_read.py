@@ -11,8 +11,9 @@ caller hashes each one as :func:`pread_chunks` yields it.
 Only for regular local files (what has a ``fileno`` that ``fstat`` calls regular);
 object stores and other streams are read as before.
 
-The memory a payload is read into comes from :func:`new_payload_buffer`: uninitialised
-(not zero-filled) and 64-byte aligned; see there why both matter.
+The memory a pickle's payload is read into comes from ``_payload_pool`` (kept between
+restores, page-aligned); a safetensors tensor's from :func:`new_payload_buffer`:
+uninitialised (not zero-filled) and 64-byte aligned; see there why both matter.
 """
 
 from __future__ import annotations

@@ -10,19 +10,23 @@ is past glibc's trim threshold, so glibc hands that memory back to the kernel wh
 arrays are freed and the next restore faults all of it in again (1.5-1.8x RLlib's
 restore time, for the page faults alone).
 
-So payload memory comes from blocks of anonymous memory that this module keeps:
+So payload memory comes from blocks of anonymous memory (private ``mmap``s,
+page-aligned) that this module keeps:
 
-- :func:`payload_memory` lends a block (a private anonymous ``mmap``, page-aligned) of
-  the payload's size, an idle one where one of that size is free, as a writable
-  ``memoryview``; the arrays decoded from it keep it (through that view).
-- A lent block is idle again once nothing outside this module refers to it (its
-  reference count: every view, and every array or tensor made from one, holds a
-  reference). Blocks become idle at the next request and are reused as they are.
-- At most ``MAX_IDLE_BYTES`` are kept idle; beyond that, blocks are unmapped. Of those,
-  ``MAX_HOT_BYTES`` are kept as they are, as glibc keeps the top of its heap; the kernel
-  may take back the pages of the rest meanwhile (``MADV_FREE``), which costs nothing
-  unless memory runs short, and then only the fresh pages a new block would have cost
-  anyway. A process forked from this one starts without the pool.
+- :func:`payload_memory` lends a block of the payload's size, an idle one where one of
+  that size is free, as a writable ``memoryview`` of a ``ctypes`` array over the block.
+  The arrays decoded from it keep that view, so the ``ctypes`` array lives as long as
+  anything made from the block does.
+- When the ``ctypes`` array dies (nothing refers to the block's memory any more), a
+  ``weakref.finalize`` callback gives the block back: it is kept idle for the next
+  restore, or unmapped at once where ``MAX_IDLE_BYTES`` are idle already. So memory a
+  program drops is never held for longer than that bound.
+- Of the idle blocks, ``MAX_HOT_BYTES`` are kept as they are, as glibc keeps the top of
+  its heap; the kernel may take back the pages of the rest (``MADV_FREE``), which costs
+  nothing unless memory runs short, and then only the fresh pages a new block would
+  have cost anyway (a marked page faults once more when it is reused: 5 ms per 96 MiB,
+  a fifth of a PPO restore, which is why not all of it is marked).
+- A process forked from this one starts without the idle blocks.
 
 A ``bytearray`` value of a state must come back a ``bytearray``: views handed to the
 decoder are checked (``_buffer_views``).
@@ -30,19 +34,19 @@ decoder are checked (``_buffer_views``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
 import mmap
 import os
-import sys
 import threading
+import weakref
 
-__all__ = ["MAX_IDLE_BYTES", "idle_bytes", "payload_memory", "release_idle"]
+__all__ = ["MAX_HOT_BYTES", "MAX_IDLE_BYTES", "idle_bytes", "payload_memory", "release_idle"]
 
 #: Idle memory kept for the next restore, at most ...
 MAX_IDLE_BYTES = 1 << 30
-#: ... of which this much is kept as it is; the rest is marked ``MADV_FREE`` (the
-#: kernel may take its pages back), which costs its next writer a minor fault per page:
-#: 5 ms per 96 MiB reused, a fifth of a PPO restore.
+#: ... of which this much is kept as it is; the rest is marked ``MADV_FREE``.
 MAX_HOT_BYTES = 256 << 20
 #: A block serves a payload at most this much smaller than itself (the rest is unused).
 _SLACK_FACTOR = 1.25
@@ -52,25 +56,21 @@ _FLAGS = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
 _MADV_FREE = getattr(mmap, "MADV_FREE", None)
 
 _lock = threading.Lock()
-#: Blocks lent out, and idle ones by size.
-_lent: list[mmap.mmap] = []
-_idle: dict[int, list[mmap.mmap]] = {}
+#: Idle blocks by size, and what they add up to (the hot part: not marked MADV_FREE).
+_idle: dict[int, list[tuple[mmap.mmap, bool]]] = {}
 _idle_total = 0
-#: Of the idle blocks, the bytes of those not marked ``MADV_FREE``, and their ids.
 _hot_total = 0
-_hot: set[int] = set()
-#: An object held the way a lent block is held and by nothing else: its reference
-#: count, taken the same way, is what a block's is once nothing outside refers to it
-#: (how many references the interpreter itself adds differs between versions).
-_probe: list[object] = [object()]
+#: Blocks given back by finalizers, not sorted into the idle ones yet: a finalizer runs
+#: wherever the last reference goes (another thread, or this one inside the lock), so
+#: it only queues the block and sorts the queue if the lock is free.
+_returned: collections.deque[mmap.mmap] = collections.deque()
 
 
 def _forget() -> None:
     global _lock, _idle_total, _hot_total
     _lock = threading.Lock()
-    _lent.clear()
     _idle.clear()
-    _hot.clear()
+    _returned.clear()
     _idle_total = _hot_total = 0
 
 
@@ -87,80 +87,79 @@ def payload_memory(n: int) -> memoryview:
     """
     size = max(_PAGE, -(-n // _PAGE) * _PAGE)
     with _lock:
-        _collect()
+        _sort_returned()
         block = _take_idle(size)
-        if block is None:
-            try:
-                block = mmap.mmap(-1, size, flags=_FLAGS) if _FLAGS else mmap.mmap(-1, size)
-            except (OSError, OverflowError, ValueError) as exc:
-                raise MemoryError(f"cannot map {n} bytes for a payload ({exc})") from None
-        _lent.append(block)
-    return memoryview(block)[:n]
+    if block is None:
+        try:
+            block = mmap.mmap(-1, size, flags=_FLAGS) if _FLAGS else mmap.mmap(-1, size)
+        except (OSError, OverflowError, ValueError) as exc:
+            raise MemoryError(f"cannot map {n} bytes for a payload ({exc})") from None
+    # (An array type per block size, not per payload size: ctypes keeps each type made.)
+    lent = (ctypes.c_char * len(block)).from_buffer(block)
+    weakref.finalize(lent, _give_back, block).atexit = False
+    return memoryview(lent).cast("B")[:n]
 
 
 def idle_bytes() -> int:
-    """Bytes of idle blocks the pool keeps now (after taking back those no longer used)."""
+    """Bytes of idle blocks the pool keeps now."""
     with _lock:
-        _collect()
+        _sort_returned()
         return _idle_total
 
 
 def release_idle() -> int:
-    """Unmap every idle block (those still in use stay); returns the bytes released."""
+    """Unmap every idle block (those lent out stay); returns the bytes released."""
     global _idle_total, _hot_total
     with _lock:
-        _collect()
+        _sort_returned()
         released = _idle_total
-        for blocks in _idle.values():
-            for block in blocks:
-                block.close()
-        _idle.clear()
-        _hot.clear()
+        _idle.clear()  # (nothing else refers to an idle block: dropping it unmaps it)
         _idle_total = _hot_total = 0
     return released
 
 
-def _collect() -> None:
-    """Move the lent blocks nothing refers to any more to the idle ones (lock held)."""
+def _give_back(block: mmap.mmap) -> None:
+    """A lent block's last user is gone (a ``weakref.finalize`` callback)."""
+    _returned.append(block)
+    if _lock.acquire(blocking=False):
+        try:
+            _sort_returned()
+        finally:
+            _lock.release()
+
+
+def _sort_returned() -> None:
+    """Keep the blocks given back as idle ones, within the bounds (lock held)."""
     global _idle_total, _hot_total
-    unreferenced = min(_reference_count(thing) for thing in _probe)
-    still: list[mmap.mmap] = []
-    for block in _lent:
-        if _reference_count(block) > unreferenced:
-            still.append(block)
-            continue
+    while _returned:
+        try:
+            block = _returned.popleft()
+        except IndexError:
+            return
         size = len(block)
         if _idle_total + size > MAX_IDLE_BYTES:
-            block.close()
-            continue
-        if _hot_total + size <= MAX_HOT_BYTES:
-            _hot.add(id(block))
+            continue  # dropped: unmapped once the lending array is gone
+        hot = _hot_total + size <= MAX_HOT_BYTES
+        if hot:
             _hot_total += size
         elif _MADV_FREE is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):
                 block.madvise(_MADV_FREE)  # the kernel may take the pages meanwhile
-        _idle.setdefault(size, []).append(block)
+        _idle.setdefault(size, []).append((block, hot))
         _idle_total += size
-    _lent[:] = still
-
-
-def _reference_count(thing: object) -> int:
-    """``sys.getrefcount`` of ``thing``, called the same way for a block and the probe."""
-    return sys.getrefcount(thing)
 
 
 def _take_idle(size: int) -> mmap.mmap | None:
     """An idle block of ``size`` bytes, or the smallest one a little bigger (lock held)."""
     global _idle_total, _hot_total
-    fits = [s for s in _idle if size <= s <= size * _SLACK_FACTOR and _idle[s]]
+    fits = [s for s, blocks in _idle.items() if size <= s <= size * _SLACK_FACTOR and blocks]
     if not fits:
         return None
     chosen = min(fits)
-    block = _idle[chosen].pop()
+    block, hot = _idle[chosen].pop()
     if not _idle[chosen]:
         del _idle[chosen]
     _idle_total -= chosen
-    if id(block) in _hot:
-        _hot.discard(id(block))
+    if hot:
         _hot_total -= chosen
     return block

@@ -6,8 +6,10 @@ reconstruction call needs it; RLlib reads such a ``state.pkl`` with a plain
 ``pickle.load``. Verifying before decoding used to mean reading a big file twice (once
 for the checksum, once for pickle). This module walks the file's top-level opcodes
 instead: everything outside the big payloads (the *skeleton*: a few KiB of frames) is
-kept, each big payload is read with ``readinto`` directly into the (aligned) ``bytearray`` that
-becomes the array's memory, and the whole file is checksummed on the way. Once the
+kept, each big payload is read with ``readinto`` directly into memory of its own that
+becomes the array's memory (page-aligned, kept between restores: ``_payload_pool``; or,
+for a file an object store's prefetch fetched whole, a view of that download), and the
+whole file is checksummed on the way. Once the
 checksum matched, ``pickle.loads(skeleton, buffers=payloads)`` builds the state, with
 ``NEXT_BUFFER`` opcodes in the places of the payloads: one read, no second copy, and no
 pickle opcode is run before the file is known to be intact.

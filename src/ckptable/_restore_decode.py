@@ -296,6 +296,9 @@ class _HeldBytes(io.RawIOBase):
         self._pos += n
         return n
 
+    def readall(self) -> bytes:
+        return bytes(self.rest_view(False))
+
     def rest_view(self, take: bool) -> memoryview:
         """The bytes from the position to the end (the position moves there)."""
         rest = self._data[self._pos :]

@@ -11,10 +11,11 @@ with the GIL released), and :meth:`BufferReader.payload_view` hands a pickle's b
 payload out as a writable view of that buffer: the array *is* the downloaded memory.
 
 A payload keeps its arrays aligned: one whose place in the file is not a multiple of
-``PAYLOAD_ALIGNMENT`` is moved down, within the buffer, by the few bytes that make it
-one, over bytes the reader has already consumed (a ``memmove`` of warm memory, without
-the GIL). After that the buffer no longer holds the file as it is at those places, so it
-is never read again: a second open of the file reads from the store.
+``PAYLOAD_ALIGNMENT`` is moved down, within the buffer (which starts on a page), by the
+few bytes that make it one, over bytes the reader has already consumed (a ``memmove`` of
+warm memory, without the GIL). After that the buffer no longer holds the file as it is
+at those places: it refuses to be read there, and once its reader is closed it is
+dropped (a second open of the file reads from the store).
 
 Everything read is the file's bytes as downloaded, in file order; nothing here checks
 them (the pipeline's checksum sees every byte, a view's too). A range that fails raises
@@ -34,11 +35,7 @@ from typing import Any
 from ckptable._parallel_read import PAYLOAD_ALIGNMENT
 from ckptable._payload_pool import payload_memory
 
-__all__ = ["SLACK", "BufferReader", "FileBuffer", "copy_into"]
-
-#: Bytes kept free before the file's first byte: room to move a payload down into
-#: alignment even where it starts the file.
-SLACK = PAYLOAD_ALIGNMENT
+__all__ = ["BufferReader", "FileBuffer", "copy_into"]
 
 
 class FileBuffer:
@@ -54,12 +51,16 @@ class FileBuffer:
         submit: Callable[[int, memoryview], concurrent.futures.Future[int]],
     ) -> None:
         self.size = size
-        self._view = payload_memory(SLACK + size)
+        self._view = payload_memory(size)
         self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._view))
-        self._fetches = [
-            (offset, length, submit(offset, self._view[SLACK + offset : SLACK + offset + length]))
-            for offset, length in ranges
-        ]
+        self._fetches: list[tuple[int, int, concurrent.futures.Future[int]]] = []
+        try:
+            for offset, length in ranges:
+                future = submit(offset, self._view[offset : offset + length])
+                self._fetches.append((offset, length, future))
+        except BaseException:
+            self.cancel()
+            raise
         #: The first buffer index that no handed-out payload owns.
         self._floor = 0
         #: Whether payloads were handed out (and some maybe moved): then the buffer no
@@ -86,20 +87,31 @@ class FileBuffer:
 
     def read(self, start: int, target: memoryview) -> int:
         """Copy the file's bytes from ``start`` into ``target``; returns how many."""
+        self._check_intact(start)
         end = self.available(start, start + len(target))
         n = end - start
         if n > 0:
-            target[:n] = self._view[SLACK + start : SLACK + end]
+            target[:n] = self._view[start:end]
         return max(n, 0)
+
+    def _check_intact(self, start: int) -> None:
+        """Refuse to read where handed-out payloads were moved (the walk never goes
+        back; anything that does must read the file from the store)."""
+        if start < self._floor:
+            raise OSError(
+                f"bytes from {start} of a file fetched whole were handed out as arrays: "
+                "read it again from the store"
+            )
 
     def rest(self, start: int, take: bool) -> memoryview:
         """A read-only view of the file's bytes from ``start`` to its end, once they are
         all there. ``take``: the view is kept as the file's bytes (a decoder's input), so
         the buffer is handed out, never read again."""
+        self._check_intact(start)
         end = self.available(start, self.size)
         if take:
             self.handed_out = True
-        return self._view[SLACK + start : SLACK + end].toreadonly()
+        return self._view[start:end].toreadonly()
 
     def payload(self, start: int, n: int) -> memoryview | None:
         """The file's bytes ``[start, start + n)`` as a writable, aligned view of the
@@ -107,7 +119,8 @@ class FileBuffer:
         handed out before: the caller copies it instead)."""
         if self.available(start, start + n) < start + n:
             return None
-        at = SLACK + start
+        self._check_intact(start)
+        at = start
         to = at - (self._address + at) % PAYLOAD_ALIGNMENT
         if to < self._floor:
             return None

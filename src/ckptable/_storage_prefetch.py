@@ -11,8 +11,11 @@ for one restore of one checkpoint tree and changes that without changing the pip
 - the small files of the tree are **fetched concurrently**, a bounded number of requests
   in flight, as soon as the restore first looks into the tree, and each is fetched
   **once**: the pipeline's verification and decoding read the same bytes from memory;
-- a big file is read with **parallel ranged reads**, a few chunks ahead of the reader
-  (memory bounded by those chunks), and kept for a second read where it fits the budget.
+- a big file is **fetched whole**, its ranges in parallel, into memory its arrays keep
+  (:mod:`ckptable._storage_filebuffer`), as far as the budget (:func:`prefetch_budget`)
+  goes; a file bigger than that is read with **parallel ranged reads**, a few ranges
+  ahead of the reader (memory bounded by those ranges). Either is kept for a second
+  read where nothing was handed out of it and the budget allows.
 
 Nothing here decides what is trusted: the pipeline verifies every byte it gets against
 the manifests exactly as before, and applies nothing before everything verified. A fetch
@@ -34,7 +37,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from ckptable._storage_concurrent import io_concurrency
-from ckptable._storage_filebuffer import SLACK, BufferReader, FileBuffer
+from ckptable._storage_filebuffer import BufferReader, FileBuffer
 from ckptable._storage_ranged import RANGES_AHEAD, RangedReader
 from ckptable._storage_wrapper import StorageWrapper
 from ckptable._thread_pools import borrow_pool
@@ -244,11 +247,17 @@ class PrefetchedReads(StorageWrapper):
                 else:
                     future = self._pool.submit(self.inner.read_bytes, path)
                 self._fetched[path] = future
-            elif self._ranged_into is not None and SLACK + size <= self._whole_budget:
-                if SLACK + size > self._budget:
+            elif self._ranged_into is not None and size <= self._whole_budget:
+                if size > self._budget:
                     return
-                self._budget -= SLACK + size
-                self._buffers[path] = self._fetch_whole(path, size)
+                try:
+                    self._buffers[path] = self._fetch_whole(path, size)
+                except (MemoryError, OSError, RuntimeError):
+                    # No memory for it now (or the pool is shutting down): the file is
+                    # streamed when the pipeline asks, as one over the budget is.
+                    self._taken_early.add(path)
+                else:
+                    self._budget -= size
             elif self._ranged is not None:
                 first = self._range_length(0, size)
                 if first > self._whole_budget:
@@ -269,7 +278,8 @@ class PrefetchedReads(StorageWrapper):
             self._planned += 1
 
     def _release(self, size: int) -> None:
-        """A first range was taken by its reader: its budget goes to the next fetches."""
+        """Memory fetched ahead was taken by the pipeline (a big file's first range, or
+        a file fetched whole): its budget goes to the next fetches."""
         with self._lock:
             self._budget += size
             if not self._closed:
@@ -369,7 +379,7 @@ class PrefetchedReads(StorageWrapper):
             self._listed()
             with self._lock:
                 buffer = self._buffers.get(path)
-            if buffer is not None:
+            if buffer is not None and not buffer.handed_out:
                 return self._open_buffer(path, buffer)
         data = self._memory(path)
         if data is not None:
@@ -391,31 +401,38 @@ class PrefetchedReads(StorageWrapper):
             future = self._fetched.get(path)
             kept = self._kept.get(path)
             buffer = self._buffers.get(path)
+            if buffer is not None and buffer.handed_out:
+                return None  # (read from the store again)
             if future is None and kept is None and buffer is None:
                 self._taken_early.add(path)
                 return None
         if future is not None:
             return future.result()
         if buffer is not None:
-            with BufferReader(buffer) as whole:
-                return whole.readall()
+            with self._open_buffer(path, buffer) as whole:
+                return whole.read()
         return b"".join(kept) if kept is not None else None
 
     @contextlib.contextmanager
     def _open_buffer(self, path: str, buffer: FileBuffer) -> Iterator[IO[bytes]]:
-        """A reader over the file fetched whole. Once it handed payloads out (their
-        memory is the decoded state's now, and the buffer no longer the file), the
-        buffer is dropped and its budget given back; else it stays for a second read."""
+        """A reader over the file fetched whole. When it is closed, the buffer is
+        dropped and its budget given back (its memory is the decoded state's now, or
+        garbage), unless nothing was handed out of it and every fetch has started: then
+        it stays, as a big file read in ranges does, for a codec that reads the file
+        again after its verification."""
         reader = BufferReader(buffer)
         try:
             yield reader  # type: ignore[misc]
         finally:
             reader.close()
-            if buffer.handed_out:
-                with self._lock:
-                    if self._buffers.get(path) is buffer:
-                        del self._buffers[path]
-                self._release(SLACK + buffer.size)
+            with self._lock:
+                keep = not buffer.handed_out and self._planned >= len(self._plan)
+                dropped = not keep and self._buffers.get(path) is buffer
+                if dropped:
+                    del self._buffers[path]
+            if dropped:
+                buffer.cancel()
+                self._release(buffer.size)
 
     @contextlib.contextmanager
     def _open_ranged(self, path: str, size: int) -> Iterator[IO[bytes]]:
@@ -463,19 +480,60 @@ def prefetch_budget() -> int:
 
 
 def _memory_available() -> int | None:
-    """The memory the kernel can give without swapping (``MemAvailable``), or the free
-    memory where that is not known; None where neither is."""
+    """The memory the kernel can give without swapping (``MemAvailable``, or the free
+    memory where that is not known), and no more than what the process's control group
+    has left under its limit (a container's); None where nothing is known."""
+    found: list[int] = []
     try:
         with open("/proc/meminfo", "rb") as meminfo:
             for line in meminfo:
                 if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    found.append(int(line.split()[1]) * 1024)
+                    break
     except (OSError, ValueError, IndexError):
         pass
+    if not found:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    left = _cgroup_memory_left()
+    if left is not None:
+        found.append(left)
+    return min(found) if found else None
+
+
+def _cgroup_memory_left(
+    cgroup_file: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+) -> int | None:
+    """Bytes the process's memory control group may still use (limit minus usage:
+    cgroup v2's ``memory.max``/``memory.current``, or v1's), None where it has no limit
+    or none can be read."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        with open(cgroup_file) as groups:
+            lines = groups.read().splitlines()
+    except OSError:
         return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            files = ("memory.max", "memory.current")
+            base = root
+        elif "memory" in controllers.split(","):
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            base = f"{root}/memory"
+        else:
+            continue
+        for directory in (base + path, base):
+            try:
+                with open(f"{directory}/{files[0]}") as limit_file:
+                    limit = limit_file.read().strip()
+                with open(f"{directory}/{files[1]}") as usage_file:
+                    usage = int(usage_file.read().strip())
+            except (OSError, ValueError):
+                continue
+            if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:
+                return None
+            return max(0, int(limit) - usage)
+    return None
 
 
 def _pipeline_order(path: str) -> list[tuple[int, str]]:
