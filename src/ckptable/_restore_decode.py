@@ -26,6 +26,7 @@ from ckptable._manifest import (
     require_manifest_unless_foreign,
 )
 from ckptable._pickle_scan import ScannedPickle, map_pickle, read_pickle_unverified
+from ckptable._positioned import PositionedReader
 from ckptable._progress import counted_open
 from ckptable._restore_session import KEEP_TOTAL_BYTES, Level, RestoreOptions, RestoreSession
 from ckptable._storage import LocalStorage, Storage
@@ -262,7 +263,7 @@ def _open_source(
     return storage.open_read(path)
 
 
-class _HeldBytes(io.RawIOBase):
+class _HeldBytes(PositionedReader):
     """A read-only stream over a file's verified bytes held as a ``memoryview`` (of the
     memory an object store's file was fetched into): ``rest_view()``, as a file fetched
     whole has it, gives a decoder that takes a buffer those bytes without a copy (the
@@ -273,21 +274,8 @@ class _HeldBytes(io.RawIOBase):
         self._data = data
         self._pos = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
-        if base + offset < 0:
-            raise ValueError(f"negative seek position {base + offset}")
-        self._pos = base + offset
-        return self._pos
+    def _length(self) -> int:
+        return len(self._data)
 
     def readinto(self, buffer: Any) -> int:
         target = memoryview(buffer).cast("B")

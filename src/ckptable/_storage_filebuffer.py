@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
-import io
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from ckptable._parallel_read import PAYLOAD_ALIGNMENT
 from ckptable._payload_pool import payload_memory
+from ckptable._positioned import PositionedReader
 
 __all__ = ["BufferReader", "FileBuffer", "copy_into"]
 
@@ -131,7 +131,7 @@ class FileBuffer:
         return self._view[to : to + n]
 
 
-class BufferReader(io.RawIOBase):
+class BufferReader(PositionedReader):
     """A seekable binary stream over a :class:`FileBuffer`, read from position 0; see
     :meth:`payload_view`. It must not be read after ``payload_view`` moved bytes
     before its position (the walk never goes back)."""
@@ -141,22 +141,8 @@ class BufferReader(io.RawIOBase):
         self._buffer = buffer
         self._pos = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        size = self._buffer.size
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: size}[whence]
-        if base + offset < 0:
-            raise ValueError(f"negative seek position {base + offset}")
-        self._pos = base + offset
-        return self._pos
+    def _length(self) -> int:
+        return self._buffer.size
 
     def readinto(self, buffer: Any) -> int:
         target = memoryview(buffer).cast("B")

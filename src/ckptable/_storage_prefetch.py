@@ -302,16 +302,27 @@ class PrefetchedReads(StorageWrapper):
 
     def _read_into(self, path: str, offset: int, view: memoryview) -> int:
         """One range of a file fetched whole, through the handle its ranges share."""
-        handle = self._into_handles.get(path)
+        read_into = self._shared_handle(self._into_handles, self._ranged_into, path)
+        return int(read_into(offset, view))
+
+    def _shared_handle(
+        self,
+        handles: dict[str, tuple[Any, Any]],
+        opener: Callable[[str], Any] | None,
+        path: str,
+    ) -> Any:
+        """The file's handle (``ranged``/``ranged_into``) that its ranges share, opened on
+        first use (outside the lock: a HEAD on S3; a second opener closes its own) and
+        closed by ``close``."""
+        handle = handles.get(path)
         if handle is None:
-            opened = self._ranged_into(path)  # type: ignore[misc]
+            opened = opener(path)  # type: ignore[misc]
             mine = (opened, opened.__enter__())
             with self._lock:
-                handle = self._into_handles.setdefault(path, mine)
+                handle = handles.setdefault(path, mine)
             if handle is not mine:
                 opened.__exit__(None, None, None)
-        read_into: Callable[[int, memoryview], int] = handle[1]
-        return read_into(offset, view)
+        return handle[1]
 
     def _range_length(self, offset: int, size: int) -> int:
         """The length of the range at ``offset``: the range size, or the rest of the file
@@ -320,18 +331,10 @@ class PrefetchedReads(StorageWrapper):
         return rest if rest <= self._range + self._range // 4 else self._range
 
     def _read_range(self, path: str, offset: int, length: int) -> bytes:
-        """One ranged read, through a handle opened once per file (closed by ``close``)."""
-        handle = self._handles.get(path)
-        if handle is None:
-            # Opened outside the lock (a HEAD on S3); a second opener closes its own.
-            opened = self._ranged(path)  # type: ignore[misc]
-            mine = (opened, opened.__enter__())
-            with self._lock:
-                handle = self._handles.setdefault(path, mine)
-            if handle is not mine:
-                opened.__exit__(None, None, None)
-        read_at: Callable[[int, int], bytes] = handle[1]
-        return read_at(offset, length)
+        """One ranged read, through the handle the file's ranges share."""
+        read_at = self._shared_handle(self._handles, self._ranged, path)
+        data: bytes = read_at(offset, length)
+        return data
 
     def _entry(self, path: str) -> tuple[TreeListing, bool]:
         """The tree, and whether it answers for ``path`` (inside it, and listed)."""

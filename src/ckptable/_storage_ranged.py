@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import io
 import sys
 from typing import TYPE_CHECKING, Any
+
+from ckptable._positioned import PositionedReader
 
 if TYPE_CHECKING:
     from ckptable._storage_prefetch import PrefetchedReads
@@ -21,7 +22,7 @@ __all__ = ["RANGES_AHEAD", "RangedReader"]
 RANGES_AHEAD = 2
 
 
-class RangedReader(io.RawIOBase):
+class RangedReader(PositionedReader):
     """A file read through ranged reads that run ahead in the pool (``RANGES_AHEAD`` of
     them; the first ones may have been started by the prefetch).
 
@@ -67,21 +68,8 @@ class RangedReader(io.RawIOBase):
         self._taken = 0
         self._short = False
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise ValueError(f"negative seek position {base + offset}")
-        self._pos = base + offset
-        return self._pos
+    def _length(self) -> int:
+        return self._size
 
     def complete(self) -> bool:
         """Whether the whole file was taken, in order, as listed."""
