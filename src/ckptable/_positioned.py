@@ -5,14 +5,28 @@ readers of a file in memory or in ranges share (``_storage_filebuffer``,
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["PositionedReader"]
+__all__ = ["PositionedReader", "read_fully"]
+
+
+def read_fully(readinto: Callable[[Any], int | None], view: memoryview) -> int:
+    """Fill ``view`` by calls of ``readinto`` until it is full or a call reads nothing
+    (the end); returns the bytes filled."""
+    filled = 0
+    while filled < len(view):
+        got = readinto(view[filled:])
+        if not got:
+            break
+        filled += got
+    return filled
 
 
 class PositionedReader(io.RawIOBase):
-    """``readable``, ``seekable``, ``tell`` and ``seek`` over ``self._pos`` and
-    :meth:`_length`: a seek only moves the position (to anywhere from 0 on; a read past
-    the end finds nothing), the subclass's ``readinto`` reads from there."""
+    """``readable``, ``seekable``, ``tell``, ``seek``, ``read`` and ``readall`` over
+    ``self._pos``, :meth:`_length` and the subclass's ``readinto``: a seek only moves the
+    position (to anywhere from 0 on; a read past the end finds nothing)."""
 
     _pos = 0
 
@@ -35,3 +49,13 @@ class PositionedReader(io.RawIOBase):
             raise ValueError(f"negative seek position {base + offset}")
         self._pos = base + offset
         return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        return super().read(size) or b""
+
+    def readall(self) -> bytes:
+        buffer = bytearray(max(0, self._length() - self._pos))
+        n = read_fully(self.readinto, memoryview(buffer))
+        return bytes(buffer) if n == len(buffer) else bytes(buffer[:n])

@@ -284,9 +284,6 @@ class _HeldBytes(PositionedReader):
         self._pos += n
         return n
 
-    def readall(self) -> bytes:
-        return bytes(self.rest_view(False))
-
     def rest_view(self, take: bool) -> memoryview:
         """The bytes from the position to the end (the position moves there)."""
         rest = self._data[self._pos :]

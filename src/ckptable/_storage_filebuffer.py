@@ -152,16 +152,6 @@ class BufferReader(PositionedReader):
         self._pos += n
         return n
 
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            return self.readall()
-        return super().read(size) or b""
-
-    def readall(self) -> bytes:
-        rest = bytearray(max(0, self._buffer.size - self._pos))
-        n = self.readinto(rest)
-        return bytes(rest) if n == len(rest) else bytes(rest[:n])
-
     def rest_view(self, take: bool) -> memoryview:
         """The rest of the file as a read-only view of the downloaded memory, the position
         moved to its end (see :meth:`FileBuffer.rest`): read without a copy."""

@@ -214,22 +214,6 @@ class RangedReader(PositionedReader):
         self._pos += filled
         return filled
 
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            return self.readall()
-        return super().read(size) or b""
-
-    def readall(self) -> bytes:
-        buffer = bytearray(max(0, self._size - self._pos))
-        view = memoryview(buffer)
-        n = 0
-        while n < len(buffer):
-            got = self.readinto(view[n:])
-            if not got:
-                break
-            n += got
-        return bytes(view[:n]) if n < len(buffer) else bytes(buffer)
-
     def close(self) -> None:
         self._drop_ahead()
         super().close()

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
+from ckptable._positioned import read_fully
 from ckptable._storage_concurrent import DEFAULT_REMOTE_CONCURRENCY, SPILL_BYTES
 from ckptable._storage_filebuffer import copy_into
 
@@ -167,13 +168,7 @@ class PyArrowStorage(_RemoteStorage):
                     opened.append(stream)
             try:
                 stream.seek(offset)
-                filled = 0
-                while filled < len(view):
-                    got = stream.readinto(view[filled:])
-                    if not got:
-                        break
-                    filled += got
-                return filled
+                return read_fully(stream.readinto, view)
             finally:
                 with lock:
                     idle.append(stream)
