@@ -395,6 +395,10 @@ def test_a_big_msgpack_state_is_decoded_from_the_downloaded_memory(
     # Both big states reached msgpack as views of the memory they were fetched into.
     big = [view for view in given if isinstance(view, memoryview) and len(view) > 1 << 20]
     assert len(big) == 2 and all(isinstance(view.obj, ctypes.Array) for view in big)
+    # And the arrays are that memory: aligned, writable, not msgpack's copies.
+    for array in (restored.left.value["w"], restored.right.value):
+        assert array.flags.writeable and array.ctypes.data % PAYLOAD_ALIGNMENT == 0
+        assert any(array.base is view.obj for view in big)
 
 
 def test_a_damaged_big_msgpack_state_applies_nothing(

@@ -161,13 +161,8 @@ class MsgpackCodec:
         stream.write(packb(state, default=msgpack_numpy.encode, use_bin_type=True))
 
     def load(self, stream: IO[bytes]) -> Any:
-        _, unpackb, msgpack_numpy = unpatched_msgpack()
-        return unpackb(
-            _read_whole(stream),
-            object_hook=msgpack_numpy.decode,
-            strict_map_key=False,
-            raw=False,
-        )
+        _, _, msgpack_numpy = unpatched_msgpack()
+        return _unpack(stream, msgpack_numpy.decode)
 
     def load_restricted(
         self,
@@ -180,17 +175,31 @@ class MsgpackCodec:
         """``load`` for ``safe=True``: never reaches pickle (object arrays are refused)."""
         from ckptable._safe import safe_msgpack_decode
 
-        _, unpackb, _ = unpatched_msgpack()
-        hook = functools.partial(safe_msgpack_decode, source=source)
-        return unpackb(_read_whole(stream), object_hook=hook, strict_map_key=False, raw=False)
+        return _unpack(stream, functools.partial(safe_msgpack_decode, source=source))
+
+
+def _unpack(stream: IO[bytes], hook: Callable[[dict[Any, Any]], Any]) -> Any:
+    """msgpack's ``unpackb`` of the rest of ``stream``, ``hook`` on every map; a big file
+    held in memory of its own is decoded in place, its arrays views of that memory
+    (:mod:`ckptable._msgpack_views`), anything else by msgpack itself."""
+    _, unpackb, _ = unpatched_msgpack()
+    data = _read_whole(stream)
+    if isinstance(data, memoryview):
+        from ckptable._msgpack_views import Unsuited, unpack_with_views
+
+        try:
+            return unpack_with_views(data, hook)
+        except Unsuited:
+            pass
+    return unpackb(data, object_hook=hook, strict_map_key=False, raw=False)
 
 
 def _read_whole(stream: IO[bytes]) -> Any:
     """The rest of ``stream``: ``rest_view(True)`` where the stream has it (a file an
     object store's prefetch fetched whole, or verified bytes held from it), a view of
-    the memory it holds the file in, which msgpack reads as well as bytes, without the
-    copy ``read()`` would make; else ``read()`` (an ``io.BytesIO`` over bytes returns
-    those bytes themselves)."""
+    the memory it holds the file in (writable where the memory is the restore's own),
+    which msgpack reads as well as bytes, without the copy ``read()`` would make; else
+    ``read()`` (an ``io.BytesIO`` over bytes returns those bytes themselves)."""
     rest_view = getattr(stream, "rest_view", None)
     if callable(rest_view):
         return rest_view(True)

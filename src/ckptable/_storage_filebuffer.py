@@ -104,14 +104,18 @@ class FileBuffer:
             )
 
     def rest(self, start: int, take: bool) -> memoryview:
-        """A read-only view of the file's bytes from ``start`` to its end, once they are
-        all there. ``take``: the view is kept as the file's bytes (a decoder's input), so
-        the buffer is handed out, never read again."""
+        """A view of the file's bytes from ``start`` to its end, once they are all there:
+        read-only; or, with ``take``, writable: the view is kept as the file's bytes (a
+        decoder's input, which may move big values within it to align them), so the
+        buffer is handed out, never read again there."""
         self._check_intact(start)
         end = self.available(start, self.size)
-        if take:
-            self.handed_out = True
-        return self._view[start:end].toreadonly()
+        view = self._view[start:end]
+        if not take:
+            return view.toreadonly()
+        self.handed_out = True
+        self._floor = max(self._floor, end)
+        return view
 
     def payload(self, start: int, n: int) -> memoryview | None:
         """The file's bytes ``[start, start + n)`` as a writable, aligned view of the
@@ -153,8 +157,9 @@ class BufferReader(PositionedReader):
         return n
 
     def rest_view(self, take: bool) -> memoryview:
-        """The rest of the file as a read-only view of the downloaded memory, the position
-        moved to its end (see :meth:`FileBuffer.rest`): read without a copy."""
+        """The rest of the file as a view of the downloaded memory (read-only; writable
+        with ``take``), the position moved to its end (see :meth:`FileBuffer.rest`): read
+        without a copy."""
         view = self._buffer.rest(self._pos, take)
         self._pos += len(view)
         return view

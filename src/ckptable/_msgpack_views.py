@@ -1,0 +1,274 @@
+"""msgpack decoded from the memory a file was fetched into: big arrays are views of it.
+
+msgpack's C unpacker copies every ``bin`` into a new ``bytes``, and msgpack-numpy builds
+each array over that copy. For a file an object store's restore fetched whole, that is a
+second pass over every byte, on the decoding thread, into fresh memory (a quarter of a
+4 x 64 MiB restore's time). :func:`unpack_with_views` decodes such a file in Python
+instead, with msgpack's rules (``raw=False``, ``strict_map_key=False``, lists for arrays,
+``ExtType`` and ``Timestamp`` for extensions, the ``object_hook`` called on every map),
+except that a big ``bin`` that is a map's value is handed to the hook as a writable view
+of the buffer, moved down within it (over bytes already decoded) to a
+``PAYLOAD_ALIGNMENT`` boundary: msgpack-numpy's ``np.ndarray(buffer=...)`` is then the
+downloaded memory itself, aligned, as a pickle's arrays are
+(:mod:`ckptable._storage_filebuffer`). A view the hook did not take (the map was not an
+array) becomes ``bytes``, as msgpack gives it.
+
+The file was checksummed before (the pipeline's verification), or is decoded unverified
+as msgpack would be. Python is slower than C per item, so this is used only where it
+pays: a writable buffer of at least ``PAYLOAD_MIN_BYTES`` whose items stay within a
+budget. Anything else (a read-only buffer, too many items, malformed data) raises
+:class:`Unsuited` while nothing has been moved, and the caller runs msgpack itself, with
+its exact results and errors. Malformed data found after a move (the buffer no longer
+holds the file) raises ``ValueError`` naming the offset.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from ckptable._parallel_read import PAYLOAD_ALIGNMENT
+from ckptable._pickle_walk import PAYLOAD_MIN_BYTES
+
+__all__ = ["Unsuited", "item_budget", "unpack_with_views"]
+
+#: Deeper nesting than this is left to msgpack (whose own limit it is near).
+MAX_DEPTH = 512
+
+_unpack_from = struct.unpack_from
+
+
+class Unsuited(Exception):
+    """Decode this buffer with msgpack itself; nothing in it was changed."""
+
+
+class _Malformed(Exception):
+    """The data is not msgpack (an internal signal; see :func:`unpack_with_views`)."""
+
+
+def item_budget(size: int) -> int:
+    """How many items a file of ``size`` bytes may have before msgpack's C decoder is
+    the better choice: arrays are about a dozen items each, so thousands of them fit."""
+    return 65536 + size // 1024
+
+
+def unpack_with_views(
+    data: memoryview,
+    object_hook: Callable[[dict[Any, Any]], Any],
+    *,
+    view_min: int = PAYLOAD_MIN_BYTES,
+    budget: int | None = None,
+) -> Any:
+    """``msgpack.unpackb(data, object_hook=object_hook, strict_map_key=False,
+    raw=False)``, with the map values of ``bin`` type of at least ``view_min`` bytes
+    handed to ``object_hook`` as aligned writable views of ``data`` (see the module).
+
+    Raises:
+        Unsuited: ``data`` is better (or only) decoded by msgpack; it is unchanged.
+        ValueError: Malformed data, found after the buffer was changed.
+    """
+    if data.readonly or len(data) < view_min:
+        raise Unsuited("a read-only or small buffer")
+    limit = item_budget(len(data)) if budget is None else budget
+    decoder = _Decoder(data, object_hook, view_min, limit)
+    try:
+        value = decoder.value(0)
+        if decoder.pos != len(data):
+            raise _Malformed(f"extra data after the document, at byte {decoder.pos}")
+    except Unsuited:
+        raise
+    except Exception as exc:
+        if not decoder.in_structure or not isinstance(exc, _DECODING_ERRORS):
+            raise  # the hook's own error, or no decoding error
+        if not decoder.moved:
+            raise Unsuited(str(exc)) from exc
+        raise ValueError(f"malformed msgpack data near byte {decoder.pos}: {exc}") from exc
+    return value
+
+
+#: What malformed data raises here (an unhashable key: ``TypeError``).
+_DECODING_ERRORS = (_Malformed, struct.error, UnicodeDecodeError, IndexError, TypeError)
+
+
+class _Decoder:
+    """One pass over ``data``; ``pos`` is where the next item starts."""
+
+    def __init__(
+        self,
+        data: memoryview,
+        hook: Callable[[dict[Any, Any]], Any],
+        view_min: int,
+        budget: int,
+    ) -> None:
+        self.data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        self.hook = hook
+        self.view_min = view_min
+        self.budget = budget
+        self.pos = 0
+        self.moved = False
+        #: True while decoding (not while the hook runs): tells our TypeErrors (an
+        #: unhashable key) from the hook's.
+        self.in_structure = True
+        #: The first index no handed-out view owns.
+        self._floor = 0
+        self._address = ctypes.addressof(ctypes.c_char.from_buffer(self.data))
+
+    def value(self, depth: int, as_map_value: bool = False) -> Any:
+        data = self.data
+        pos = self.pos
+        b = data[pos]
+        pos += 1
+        self.budget -= 1
+        if self.budget < 0 and not self.moved:
+            raise Unsuited("too many items for Python")
+        if b <= 0x7F:
+            self.pos = pos
+            return b
+        if b >= 0xE0:
+            self.pos = pos
+            return b - 0x100
+        if 0xA0 <= b <= 0xBF:
+            return self._str(pos, b & 0x1F)
+        if 0x90 <= b <= 0x9F:
+            self.pos = pos
+            return self._array(b & 0x0F, depth)
+        if 0x80 <= b <= 0x8F:
+            self.pos = pos
+            return self._map(b & 0x0F, depth)
+        if b == 0xC0:
+            self.pos = pos
+            return None
+        if b == 0xC2:
+            self.pos = pos
+            return False
+        if b == 0xC3:
+            self.pos = pos
+            return True
+        if 0xD4 <= b <= 0xD8:  # fixext 1, 2, 4, 8, 16
+            return self._ext(pos, 1 << (b - 0xD4))
+        fixed = _FIXED.get(b)
+        if fixed is not None:
+            fmt, size = fixed
+            (result,) = _unpack_from(fmt, data, pos)
+            self.pos = pos + size
+            return result
+        sized = _SIZED.get(b)
+        if sized is None:
+            raise _Malformed(f"byte 0x{b:02x} at {pos - 1} starts no msgpack item")
+        kind, fmt, size = sized
+        (n,) = _unpack_from(fmt, data, pos)
+        pos += size
+        if kind == "str":
+            return self._str(pos, n)
+        if kind == "bin":
+            return self._bin(pos, n, as_map_value)
+        if kind == "array":
+            self.pos = pos
+            return self._array(n, depth)
+        if kind == "map":
+            self.pos = pos
+            return self._map(n, depth)
+        return self._ext(pos, n)  # kind == "ext": n is the length of the data
+
+    def _take(self, pos: int, n: int) -> int:
+        end = pos + n
+        if end > len(self.data):
+            raise _Malformed(f"an item at {pos} runs {end - len(self.data)} bytes past the end")
+        self.pos = end
+        return end
+
+    def _str(self, pos: int, n: int) -> str:
+        end = self._take(pos, n)
+        return str(self.data[pos:end], "utf-8")
+
+    def _bin(self, pos: int, n: int, as_map_value: bool) -> bytes | memoryview:
+        end = self._take(pos, n)
+        if not as_map_value or n < self.view_min:
+            return bytes(self.data[pos:end])
+        to = pos - (self._address + pos) % PAYLOAD_ALIGNMENT
+        if to < self._floor:
+            return bytes(self.data[pos:end])
+        if to != pos:  # (a foreign call: runs without the GIL)
+            ctypes.memmove(self._address + to, self._address + pos, n)
+            self.moved = True
+        self._floor = to + n
+        return self.data[to : to + n]
+
+    def _ext(self, pos: int, n: int) -> Any:
+        import msgpack
+
+        (code,) = _unpack_from("b", self.data, pos)
+        end = self._take(pos + 1, n)
+        payload = bytes(self.data[pos + 1 : end])
+        if code == -1:
+            return msgpack.Timestamp.from_bytes(payload)
+        return msgpack.ExtType(code, payload)
+
+    def _room(self, n: int) -> None:
+        # Each item takes a byte at least: a length past the end is malformed, and is
+        # refused before a list of that length is made.
+        if n > len(self.data) - self.pos:
+            raise _Malformed(f"a container at {self.pos} claims {n} items, past the end")
+
+    def _array(self, n: int, depth: int) -> list[Any]:
+        if depth >= MAX_DEPTH:
+            raise _Malformed("nested too deep")
+        self._room(n)
+        value = self.value
+        return [value(depth + 1) for _ in range(n)]
+
+    def _map(self, n: int, depth: int) -> Any:
+        if depth >= MAX_DEPTH:
+            raise _Malformed("nested too deep")
+        self._room(2 * n)
+        value = self.value
+        result: dict[Any, Any] = {}
+        views = False
+        for _ in range(n):
+            key = value(depth + 1)
+            item = value(depth + 1, True)
+            views = views or type(item) is memoryview
+            result[key] = item
+        self.in_structure = False
+        decoded = self.hook(result)
+        self.in_structure = True
+        if views and type(decoded) is dict:
+            # Not an array: its big values are bytes, as msgpack gives them.
+            for key, item in decoded.items():
+                if type(item) is memoryview:
+                    decoded[key] = bytes(item)
+        return decoded
+
+
+#: Fixed-size scalars: the struct format of the bytes after the type byte, their size.
+_FIXED: dict[int, tuple[str, int]] = {
+    0xCA: (">f", 4),
+    0xCB: (">d", 8),
+    0xCC: (">B", 1),
+    0xCD: (">H", 2),
+    0xCE: (">I", 4),
+    0xCF: (">Q", 8),
+    0xD0: (">b", 1),
+    0xD1: (">h", 2),
+    0xD2: (">i", 4),
+    0xD3: (">q", 8),
+}
+
+#: Items with a length: kind, the struct format of the length, its size.
+_SIZED: dict[int, tuple[str, str, int]] = {
+    0xC4: ("bin", ">B", 1),
+    0xC5: ("bin", ">H", 2),
+    0xC6: ("bin", ">I", 4),
+    0xC7: ("ext", ">B", 1),
+    0xC8: ("ext", ">H", 2),
+    0xC9: ("ext", ">I", 4),
+    0xD9: ("str", ">B", 1),
+    0xDA: ("str", ">H", 2),
+    0xDB: ("str", ">I", 4),
+    0xDC: ("array", ">H", 2),
+    0xDD: ("array", ">I", 4),
+    0xDE: ("map", ">H", 2),
+    0xDF: ("map", ">I", 4),
+}
