@@ -745,3 +745,57 @@ def test_a_stream_near_the_memory_bound_does_not_wait_for_itself(tmp_path: Path)
     writes.abort()
     assert done.is_set()
     assert (tmp_path / "f").read_bytes() == b"a" * 60 + b"b" * 60
+
+
+def test_the_default_memory_bound_is_a_share_of_the_memory_available(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ckptable._memory_budget as budget_module
+    from ckptable._storage_concurrent import (
+        MAX_PENDING_BYTES,
+        MIN_PENDING_BYTES,
+        pending_budget,
+    )
+
+    for available, expected in [
+        (None, MIN_PENDING_BYTES),
+        (512 << 20, MIN_PENDING_BYTES),
+        (6 << 30, 1536 << 20),
+        (64 << 30, MAX_PENDING_BYTES),
+    ]:
+        monkeypatch.setattr(budget_module, "memory_available", lambda a=available: a)
+        assert pending_budget() == expected
+        writes = ConcurrentWrites(Recording(delay=0), 2)
+        writes.abort()
+        assert writes._max_pending == expected
+
+
+def test_four_big_files_of_a_save_upload_at_once_under_the_default_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four held files of 64 MiB and a little more (a pickle's header), with 4 GiB
+    available: each is handed to its upload as it is finished, none waits for another's
+    upload to end. (Under the fixed bound of 256 MiB the fourth waited for the first.)"""
+    import ckptable._memory_budget as budget_module
+
+    monkeypatch.setattr(budget_module, "memory_available", lambda: 4 << 30)
+    size = (64 << 20) + 10
+    started = threading.Barrier(4, timeout=20)
+    sizes: list[int] = []
+
+    class Uploads(Recording):
+        def write_bytes(self, path: str, data: bytes) -> None:
+            started.wait()  # broken (raises) unless all four run at once
+            sizes.append(len(data))
+
+    chunk = b"x" * (size // 2)
+    writes = ConcurrentWrites(Uploads(delay=0), 8, spill_bytes=100 << 20)
+    try:
+        for f in range(4):
+            with writes.open_write(str(tmp_path / f"big{f}")) as stream:
+                stream.write(chunk)
+                stream.write(chunk)
+        writes.barrier()
+    finally:
+        writes.abort()
+    assert sizes == [2 * len(chunk)] * 4

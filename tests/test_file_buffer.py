@@ -469,22 +469,22 @@ def _cgroup(tmp_path: Path, groups: str, files: dict[str, str]) -> tuple[str, st
 
 
 def test_the_prefetch_budget_stays_within_a_container_s_memory_limit(tmp_path: Path) -> None:
-    from ckptable._storage_prefetch import _cgroup_memory_left
+    from ckptable._memory_budget import cgroup_memory_left
 
     v2 = _cgroup(tmp_path / "v2", "0::/pod/app\n", {
         "pod/app/memory.max": "2147483648\n", "pod/app/memory.current": "536870912\n",
     })  # fmt: skip
-    assert _cgroup_memory_left(*v2) == 1536 << 20
+    assert cgroup_memory_left(*v2) == 1536 << 20
     unlimited = _cgroup(tmp_path / "max", "0::/x\n", {
         "x/memory.max": "max\n", "x/memory.current": "5\n",
     })  # fmt: skip
-    assert _cgroup_memory_left(*unlimited) is None
+    assert cgroup_memory_left(*unlimited) is None
     v1 = _cgroup(tmp_path / "v1", "4:memory:/job\n1:cpu:/\n", {
         "memory/job/memory.limit_in_bytes": str(1 << 30),
         "memory/job/memory.usage_in_bytes": str(1 << 29),
     })  # fmt: skip
-    assert _cgroup_memory_left(*v1) == 1 << 29
-    assert _cgroup_memory_left(str(tmp_path / "none"), str(tmp_path)) is None
+    assert cgroup_memory_left(*v1) == 1 << 29
+    assert cgroup_memory_left(str(tmp_path / "none"), str(tmp_path)) is None
 
 
 def needs_a_bytearray(data: Any) -> bytes:

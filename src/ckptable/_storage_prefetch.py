@@ -31,11 +31,11 @@ import concurrent.futures
 import contextlib
 import contextvars
 import io
-import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
+from ckptable._memory_budget import memory_budget
 from ckptable._storage_concurrent import io_concurrency
 from ckptable._storage_filebuffer import BufferReader, FileBuffer
 from ckptable._storage_ranged import RANGES_AHEAD, RangedReader
@@ -476,67 +476,7 @@ def prefetch_budget() -> int:
     past it wait for the pipeline, one after another, where a download of all of them at
     once takes the time of the slowest (Orbax bounds the same thing by
     ``restore_concurrent_gb``, 96 GB by default)."""
-    available = _memory_available()
-    if available is None:
-        return PREFETCH_BYTES
-    return max(PREFETCH_BYTES, min(MAX_PREFETCH_BYTES, available // 4))
-
-
-def _memory_available() -> int | None:
-    """The memory the kernel can give without swapping (``MemAvailable``, or the free
-    memory where that is not known), and no more than what the process's control group
-    has left under its limit (a container's); None where nothing is known."""
-    found: list[int] = []
-    try:
-        with open("/proc/meminfo", "rb") as meminfo:
-            for line in meminfo:
-                if line.startswith(b"MemAvailable:"):
-                    found.append(int(line.split()[1]) * 1024)
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    if not found:
-        with contextlib.suppress(ValueError, OSError, AttributeError):
-            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    left = _cgroup_memory_left()
-    if left is not None:
-        found.append(left)
-    return min(found) if found else None
-
-
-def _cgroup_memory_left(
-    cgroup_file: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
-) -> int | None:
-    """Bytes the process's memory control group may still use (limit minus usage:
-    cgroup v2's ``memory.max``/``memory.current``, or v1's), None where it has no limit
-    or none can be read."""
-    try:
-        with open(cgroup_file) as groups:
-            lines = groups.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2
-            files = ("memory.max", "memory.current")
-            base = root
-        elif "memory" in controllers.split(","):
-            files = ("memory.limit_in_bytes", "memory.usage_in_bytes")
-            base = f"{root}/memory"
-        else:
-            continue
-        for directory in (base + path, base):
-            try:
-                with open(f"{directory}/{files[0]}") as limit_file:
-                    limit = limit_file.read().strip()
-                with open(f"{directory}/{files[1]}") as usage_file:
-                    usage = int(usage_file.read().strip())
-            except (OSError, ValueError):
-                continue
-            if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:
-                return None
-            return max(0, int(limit) - usage)
-    return None
+    return memory_budget(PREFETCH_BYTES, MAX_PREFETCH_BYTES)
 
 
 def _pipeline_order(path: str) -> list[tuple[int, str]]:
