@@ -799,3 +799,36 @@ def test_four_big_files_of_a_save_upload_at_once_under_the_default_bound(
     finally:
         writes.abort()
     assert sizes == [2 * len(chunk)] * 4
+
+
+def test_a_held_file_reaches_a_storage_that_takes_bytes_as_bytes(tmp_path: Path) -> None:
+    """s3fs (through botocore) copies a ``bytearray`` body more than once: an fsspec
+    storage is handed ``bytes``; another storage gets the held ``bytearray`` itself."""
+    import fsspec
+
+    from ckptable._storage_remote import FsspecStorage
+
+    given: list[type] = []
+
+    class Fsspec(FsspecStorage):
+        def write_bytes(self, path: str, data: bytes) -> None:
+            given.append(type(data))
+            super().write_bytes(path, data)
+
+    class Local(Recording):
+        def write_bytes(self, path: str, data: bytes) -> None:
+            given.append(type(data))
+            super().write_bytes(path, data)
+
+    memory = fsspec.filesystem("memory", skip_instance_cache=True)
+    for inner, path in ((Fsspec(memory), "/held/f"), (Local(delay=0), str(tmp_path / "f"))):
+        writes = ConcurrentWrites(inner, 2, spill_bytes=1 << 20)
+        try:
+            with writes.open_write(path) as stream:
+                stream.write(b"a" * 1000)
+                stream.write(memoryview(b"b" * 1000))
+            writes.barrier()
+        finally:
+            writes.abort()
+        assert inner.read_bytes(path) == b"a" * 1000 + b"b" * 1000
+    assert given == [bytes, bytearray]

@@ -419,7 +419,8 @@ class _SpoolingWriter(io.RawIOBase):
     goes on while the upload runs, and several big files upload at once. Each byte is
     copied once, into memory the pool owns (the caller may reuse its buffers): held in
     one ``bytearray`` (which grows without copying: big blocks are remapped), handed to
-    the storage as it is."""
+    the storage as it is; or, to a storage that ``takes_bytes``, as ``bytes`` (a second
+    copy, where the client would make two or more of anything else)."""
 
     def __init__(self, owner: ConcurrentWrites, path: str) -> None:
         super().__init__()
@@ -453,11 +454,14 @@ class _SpoolingWriter(io.RawIOBase):
 
     def finish(self) -> None:
         if self._chunks is None:
-            data, self._held = self._held, bytearray()
+            data: Any = self._held
+            self._held = bytearray()
             size = len(data)
+            if getattr(self._owner.inner, "takes_bytes", False):
+                data = bytes(data)  # (the bytearray goes now: one copy held, not two)
 
             def write() -> None:
-                self._owner.inner.write_bytes(self._path, data)  # type: ignore[arg-type]
+                self._owner.inner.write_bytes(self._path, data)
 
             # Already counted while held: handed to the write as they are, without
             # waiting for room again (which other writes may have taken meanwhile).
