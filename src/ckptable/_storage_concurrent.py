@@ -463,8 +463,7 @@ class _SpoolingWriter(io.RawIOBase):
             def write() -> None:
                 self._owner.inner.write_bytes(self._path, data)
 
-            # Already counted while held: handed to the write as they are, without
-            # waiting for room again (which other writes may have taken meanwhile).
+            # Already counted while held: the count goes over to the write as it is.
             self._owner._submit(self._path, size, write, reserved=True)
             return
         self._chunks.put(None)

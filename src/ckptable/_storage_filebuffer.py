@@ -15,7 +15,9 @@ A payload keeps its arrays aligned: one whose place in the file is not a multipl
 few bytes that make it one, over bytes the reader has already consumed (a ``memmove`` of
 warm memory, without the GIL). After that the buffer no longer holds the file as it is
 at those places: it refuses to be read there, and once its reader is closed it is
-dropped (a second open of the file reads from the store).
+dropped (a second open of the file reads from the store). A msgpack state is handed out
+whole instead (``rest`` with ``take``: writable), and its decoder moves its big values
+the same way (:mod:`ckptable._msgpack_views`).
 
 Everything read is the file's bytes as downloaded, in file order; nothing here checks
 them (the pipeline's checksum sees every byte, a view's too). A range that fails raises
