@@ -6,20 +6,22 @@ second pass over every byte, on the decoding thread, into fresh memory (a quarte
 4 x 64 MiB restore's time). :func:`unpack_with_views` decodes such a file in Python
 instead, with msgpack's rules (``raw=False``, ``strict_map_key=False``, lists for arrays,
 ``ExtType`` and ``Timestamp`` for extensions, the ``object_hook`` called on every map),
-except that a big ``bin`` that is a map's value is handed to the hook as a writable view
-of the buffer, moved down within it (over bytes already decoded) to a
-``PAYLOAD_ALIGNMENT`` boundary: msgpack-numpy's ``np.ndarray(buffer=...)`` is then the
-downloaded memory itself, aligned, as a pickle's arrays are
-(:mod:`ckptable._storage_filebuffer`). A view the hook did not take (the map was not an
-array) becomes ``bytes``, as msgpack gives it.
+except that the data of a big array (a map msgpack-numpy wrote: ``nd`` true, a ``kind``
+other than ``O``, a ``bin`` of at least ``view_min`` bytes) is handed to the hook as a
+writable view of the buffer, at a ``PAYLOAD_ALIGNMENT`` boundary a few bytes below
+where the file has it: msgpack-numpy's ``np.ndarray(buffer=...)`` is then the downloaded
+memory itself, aligned, as a pickle's arrays are (:mod:`ckptable._storage_filebuffer`).
+Any other ``bin`` is ``bytes``, as msgpack gives it.
 
-The file was checksummed before (the pipeline's verification), or is decoded unverified
-as msgpack would be. Python is slower than C per item, so this is used only where it
-pays: a writable buffer of at least ``PAYLOAD_MIN_BYTES`` whose items stay within a
-budget. Anything else (a read-only buffer, too many items, malformed data) raises
-:class:`Unsuited` while nothing has been moved, and the caller runs msgpack itself, with
-its exact results and errors. Malformed data found after a move (the buffer no longer
-holds the file) raises ``ValueError`` naming the offset.
+The moves are made once the whole file has decoded, in file order, each over bytes
+already decoded (a ``memmove`` without the GIL); until then the buffer is unchanged (the
+hook only builds arrays over those views; it reads no array's data). So anything that
+stops the decoding (malformed data, nesting deeper than ``MAX_DEPTH``, more items than
+the budget: Python is slower than C per item) raises :class:`Unsuited` with the buffer as
+it was, and the caller runs msgpack itself, with its exact results and errors. The file
+was checksummed before (the pipeline's verification), or is decoded unverified as
+msgpack would be. Only a writable buffer of at least ``PAYLOAD_MIN_BYTES`` is decoded
+here.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from ckptable._pickle_walk import PAYLOAD_MIN_BYTES
 
 __all__ = ["Unsuited", "item_budget", "unpack_with_views"]
 
-#: Deeper nesting than this is left to msgpack (whose own limit it is near).
-MAX_DEPTH = 512
+#: Deeper nesting than this is left to msgpack (two Python frames per level, within
+#: the default recursion limit).
+MAX_DEPTH = 256
 
 _unpack_from = struct.unpack_from
 
@@ -62,12 +65,11 @@ def unpack_with_views(
     budget: int | None = None,
 ) -> Any:
     """``msgpack.unpackb(data, object_hook=object_hook, strict_map_key=False,
-    raw=False)``, with the map values of ``bin`` type of at least ``view_min`` bytes
-    handed to ``object_hook`` as aligned writable views of ``data`` (see the module).
+    raw=False)``, with the data of big arrays handed to ``object_hook`` as aligned
+    writable views of ``data`` (see the module).
 
     Raises:
         Unsuited: ``data`` is better (or only) decoded by msgpack; it is unchanged.
-        ValueError: Malformed data, found after the buffer was changed.
     """
     if data.readonly or len(data) < view_min:
         raise Unsuited("a read-only or small buffer")
@@ -82,14 +84,31 @@ def unpack_with_views(
     except Exception as exc:
         if not decoder.in_structure or not isinstance(exc, _DECODING_ERRORS):
             raise  # the hook's own error, or no decoding error
-        if not decoder.moved:
-            raise Unsuited(str(exc)) from exc
-        raise ValueError(f"malformed msgpack data near byte {decoder.pos}: {exc}") from exc
+        raise Unsuited(str(exc)) from exc
+    decoder.move_views()
     return value
 
 
-#: What malformed data raises here (an unhashable key: ``TypeError``).
-_DECODING_ERRORS = (_Malformed, struct.error, UnicodeDecodeError, IndexError, TypeError)
+#: What malformed data raises here (an unhashable key: ``TypeError``; nesting deeper
+#: than Python's recursion limit allows: ``RecursionError``).
+_DECODING_ERRORS = (
+    _Malformed,
+    struct.error,
+    UnicodeDecodeError,
+    IndexError,
+    TypeError,
+    RecursionError,
+)
+
+
+class _BigBin:
+    """A big ``bin`` found as a map's value: ``n`` bytes at ``at`` in the file."""
+
+    __slots__ = ("at", "n")
+
+    def __init__(self, at: int, n: int) -> None:
+        self.at = at
+        self.n = n
 
 
 class _Decoder:
@@ -107,7 +126,8 @@ class _Decoder:
         self.view_min = view_min
         self.budget = budget
         self.pos = 0
-        self.moved = False
+        #: ``(from, to, n)``: the views handed out, and where their bytes are now.
+        self._moves: list[tuple[int, int, int]] = []
         #: True while decoding (not while the hook runs): tells our TypeErrors (an
         #: unhashable key) from the hook's.
         self.in_structure = True
@@ -121,7 +141,7 @@ class _Decoder:
         b = data[pos]
         pos += 1
         self.budget -= 1
-        if self.budget < 0 and not self.moved:
+        if self.budget < 0:
             raise Unsuited("too many items for Python")
         if b <= 0x7F:
             self.pos = pos
@@ -183,18 +203,30 @@ class _Decoder:
         end = self._take(pos, n)
         return str(self.data[pos:end], "utf-8")
 
-    def _bin(self, pos: int, n: int, as_map_value: bool) -> bytes | memoryview:
+    def _bin(self, pos: int, n: int, as_map_value: bool) -> bytes | _BigBin:
         end = self._take(pos, n)
-        if not as_map_value or n < self.view_min:
-            return bytes(self.data[pos:end])
-        to = pos - (self._address + pos) % PAYLOAD_ALIGNMENT
+        if as_map_value and n >= self.view_min:
+            return _BigBin(pos, n)  # its map decides: a view, or bytes
+        return bytes(self.data[pos:end])
+
+    def _array_data(self, big: _BigBin) -> memoryview | bytes:
+        """The view an array's data will be, once moved (see :meth:`move_views`); bytes
+        where it cannot be moved to an aligned place above the views before it."""
+        at, n = big.at, big.n
+        to = at - (self._address + at) % PAYLOAD_ALIGNMENT
         if to < self._floor:
-            return bytes(self.data[pos:end])
-        if to != pos:  # (a foreign call: runs without the GIL)
-            ctypes.memmove(self._address + to, self._address + pos, n)
-            self.moved = True
+            return bytes(self.data[at : at + n])
         self._floor = to + n
+        if to != at:
+            self._moves.append((at, to, n))
         return self.data[to : to + n]
+
+    def move_views(self) -> None:
+        """Move the views' bytes to where the views are, in file order: each over bytes
+        already decoded, below the next one's (a foreign call: runs without the GIL)."""
+        for at, to, n in self._moves:
+            ctypes.memmove(self._address + to, self._address + at, n)
+        self._moves.clear()
 
     def _ext(self, pos: int, n: int) -> Any:
         import msgpack
@@ -225,21 +257,36 @@ class _Decoder:
         self._room(2 * n)
         value = self.value
         result: dict[Any, Any] = {}
-        views = False
+        big = False
         for _ in range(n):
             key = value(depth + 1)
             item = value(depth + 1, True)
-            views = views or type(item) is memoryview
+            big = big or type(item) is _BigBin
             result[key] = item
+        if big:
+            self._settle(result)
         self.in_structure = False
         decoded = self.hook(result)
         self.in_structure = True
-        if views and type(decoded) is dict:
-            # Not an array: its big values are bytes, as msgpack gives them.
-            for key, item in decoded.items():
-                if type(item) is memoryview:
-                    decoded[key] = bytes(item)
         return decoded
+
+    def _settle(self, result: dict[Any, Any]) -> None:
+        """A map's big ``bin`` values: an array's data becomes its view, the others
+        ``bytes`` (read now, before any move)."""
+        data = result.get(b"data")
+        is_array = (
+            type(data) is _BigBin
+            and result.get(b"nd") is True
+            and result.get(b"kind") != b"O"  # a pickle: read by the hook at once
+        )
+        for key, item in result.items():
+            if type(item) is not _BigBin:
+                continue
+            big: _BigBin = item
+            if is_array and big is data:
+                result[key] = self._array_data(big)
+            else:
+                result[key] = bytes(self.data[big.at : big.at + big.n])
 
 
 #: Fixed-size scalars: the struct format of the bytes after the type byte, their size.
