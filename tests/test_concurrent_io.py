@@ -832,3 +832,84 @@ def test_a_held_file_reaches_a_storage_that_takes_bytes_as_bytes(tmp_path: Path)
             writes.abort()
         assert inner.read_bytes(path) == b"a" * 1000 + b"b" * 1000
     assert given == [bytes, bytearray]
+
+
+def test_an_encoders_own_bytes_are_kept_not_copied(tmp_path: Path) -> None:
+    """``write_owned``: a file that is one ``bytes`` of the encoder's (msgpack's
+    ``packb``) reaches the storage as that very object; more writes after it, or a file
+    past the spill size, still write every byte in order; a discarded one gives its
+    pending bytes back."""
+    import fsspec
+
+    from ckptable._storage_remote import FsspecStorage
+
+    given: list[Any] = []
+
+    class Fsspec(FsspecStorage):
+        def write_bytes(self, path: str, data: bytes) -> None:
+            given.append(data)
+            super().write_bytes(path, data)
+
+    inner = Fsspec(fsspec.filesystem("memory", skip_instance_cache=True))
+    writes = ConcurrentWrites(inner, 2, spill_bytes=1 << 20)
+    alone = os.urandom(5000)
+    first, more = os.urandom(3000), b"tail"
+    big = os.urandom(3 << 20)
+    try:
+        with writes.open_write("/owned/alone") as stream:
+            stream.write_owned(alone)
+        with writes.open_write("/owned/more") as stream:
+            stream.write_owned(first)
+            stream.write(memoryview(more))
+            stream.write_owned(more)
+        with writes.open_write("/owned/big") as stream:
+            stream.write(b"head")
+            stream.write_owned(big)
+        with writes.open_write("/owned/streamed") as stream:
+            stream.write_owned(big)
+            stream.write(b"end")
+        with pytest.raises(RuntimeError, match="encoder"):
+            _write_owned_then_fail(writes, "/owned/dropped", alone)
+        writes.barrier()
+    finally:
+        writes.abort()
+    assert given[0] is alone  # the encoder's object itself: no copy
+    assert inner.read_bytes("/owned/more") == first + more + more
+    assert inner.read_bytes("/owned/big") == b"head" + big
+    assert inner.read_bytes("/owned/streamed") == big + b"end"
+    assert inner.kind("/owned/dropped") is None
+    assert writes._pending_bytes == 0
+
+
+def _write_owned_then_fail(writes: ConcurrentWrites, path: str, data: bytes) -> None:
+    with writes.open_write(path) as stream:
+        stream.write_owned(data)  # type: ignore[attr-defined]
+        raise RuntimeError("the encoder failed")
+
+
+def test_a_big_msgpack_state_goes_to_the_upload_without_a_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """msgpack's ``packb`` output passes the save's checksum whole and reaches the
+    concurrent writes as it is; the checkpoint verifies and restores."""
+    import fsspec
+    import numpy as np
+    from tests.trees import Leaf
+
+    from ckptable._storage_concurrent import _SpoolingWriter
+
+    fs = fsspec.filesystem("memory", skip_instance_cache=True)
+    seen: list[int] = []
+    real = _SpoolingWriter.write_owned
+
+    def write_owned(self: _SpoolingWriter, data: bytes) -> int:
+        seen.append(len(data))
+        return real(self, data)
+
+    monkeypatch.setattr(_SpoolingWriter, "write_owned", write_owned)
+    leaf = Leaf(size=3 << 20, scale=0.5)  # 12 MiB of float32
+    leaf.save_to_path("/mp-owned", filesystem=fs, use_msgpack=True)
+    restored = Leaf(size=4)
+    restored.restore_from_path("/mp-owned", filesystem=fs)
+    assert np.array_equal(restored.weights, leaf.weights)
+    assert seen and max(seen) > 12 << 20  # the state file, whole, kept as it was

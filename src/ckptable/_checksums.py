@@ -159,6 +159,8 @@ class HashingWriter:
 
     ``write`` always writes the whole buffer: an unbuffered ``FileIO`` may write less
     than asked (Linux caps one ``write(2)`` at about 2 GiB), and pickle ignores the count.
+    Big ``bytes`` (an encoder's output: msgpack's ``packb``) go whole to a stream that has
+    ``write_owned``, which keeps them without copying.
     """
 
     def __init__(self, raw: IO[bytes], algorithm: str) -> None:
@@ -167,6 +169,17 @@ class HashingWriter:
         self.size = 0
 
     def write(self, data: Any) -> int:
+        if type(data) is bytes and len(data) >= _PARALLEL_BYTES:
+            keep = getattr(self._raw, "write_owned", None)
+            if keep is not None:
+                # An encoder's own bytes, to a stream that keeps them without a copy
+                # (the concurrent writes of an object store's save): checksummed whole,
+                # handed over whole.
+                self._checksum.update(data)
+                keep(data)
+                advance(len(data))
+                self.size += len(data)
+                return len(data)
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")

@@ -427,6 +427,9 @@ class _SpoolingWriter(io.RawIOBase):
         self._owner = owner
         self._path = path
         self._held = bytearray()
+        #: The file's bytes so far when they are one ``bytes`` of the caller's, given by
+        #: :meth:`write_owned` (kept as they are; counted as pending).
+        self._owned: bytes | None = None
         self._chunks: queue.SimpleQueue[bytes | BaseException | None] | None = None
 
     def writable(self) -> bool:
@@ -437,6 +440,9 @@ class _SpoolingWriter(io.RawIOBase):
         if self._chunks is not None:
             self._send(bytes(view))
             return len(view)
+        if self._owned is not None:  # not the file's only bytes: held with the rest
+            self._held += self._owned
+            self._owned = None
         self._owner._reserve(len(view))  # held until written: counted as pending
         self._held += view
         if len(self._held) >= self._owner._spill:
@@ -446,6 +452,25 @@ class _SpoolingWriter(io.RawIOBase):
             self._chunks.put(held)  # type: ignore[arg-type]  # reserved when held
         return len(view)
 
+    def write_owned(self, data: bytes) -> int:
+        """``write`` of bytes the caller made and lets go of (an encoder's output, which
+        nothing changes: ``bytes`` are immutable): kept as they are, not copied. A file
+        that is one such write is handed to the storage as that object; a longer one
+        streams it as one chunk."""
+        if self._chunks is not None:
+            self._send(data)
+            return len(data)
+        if self._held or self._owned is not None:
+            return self.write(data)
+        self._owner._reserve(len(data))  # held until written: counted as pending
+        if len(data) >= self._owner._spill:
+            self._chunks = queue.SimpleQueue()
+            self._owner._stream(self._path, self._chunks)
+            self._chunks.put(data)  # reserved above
+        else:
+            self._owned = data
+        return len(data)
+
     def _send(self, chunk: bytes) -> None:
         if self._chunks is None:
             raise RuntimeError("not streaming")
@@ -454,10 +479,10 @@ class _SpoolingWriter(io.RawIOBase):
 
     def finish(self) -> None:
         if self._chunks is None:
-            data: Any = self._held
-            self._held = bytearray()
+            data: Any = self._owned if self._owned is not None else self._held
+            self._owned, self._held = None, bytearray()
             size = len(data)
-            if getattr(self._owner.inner, "takes_bytes", False):
+            if type(data) is not bytes and getattr(self._owner.inner, "takes_bytes", False):
                 data = bytes(data)  # (the bytearray goes now: one copy held, not two)
 
             def write() -> None:
@@ -469,8 +494,8 @@ class _SpoolingWriter(io.RawIOBase):
         self._chunks.put(None)
 
     def discard(self) -> None:
-        self._owner._release(len(self._held))
-        self._held = bytearray()
+        self._owner._release(len(self._held) + len(self._owned or b""))
+        self._owned, self._held = None, bytearray()
         if self._chunks is not None:
             self._chunks.put(RuntimeError("the save failed while writing this file"))
 
