@@ -18,7 +18,8 @@ already decoded (a ``memmove`` without the GIL); until then the buffer is unchan
 hook only builds arrays over those views; it reads no array's data). So anything that
 stops the decoding (malformed data, nesting deeper than ``MAX_DEPTH``, more items than
 the budget: Python is slower than C per item) raises :class:`Unsuited` with the buffer as
-it was, and the caller runs msgpack itself, with its exact results and errors. The file
+it was, and the caller runs msgpack itself, with its exact results and errors (the
+hook then runs again on the maps decoded before the fall-back). The file
 was checksummed before (the pipeline's verification), or is decoded unverified as
 msgpack would be. Only a writable buffer of at least ``PAYLOAD_MIN_BYTES`` is decoded
 here.
@@ -126,7 +127,8 @@ class _Decoder:
         self.view_min = view_min
         self.budget = budget
         self.pos = 0
-        #: ``(from, to, n)``: the views handed out, and where their bytes are now.
+        #: ``(at, to, n)`` per view handed out: its ``n`` bytes are at ``at`` in the
+        #: file and go to ``to``, where the view is (see :meth:`move_views`).
         self._moves: list[tuple[int, int, int]] = []
         #: True while decoding (not while the hook runs): tells our TypeErrors (an
         #: unhashable key) from the hook's.
