@@ -161,8 +161,8 @@ class MsgpackCodec:
         stream.write(packb(state, default=msgpack_numpy.encode, use_bin_type=True))
 
     def load(self, stream: IO[bytes]) -> Any:
-        _, _, msgpack_numpy = unpatched_msgpack()
-        return _unpack(stream, msgpack_numpy.decode)
+        _, unpackb, msgpack_numpy = unpatched_msgpack()
+        return _unpack(stream, msgpack_numpy.decode, unpackb)
 
     def load_restricted(
         self,
@@ -175,14 +175,17 @@ class MsgpackCodec:
         """``load`` for ``safe=True``: never reaches pickle (object arrays are refused)."""
         from ckptable._safe import safe_msgpack_decode
 
-        return _unpack(stream, functools.partial(safe_msgpack_decode, source=source))
+        _, unpackb, _ = unpatched_msgpack()
+        hook = functools.partial(safe_msgpack_decode, source=source)
+        return _unpack(stream, hook, unpackb)
 
 
-def _unpack(stream: IO[bytes], hook: Callable[[dict[Any, Any]], Any]) -> Any:
+def _unpack(
+    stream: IO[bytes], hook: Callable[[dict[Any, Any]], Any], unpackb: Callable[..., Any]
+) -> Any:
     """msgpack's ``unpackb`` of the rest of ``stream``, ``hook`` on every map; a big file
     held in memory of its own is decoded in place, its arrays views of that memory
     (:mod:`ckptable._msgpack_views`), anything else by msgpack itself."""
-    _, unpackb, _ = unpatched_msgpack()
     data = _read_whole(stream)
     if isinstance(data, memoryview):
         from ckptable._msgpack_views import Unsuited, unpack_with_views

@@ -230,8 +230,6 @@ class ConcurrentWrites(StorageWrapper):
     ) -> None:
         """Write ``path`` in the pool; its ``size`` bytes count as pending until written
         (``reserved``: they already do, held by the caller, who hands them over)."""
-        if not reserved:
-            self._raise_failure()
         parent = self._dirs.get(self.inner.split(path)[0])
 
         def run() -> None:
@@ -245,10 +243,13 @@ class ConcurrentWrites(StorageWrapper):
         self, path: str, size: int, run: Callable[[], None], *, reserved: bool = False
     ) -> concurrent.futures.Future[None]:
         if not reserved:
-            self._reserve(size)
-        elif self._failure is not None:
-            self._release(size)
-            self._raise_failure()
+            self._reserve(size)  # (raises a failure, as below)
+        else:
+            try:
+                self._raise_failure()
+            except BaseException:
+                self._release(size)  # the caller's count, given back with the write
+                raise
         with self._lock:
             future = self._pool.submit(self._run, path, size, run)
             self._futures.add(future)
@@ -446,10 +447,8 @@ class _SpoolingWriter(io.RawIOBase):
         self._owner._reserve(len(view))  # held until written: counted as pending
         self._held += view
         if len(self._held) >= self._owner._spill:
-            self._chunks = queue.SimpleQueue()
-            self._owner._stream(self._path, self._chunks)
             held, self._held = self._held, bytearray()
-            self._chunks.put(held)  # type: ignore[arg-type]  # reserved when held
+            self._start_stream(held)
         return len(view)
 
     def write_owned(self, data: bytes) -> int:
@@ -464,12 +463,17 @@ class _SpoolingWriter(io.RawIOBase):
             return self.write(data)
         self._owner._reserve(len(data))  # held until written: counted as pending
         if len(data) >= self._owner._spill:
-            self._chunks = queue.SimpleQueue()
-            self._owner._stream(self._path, self._chunks)
-            self._chunks.put(data)  # reserved above
+            self._start_stream(data)
         else:
             self._owned = data
         return len(data)
+
+    def _start_stream(self, first: bytes | bytearray) -> None:
+        """From now on the file streams through the storage's own stream, ``first`` (its
+        bytes so far, counted as pending) its first chunk."""
+        self._chunks = queue.SimpleQueue()
+        self._owner._stream(self._path, self._chunks)
+        self._chunks.put(first)  # type: ignore[arg-type]  # sent as it is
 
     def _send(self, chunk: bytes) -> None:
         if self._chunks is None:
