@@ -217,3 +217,39 @@ def test_arrays_a_state_keeps_are_not_overwritten_by_the_next_restore(tmp_path: 
         assert np.array_equal(kept.state[key], value)
         assert kept.state[key].flags.writeable
         assert kept.state[key].ctypes.data % mmap.PAGESIZE == 0
+
+
+def vm_flags(start: int) -> list[str]:
+    """The ``VmFlags`` of the mapping that holds ``start`` (``/proc/self/smaps``)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(bound, 16) for bound in head.split("-"))
+                inside = low <= start < high
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {start:#x}")
+
+
+def test_big_blocks_ask_for_huge_pages_as_numpy_arrays_do() -> None:
+    """``hg``: the mapping was advised ``MADV_HUGEPAGE`` (fresh memory is then faulted
+    in 2 MiB at a time where the kernel has huge pages); small blocks are left as they
+    are, and numpy's own big arrays carry the same flag. A kernel built without
+    transparent huge pages refuses the advice, and the block is used as it is."""
+    big = payload_memory(_payload_pool.HUGE_PAGE_BYTES)
+    if not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+        assert "hg" not in vm_flags(address(big))
+        big[:] = b"\x01" * len(big)
+        return
+    assert "hg" in vm_flags(address(big))
+    reused_start = address(big)
+    del big
+    again = payload_memory(_payload_pool.HUGE_PAGE_BYTES)
+    assert address(again) == reused_start and "hg" in vm_flags(address(again))
+    small = payload_memory(_payload_pool.HUGE_PAGE_BYTES // 2)
+    assert "hg" not in vm_flags(address(small))
+    numpy_array = np.ones(_payload_pool.HUGE_PAGE_BYTES, dtype=np.uint8)
+    # (numpy advises from the first page boundary inside the array: look further in.)
+    assert "hg" in vm_flags(address(numpy_array) + numpy_array.nbytes // 2)
