@@ -887,29 +887,47 @@ def _write_owned_then_fail(writes: ConcurrentWrites, path: str, data: bytes) -> 
         raise RuntimeError("the encoder failed")
 
 
-def test_a_big_msgpack_state_goes_to_the_upload_without_a_copy(
+def test_a_big_bytes_value_goes_to_the_upload_without_a_copy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """msgpack's ``packb`` output passes the save's checksum whole and reaches the
-    concurrent writes as it is; the checkpoint verifies and restores."""
+    """A state's big ``bytes`` value, which pickle writes as it is, passes the save's
+    checksum whole and reaches the concurrent writes as it is (``write_owned``); a
+    msgpack state's big array reaches them from the array's memory (``write``, one
+    copy, into the held file). Both checkpoints verify and restore."""
     import fsspec
     import numpy as np
-    from tests.trees import Leaf
 
     from ckptable._storage_concurrent import _SpoolingWriter
+    from helpers import StateHolder
 
     fs = fsspec.filesystem("memory", skip_instance_cache=True)
-    seen: list[int] = []
-    real = _SpoolingWriter.write_owned
+    owned: list[bytes] = []
+    writes: list[Any] = []
+    real_owned, real_write = _SpoolingWriter.write_owned, _SpoolingWriter.write
 
     def write_owned(self: _SpoolingWriter, data: bytes) -> int:
-        seen.append(len(data))
-        return real(self, data)
+        owned.append(data)
+        return real_owned(self, data)
+
+    def write(self: _SpoolingWriter, data: Any) -> int:
+        writes.append(data)
+        return real_write(self, data)
 
     monkeypatch.setattr(_SpoolingWriter, "write_owned", write_owned)
-    leaf = Leaf(size=3 << 20, scale=0.5)  # 12 MiB of float32
-    leaf.save_to_path("/mp-owned", filesystem=fs, use_msgpack=True)
-    restored = Leaf(size=4)
-    restored.restore_from_path("/mp-owned", filesystem=fs)
-    assert np.array_equal(restored.weights, leaf.weights)
-    assert seen and max(seen) > 12 << 20  # the state file, whole, kept as it was
+    monkeypatch.setattr(_SpoolingWriter, "write", write)
+    blob = np.random.default_rng(0).bytes(12 << 20)
+    StateHolder({"blob": blob}).save_to_path("/owned", filesystem=fs)
+    assert any(data is blob for data in owned)  # kept as it was: no copy
+    restored = StateHolder()
+    restored.restore_from_path("/owned", filesystem=fs)
+    assert restored.state["blob"] == blob
+
+    owned.clear()
+    weights = np.arange(3 << 20, dtype=np.float32)  # 12 MiB
+    StateHolder({"weights": weights}).save_to_path("/mp", filesystem=fs, use_msgpack=True)
+    assert not owned
+    from_array = [d for d in writes if isinstance(d, memoryview) and d.obj is not None]
+    assert sum(len(d) for d in from_array if np.shares_memory(d.obj, weights)) == 12 << 20
+    restored = StateHolder()
+    restored.restore_from_path("/mp", filesystem=fs)
+    assert np.array_equal(restored.state["weights"], weights)

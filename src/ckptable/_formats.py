@@ -157,8 +157,10 @@ class MsgpackCodec:
     reads_whole = True
 
     def dump(self, state: Any, stream: IO[bytes]) -> None:
-        packb, _, msgpack_numpy = unpatched_msgpack()
-        stream.write(packb(state, default=msgpack_numpy.encode, use_bin_type=True))
+        from ckptable._msgpack_encode import pack_to
+
+        msgpack, msgpack_numpy = _import_msgpack()
+        pack_to(stream, state, _msgpack_impl(msgpack), msgpack_numpy)
 
     def load(self, stream: IO[bytes]) -> Any:
         _, unpackb, msgpack_numpy = unpatched_msgpack()
@@ -220,6 +222,12 @@ def _import_msgpack() -> tuple[types.ModuleType, types.ModuleType]:
     return msgpack, msgpack_numpy
 
 
+def _msgpack_impl(msgpack: types.ModuleType) -> types.ModuleType:
+    """msgpack's implementation module: its C extension, else its pure-Python one."""
+    impl = getattr(msgpack, "_cmsgpack", None) or importlib.import_module("msgpack.fallback")
+    return impl
+
+
 def unpatched_msgpack() -> tuple[Callable[..., bytes], Callable[..., Any], types.ModuleType]:
     """``packb``, ``unpackb`` and msgpack-numpy, immune to ``msgpack_numpy.patch()``.
 
@@ -229,7 +237,7 @@ def unpatched_msgpack() -> tuple[Callable[..., bytes], Callable[..., Any], types
     module's own functions are not patched.
     """
     msgpack, msgpack_numpy = _import_msgpack()
-    impl = getattr(msgpack, "_cmsgpack", None) or importlib.import_module("msgpack.fallback")
+    impl = _msgpack_impl(msgpack)
 
     def packb(obj: Any, **kwargs: Any) -> bytes:
         return impl.Packer(**kwargs).pack(obj)  # type: ignore[no-any-return]
