@@ -4,11 +4,15 @@ memory; ``packb`` itself where the packer's output is not what was expected."""
 
 from __future__ import annotations
 
+import gc
 import importlib
+import inspect
 import io
 import random
+import sys
 import tracemalloc
 import types
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +72,7 @@ def big_arrays(rng: np.random.Generator) -> list[Any]:
         np.array([{"x": 1}] * 3, dtype=object),  # object: its own
         rng.random(300_000).astype(">f4"),  # big-endian
         np.array(["ab", "é"] * 100_000),  # unicode, 1.6 MiB
+        np.ma.masked_array(rng.random(300_000), mask=rng.random(300_000) < 0.1),
         np.float32(2.5),
         rng.random(0),
     ]
@@ -167,3 +172,47 @@ def test_what_msgpack_refuses_is_refused_as_before(bad: Any) -> None:
     with pytest.raises(type(expected.value), match=str(expected.value)):
         pack_to(out, state, C_IMPL, msgpack_numpy)
     assert out.pieces == []
+
+
+def test_the_arrays_are_let_go_when_the_save_returns() -> None:
+    """Nothing of a save keeps a state's arrays alive afterwards, without the cyclic
+    garbage collector (the packer and its hook refer to each other)."""
+    weights = np.arange(MIB, dtype=np.float32)
+    alive = weakref.ref(weights)
+    gc.disable()
+    try:
+        written({"w": weights, "n": [1, 2]})
+        del weights
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+def test_a_state_nested_near_the_recursion_limit_is_written_as_packb_writes_it() -> None:
+    """msgpack's pure-Python packer recurses per level, and the hook adds frames of its
+    own below a big array: at the lowest limit at which ``packb`` succeeds, ``pack_to``
+    writes the same bytes (``packb`` itself, where the hook ran out of stack)."""
+    state: Any = {"w": np.arange(MIB, dtype=np.float32)}
+    for _ in range(150):
+        state = [state]
+
+    def packb_py() -> bytes:
+        return PY_IMPL.Packer(default=msgpack_numpy.encode, use_bin_type=True).pack(state)
+
+    depth = len(inspect.stack(0))
+    limit = sys.getrecursionlimit()
+    try:
+        for extra in range(100, 1000, 5):
+            sys.setrecursionlimit(depth + extra)
+            try:
+                expected = packb_py()
+            except RecursionError:
+                continue
+            break
+        else:
+            pytest.fail("packb never succeeded")
+        out = Recorder()
+        pack_to(out, state, PY_IMPL, msgpack_numpy)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert out.value == expected

@@ -236,8 +236,9 @@ def vm_flags(start: int) -> list[str]:
 def test_big_blocks_ask_for_huge_pages_as_numpy_arrays_do() -> None:
     """``hg``: the mapping was advised ``MADV_HUGEPAGE`` (fresh memory is then faulted
     in 2 MiB at a time where the kernel has huge pages); small blocks are left as they
-    are, and numpy's own big arrays carry the same flag. A kernel built without
-    transparent huge pages refuses the advice, and the block is used as it is."""
+    are. A kernel built without transparent huge pages refuses the advice, and the
+    block is used as it is."""
+    assert _payload_pool.numpy_advises_huge_pages()  # (numpy's default)
     big = payload_memory(_payload_pool.HUGE_PAGE_BYTES)
     if not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
         assert "hg" not in vm_flags(address(big))
@@ -250,6 +251,20 @@ def test_big_blocks_ask_for_huge_pages_as_numpy_arrays_do() -> None:
     assert address(again) == reused_start and "hg" in vm_flags(address(again))
     small = payload_memory(_payload_pool.HUGE_PAGE_BYTES // 2)
     assert "hg" not in vm_flags(address(small))
-    numpy_array = np.ones(_payload_pool.HUGE_PAGE_BYTES, dtype=np.uint8)
-    # (numpy advises from the first page boundary inside the array: look further in.)
-    assert "hg" in vm_flags(address(numpy_array) + numpy_array.nbytes // 2)
+
+
+def test_where_numpy_advises_no_huge_pages_neither_does_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """numpy's own switch (``NUMPY_MADVISE_HUGEPAGE=0``, or numpy's choice on an old
+    kernel) turns the advice off for the pool's blocks too."""
+    multiarray = np._core.multiarray  # type: ignore[attr-defined]
+    monkeypatch.setattr(multiarray, "_get_madvise_hugepage", lambda: False)
+    assert not _payload_pool.numpy_advises_huge_pages()
+    block = payload_memory(2 * _payload_pool.HUGE_PAGE_BYTES)
+    assert "hg" not in vm_flags(address(block))
+    monkeypatch.delitem(__import__("sys").modules, "numpy")
+    monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "0")
+    assert not _payload_pool.numpy_advises_huge_pages()
+    monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+    assert _payload_pool.numpy_advises_huge_pages()

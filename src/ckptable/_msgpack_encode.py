@@ -17,8 +17,10 @@ the big arrays' data written straight from the arrays:
   ``bin`` header of the array's length and the array's memory itself.
 
 Before anything is written, each noted place is checked to hold exactly the encoding
-of its map; if one does not (a packer that wrote differently), the state is written by
-``packb`` as before. The arrays must not change while the state is written (as for
+of its map; if one does not (a packer that wrote differently), or the packer ran out
+of stack a few levels earlier than ``packb`` would (the hook's frames), the state is
+written by ``packb`` as before. A state without big arrays is ``packb``'s bytes, one
+piece. The arrays must not change while the state is written (as for
 every other format, whose writers read the arrays' memory as they write it).
 """
 
@@ -66,6 +68,9 @@ def pack_to(
             and min_bytes <= obj.nbytes < _BIN32_LIMIT
             and obj.dtype.kind not in "VO"
             and obj.flags.c_contiguous
+            # (``data`` is the memory msgpack-numpy hands to msgpack; a masked array's
+            # is an array, which msgpack-numpy encodes again: left to it.)
+            and type(obj.data) is memoryview
         ):
             try:
                 data = obj.data.cast("B")
@@ -80,13 +85,34 @@ def pack_to(
         return encode(obj)
 
     packer = impl.Packer(default=default, use_bin_type=True, autoreset=False)
-    packer.pack(state)
-    with packer.getbuffer() as packed:
-        if not all(_holds(packed, start, encoded) for start, encoded, _ in noted):
-            stream.write(impl.Packer(default=encode, use_bin_type=True).pack(state))
-            return
-        for piece in _pieces(packed, noted):
+    try:
+        pieces = _packed_pieces(packer, state, noted)
+        if pieces is None:
+            pieces = [impl.Packer(default=encode, use_bin_type=True).pack(state)]
+        for piece in pieces:
             stream.write(piece)
+    finally:
+        # The hook and the packer refer to each other: without this, the arrays (and
+        # the packer's buffer) would live until the cyclic garbage collector ran.
+        noted.clear()
+        packer = None
+
+
+def _packed_pieces(
+    packer: Any, state: Any, noted: list[tuple[int, bytes, memoryview]]
+) -> list[Any] | None:
+    """The file's bytes in pieces, from ``packer`` packing ``state`` (the hook noting
+    the big arrays); None where ``packb`` must write it instead."""
+    try:
+        packer.pack(state)
+    except RecursionError:
+        return None  # (the hook's own frames: nested within a few levels of the limit)
+    with packer.getbuffer() as packed:
+        if not noted:
+            return [bytes(packed)]
+        if not all(_holds(packed, start, encoded) for start, encoded, _ in noted):
+            return None
+        return list(_pieces(packed, noted))
 
 
 def _holds(packed: memoryview, start: int, encoded: bytes) -> bool:
@@ -96,15 +122,16 @@ def _holds(packed: memoryview, start: int, encoded: bytes) -> bool:
 
 
 def _pieces(packed: memoryview, noted: list[tuple[int, bytes, memoryview]]) -> Iterator[Any]:
-    """The file's bytes in order: runs of ``packed``, and for each noted array the
-    ``bin`` header of its length and its memory."""
+    """The file's bytes in order: runs of ``packed`` (copied: the packer's buffer is
+    its own, freed with it), and for each noted array the ``bin`` header of its length
+    and its memory."""
     written = 0
     for start, encoded, data in noted:
-        yield packed[written : start + len(encoded) - len(_EMPTY_BIN)]
+        yield bytes(packed[written : start + len(encoded) - len(_EMPTY_BIN)])
         yield _bin_header(data.nbytes)
         yield data
         written = start + len(encoded)
-    yield packed[written:]
+    yield bytes(packed[written:])
 
 
 def _bin_header(n: int) -> bytes:
