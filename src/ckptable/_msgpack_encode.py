@@ -55,34 +55,21 @@ def pack_to(
     ``impl``: msgpack's implementation module (``msgpack._cmsgpack`` or
     ``msgpack.fallback``), whose ``Packer`` is used.
     """
-    import numpy as np
-
     #: Per big array: where its map starts in the packer's buffer, the map's encoding
     #: (with an empty ``bin`` as its data) and the array's memory.
     noted: list[tuple[int, bytes, memoryview]] = []
     encode = msgpack_numpy.encode
 
     def default(obj: Any) -> Any:
-        if (
-            isinstance(obj, np.ndarray)
-            and min_bytes <= obj.nbytes < _BIN32_LIMIT
-            and obj.dtype.kind not in "VO"
-            and obj.flags.c_contiguous
-            # (``data`` is the memory msgpack-numpy hands to msgpack; a masked array's
-            # is an array, which msgpack-numpy encodes again: left to it.)
-            and type(obj.data) is memoryview
-        ):
-            try:
-                data = obj.data.cast("B")
-            except (TypeError, ValueError):  # (datetimes: msgpack-numpy says so itself)
-                return encode(obj)
-            mapped = {b"nd": True, b"type": obj.dtype.str, b"kind": b"", b"shape": obj.shape}
-            mapped[b"data"] = b""
-            with packer.getbuffer() as done:
-                start = done.nbytes
-            noted.append((start, impl.Packer(use_bin_type=True).pack(mapped), data))
-            return mapped
-        return encode(obj)
+        data = _big_array_memory(obj, min_bytes)
+        if data is None:
+            return encode(obj)
+        mapped = {b"nd": True, b"type": obj.dtype.str, b"kind": b"", b"shape": obj.shape}
+        mapped[b"data"] = b""
+        with packer.getbuffer() as done:
+            start = done.nbytes
+        noted.append((start, impl.Packer(use_bin_type=True).pack(mapped), data))
+        return mapped
 
     packer = impl.Packer(default=default, use_bin_type=True, autoreset=False)
     try:
@@ -96,6 +83,27 @@ def pack_to(
         # the packer's buffer) would live until the cyclic garbage collector ran.
         noted.clear()
         packer = None
+
+
+def _big_array_memory(obj: Any, min_bytes: int) -> memoryview | None:
+    """The bytes msgpack-numpy would hand msgpack as ``obj``'s data, where ``obj`` is an
+    array this module writes itself (see the module); else None: msgpack-numpy encodes
+    it, and raises what it raises (a datetime array's data is no buffer)."""
+    import numpy as np
+
+    if not (
+        isinstance(obj, np.ndarray)
+        and min_bytes <= obj.nbytes < _BIN32_LIMIT
+        and obj.dtype.kind not in "VO"
+        and obj.flags.c_contiguous
+    ):
+        return None
+    try:
+        data = obj.data
+    except ValueError:
+        return None
+    # (A masked array's data is an array, which msgpack-numpy encodes again.)
+    return data.cast("B") if type(data) is memoryview else None
 
 
 def _packed_pieces(
