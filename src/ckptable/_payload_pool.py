@@ -26,15 +26,6 @@ page-aligned) that this module keeps:
   nothing unless memory runs short, and then only the fresh pages a new block would
   have cost anyway (a marked page faults once more when it is reused: 5 ms per 96 MiB,
   a fifth of a PPO restore, which is why not all of it is marked).
-- A block of ``HUGE_PAGE_BYTES`` or more asks the kernel for transparent huge pages
-  (``MADV_HUGEPAGE``), as numpy does for its arrays of that size, and only where numpy
-  does (:func:`numpy_advises_huge_pages`: ``NUMPY_MADVISE_HUGEPAGE=0`` turns both off):
-  the kernel then faults the block in 2 MiB at a time where it has huge pages to give.
-  On this project's VM fresh memory is written 6-8x faster that way (256 MiB: 11-17 ms
-  against 85-100 ms in 4 KiB pages); a 4 x 64 MiB restore from S3 (pyarrow, 20 ms round
-  trips, fresh memory every time) went from 1.24x to 1.05x of a plain download. (Linux
-  with THP in ``madvise`` or ``always`` mode; elsewhere the advice has no effect, or is
-  refused and ignored.)
 - A process forked from this one starts without the idle blocks.
 
 A ``bytearray`` value of a state must come back a ``bytearray``: views handed to the
@@ -48,18 +39,10 @@ import contextlib
 import ctypes
 import mmap
 import os
-import sys
 import threading
 import weakref
 
-__all__ = [
-    "HUGE_PAGE_BYTES",
-    "MAX_HOT_BYTES",
-    "MAX_IDLE_BYTES",
-    "idle_bytes",
-    "payload_memory",
-    "release_idle",
-]
+__all__ = ["MAX_HOT_BYTES", "MAX_IDLE_BYTES", "idle_bytes", "payload_memory", "release_idle"]
 
 #: Idle memory kept for the next restore, at most ...
 MAX_IDLE_BYTES = 1 << 30
@@ -71,9 +54,6 @@ _SLACK_FACTOR = 1.25
 _PAGE = mmap.PAGESIZE
 _FLAGS = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
 _MADV_FREE = getattr(mmap, "MADV_FREE", None)
-_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
-#: Blocks of at least this size ask for transparent huge pages, as numpy's arrays do.
-HUGE_PAGE_BYTES = 4 << 20
 
 _lock = threading.Lock()
 #: Idle blocks by size, and what they add up to (the hot part: not marked MADV_FREE).
@@ -114,26 +94,10 @@ def payload_memory(n: int) -> memoryview:
             block = mmap.mmap(-1, size, flags=_FLAGS) if _FLAGS else mmap.mmap(-1, size)
         except (OSError, OverflowError, ValueError) as exc:
             raise MemoryError(f"cannot map {n} bytes for a payload ({exc})") from None
-        if size >= HUGE_PAGE_BYTES and _MADV_HUGEPAGE is not None and numpy_advises_huge_pages():
-            with contextlib.suppress(OSError, ValueError):
-                block.madvise(_MADV_HUGEPAGE)
     # (An array type per block size, not per payload size: ctypes keeps each type made.)
     lent = (ctypes.c_char * len(block)).from_buffer(block)
     weakref.finalize(lent, _give_back, block).atexit = False
     return memoryview(lent).cast("B")[:n]
-
-
-def numpy_advises_huge_pages() -> bool:
-    """Whether numpy advises huge pages for its arrays in this process: its own switch
-    where numpy is loaded (``NUMPY_MADVISE_HUGEPAGE``, off on kernels before 4.6), else
-    that variable as numpy would read it (on unless ``0``)."""
-    numpy = sys.modules.get("numpy")
-    for name in ("_core", "core"):
-        multiarray = getattr(getattr(numpy, name, None), "multiarray", None)
-        get = getattr(multiarray, "_get_madvise_hugepage", None)
-        if callable(get):
-            return bool(get())
-    return os.environ.get("NUMPY_MADVISE_HUGEPAGE", "1") != "0"
 
 
 def idle_bytes() -> int:
