@@ -224,8 +224,7 @@ def _import_msgpack() -> tuple[types.ModuleType, types.ModuleType]:
 
 def _msgpack_impl(msgpack: types.ModuleType) -> types.ModuleType:
     """msgpack's implementation module: its C extension, else its pure-Python one."""
-    impl = getattr(msgpack, "_cmsgpack", None) or importlib.import_module("msgpack.fallback")
-    return impl
+    return getattr(msgpack, "_cmsgpack", None) or importlib.import_module("msgpack.fallback")
 
 
 def unpatched_msgpack() -> tuple[Callable[..., bytes], Callable[..., Any], types.ModuleType]:
