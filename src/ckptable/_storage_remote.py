@@ -21,6 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 from ckptable._positioned import read_fully
 from ckptable._storage_concurrent import DEFAULT_REMOTE_CONCURRENCY, SPILL_BYTES
 from ckptable._storage_filebuffer import copy_into
+from ckptable._storage_s3fs import DIRECT_PUT_BYTES, MAX_PUT_BYTES, s3_requests
 
 if TYPE_CHECKING:
     from ckptable._storage import EntryKind
@@ -260,12 +261,19 @@ class FsspecStorage(_RemoteStorage):
         # and no directories below: making one is a no-op there, and fsspec's makedirs
         # would create a missing bucket, which a save must never do.
         self._bucketed = callable(getattr(filesystem, "split_path", None))
+        # s3fs: big files go up from, and come down into, the pipeline's own memory
+        # (see ckptable._storage_s3fs); None for the other filesystems.
+        self._s3 = s3_requests(filesystem)
 
-    #: ``write_bytes`` is given ``bytes`` by the concurrent writes, not the ``bytearray``
-    #: they hold a file in: botocore (s3fs) copies a ``bytearray`` body more than once on
-    #: its way out (measured with ``tracemalloc``, one 64 MiB ``pipe_file`` on the S3 test
-    #: server: 187 MiB of new memory for a ``bytearray``, 64-76 MiB for ``bytes``).
-    takes_bytes = True
+    @property
+    def takes_bytes(self) -> bool:
+        """Whether ``write_bytes`` wants ``bytes``, not the ``bytearray`` the concurrent
+        writes hold a file in: true for fsspec filesystems other than s3fs. s3fs copies
+        a ``bytearray`` body more than once on its way out (measured with
+        ``tracemalloc``, one 64 MiB ``pipe_file`` on the S3 test server: 187 MiB of new
+        memory for a ``bytearray``, 64-76 MiB for ``bytes``), which the direct upload
+        (:meth:`~ckptable._storage_s3fs.S3Requests.put`) avoids."""
+        return self._s3 is None
 
     @property
     def stream_bytes(self) -> int:
@@ -274,6 +282,10 @@ class FsspecStorage(_RemoteStorage):
         ``open`` (a multipart upload). See :mod:`ckptable._storage_concurrent`."""
         chunk = getattr(self.filesystem, "default_block_size", None)
         return 2 * chunk - 1 if isinstance(chunk, int) and chunk > 0 else SPILL_BYTES
+
+    @property
+    def _max_put(self) -> int:
+        return min(self.stream_bytes, MAX_PUT_BYTES)
 
     def display(self, path: str) -> str:
         return str(self.filesystem.unstrip_protocol(path))
@@ -335,9 +347,14 @@ class FsspecStorage(_RemoteStorage):
 
     @contextlib.contextmanager
     def ranged_into(self, path: str) -> Iterator[Callable[[int, memoryview], int]]:
-        """``read_into(offset, view)``: one ranged read (``cat_file``) copied into
-        ``view`` (numpy's copy, without the GIL, where numpy is there); returns the bytes
-        filled (fewer at the file's end). Callable from many threads at once."""
+        """``read_into(offset, view)``: one ranged read into ``view``; returns the bytes
+        filled (fewer at the file's end). Callable from many threads at once. On s3fs
+        the response body is read into ``view`` as it arrives; elsewhere ``cat_file``'s
+        bytes are copied into it (numpy's copy, without the GIL, where numpy is there)."""
+        direct = self._s3
+        if direct is not None:
+            yield lambda offset, view: direct.read_into(path, offset, view)
+            return
 
         def read_into(offset: int, view: memoryview) -> int:
             data = self.filesystem.cat_file(path, start=offset, end=offset + len(view))
@@ -354,7 +371,15 @@ class FsspecStorage(_RemoteStorage):
             self.filesystem.mkdir(path, create_parents=False)
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        self.filesystem.pipe_file(path, data)
+        direct = self._s3
+        if direct is not None and DIRECT_PUT_BYTES <= len(data) <= self._max_put:
+            # From ``data``'s own memory in one PutObject (as ``pipe_file`` sends a file
+            # below two of its chunks; longer ones go as its multipart upload).
+            direct.put(path, data)
+        elif direct is not None and type(data) is not bytes:
+            self.filesystem.pipe_file(path, bytes(data))
+        else:
+            self.filesystem.pipe_file(path, data)
 
     def read_bytes(self, path: str) -> bytes:
         return bytes(self.filesystem.cat_file(path))
