@@ -160,6 +160,138 @@ def test_a_store_that_ignores_the_range_is_an_error(
         direct.read_into(key, 10, memoryview(bytearray(1000)))
 
 
+def test_a_store_that_ignores_the_range_past_the_start_is_an_error(
+    direct: S3Requests, s3fs_s3: Any, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the object's start only a partial response holds the range's bytes, even
+    where the whole object fits the view."""
+    s3fs_s3.pipe_file(key, _data(1000, seed=10))
+    real = s3fs_s3._call_s3
+
+    async def whole(method: str, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("Range", None)
+        return await real(method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs_s3, "_call_s3", whole)
+    view = memoryview(bytearray(4000))
+    with pytest.raises(OSError, match="from offset 10, the store sent no range"):
+        direct.read_into(key, 10, view)
+
+
+def test_a_body_longer_than_the_range_is_an_error_without_a_length_header(
+    direct: S3Requests, s3fs_s3: Any, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _data(1 << 20, seed=11)
+    s3fs_s3.pipe_file(key, data)
+    real = s3fs_s3._call_s3
+
+    async def whole_unsized(method: str, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("Range", None)  # the whole object, and no length to tell
+        response = await real(method, *args, **kwargs)
+        response.pop("ContentLength", None)
+        return response
+
+    monkeypatch.setattr(s3fs_s3, "_call_s3", whole_unsized)
+    with pytest.raises(OSError, match="from offset 0, the store sent more"):
+        direct.read_into(key, 0, memoryview(bytearray(1000)))
+
+
+def test_a_read_that_fills_its_view_still_reads_to_the_bodys_end(
+    direct: S3Requests, s3fs_s3: Any, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiobotocore compares a body's length and checksum with the headers when a read
+    finds its end: the last read of a range returns nothing."""
+    data = _data(2 << 20, seed=12)
+    s3fs_s3.pipe_file(key, data)
+    real = s3fs_s3._call_s3
+    reads: list[int] = []
+
+    async def watched(method: str, *args: Any, **kwargs: Any) -> Any:
+        response = await real(method, *args, **kwargs)
+        body = response["Body"]
+        readinto = body.readinto
+
+        async def counted(buffer: Any) -> int:
+            n: int = await readinto(buffer)
+            reads.append(n)
+            return n
+
+        body.readinto = counted
+        return response
+
+    monkeypatch.setattr(s3fs_s3, "_call_s3", watched)
+    view = memoryview(bytearray(len(data)))
+    assert direct.read_into(key, 0, view) == len(data) and bytes(view) == data
+    assert reads[-1] == 0 and sum(reads) == len(data)
+
+
+def test_a_body_without_readinto_is_read_in_chunks(
+    direct: S3Requests, s3fs_s3: Any, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiobotocore before 2.23 has no ``readinto``: its ``read`` is used, chunk by chunk,
+    with the same result."""
+    data = _data((3 << 20) + 5, seed=13)
+    s3fs_s3.pipe_file(key, data)
+    real = s3fs_s3._call_s3
+    asked: list[int] = []
+
+    class OldBody:
+        def __init__(self, body: Any) -> None:
+            self._body = body
+
+        async def read(self, amount: int | None = None) -> bytes:
+            asked.append(amount or -1)
+            chunk: bytes = await self._body.read(amount)
+            return chunk
+
+        def close(self) -> None:
+            self._body.close()
+
+    async def old(method: str, *args: Any, **kwargs: Any) -> Any:
+        response = await real(method, *args, **kwargs)
+        response["Body"] = OldBody(response["Body"])
+        return response
+
+    monkeypatch.setattr(s3fs_s3, "_call_s3", old)
+    view = memoryview(bytearray(len(data)))
+    assert direct.read_into(key, 0, view) == len(data) and bytes(view) == data
+    assert asked and max(asked) <= 1 << 20  # chunks, never the whole range at once
+    tail = memoryview(bytearray(100))
+    assert direct.read_into(key, len(data) - 40, tail) == 40
+    assert bytes(tail[:40]) == data[-40:]
+
+
+def test_reads_and_uploads_carry_the_filesystems_own_arguments(
+    s3_server: S3Server,
+) -> None:
+    """What s3fs adds to its own calls (``s3_additional_kwargs``, a version id in the
+    path of a version-aware filesystem) reaches the direct requests too."""
+    bucket = f"versioned-{uuid.uuid4().hex[:12]}"
+    client = s3_server.boto3_client()
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    fs = s3_server.s3fs_filesystem(
+        version_aware=True,
+        s3_additional_kwargs={"ServerSideEncryption": "AES256"},
+        skip_instance_cache=True,
+    )
+    direct = s3_requests(fs)
+    assert direct is not None
+    path = f"{bucket}/object"
+    first, second = _data(DIRECT_PUT_BYTES, seed=14), _data(DIRECT_PUT_BYTES, seed=15)
+    direct.put(path, bytearray(first))
+    direct.put(path, bytearray(second))
+    head = client.head_object(Bucket=bucket, Key="object")
+    assert head["ServerSideEncryption"] == "AES256"
+    versions = client.list_object_versions(Bucket=bucket, Prefix="object")["Versions"]
+    assert len(versions) == 2
+    (oldest,) = [v["VersionId"] for v in versions if not v["IsLatest"]]
+    view = memoryview(bytearray(1000))
+    assert direct.read_into(f"{path}?versionId={oldest}", 100, view) == 1000
+    assert bytes(view) == first[100:1100]
+    assert direct.read_into(path, 100, view) == 1000 and bytes(view) == second[100:1100]
+
+
 # --------------------------------------------------------------------------- uploads
 
 
@@ -172,6 +304,9 @@ def test_put_stores_any_buffer_whole(direct: S3Requests, s3fs_s3: Any, key: str,
         "memoryview": lambda: memoryview(bytearray(data)),
         "numpy": lambda: np.frombuffer(data, dtype=np.uint8).copy(),
     }[kind]()
+    parent = key.rsplit("/", 1)[0]
+    s3fs_s3.pipe_file(f"{parent}/other", b"x")
+    s3fs_s3.ls(parent)  # now in s3fs's listing cache, without the object
     direct.put(key, buffer)
     assert s3fs_s3.cat_file(key) == data
     assert s3fs_s3.size(key) == len(data)  # s3fs's listing cache was told

@@ -7,7 +7,10 @@ them once more than the request needs:
   chunks joined), which the restore then copies into the memory its arrays keep: every
   byte is faulted in and written twice. :meth:`S3Requests.read_into` reads the response
   body straight into that memory (aiobotocore's ``readinto``, chunk by chunk as aiohttp
-  receives them), as pyarrow's ``readinto`` does.
+  receives them; before aiobotocore 2.23, each chunk ``read`` returns copied in), as
+  pyarrow's ``readinto`` does. It reads on to the body's end, where aiobotocore checks
+  the body's length and checksum against the headers, and refuses a response that is
+  not the range asked for (longer, or past the object's start not a partial one).
 - ``pipe_file`` needs ``bytes`` (botocore refuses a ``memoryview`` and copies a
   ``bytearray`` body more than once): the save's held file was copied into ``bytes``
   before its upload. :meth:`S3Requests.put` sends one ``PutObject`` whose body is a
@@ -40,6 +43,9 @@ DIRECT_PUT_BYTES = 1 << 20
 #: S3's limit on one ``PutObject`` (as s3fs counts it); the storage sends longer files as
 #: multipart uploads, well before this.
 MAX_PUT_BYTES = 5 * 2**30 - 1
+
+#: The most read at once where the response body has no ``readinto``.
+_CHUNK_BYTES = 1 << 20
 
 _NEEDED = ("_call_s3", "get_s3", "set_session", "_get_s3_method_kwargs", "split_path")
 
@@ -90,19 +96,21 @@ class S3Requests:
             )
             body = response["Body"]
             try:
-                length = response.get("ContentLength")
-                if isinstance(length, int) and length > len(view):
-                    # A store that ignored the range: what it sends is not these bytes.
-                    raise OSError(
-                        f"{fs.unstrip_protocol(path)}: asked for {len(view)} bytes from "
-                        f"offset {offset}, the store sent {length}."
-                    )
+                _check_range(response, offset, len(view), fs.unstrip_protocol(path))
                 filled = 0
                 while filled < len(view):
-                    n = await body.readinto(view[filled:])
+                    n = await _read_some(body, view[filled:])
                     if not n:
-                        break  # the object's end (a short body is raised by aiobotocore)
+                        return filled  # the object's end (aiobotocore checked the length)
                     filled += n
+                # One more read, which must find the body's end: a store that ignored
+                # the range sends more; and it is at the end that aiobotocore compares
+                # the body's length and checksum with the response's headers.
+                if await _read_some(body, memoryview(bytearray(1))):
+                    raise OSError(
+                        f"{fs.unstrip_protocol(path)}: asked for {len(view)} bytes from "
+                        f"offset {offset}, the store sent more."
+                    )
                 return filled
             finally:
                 body.close()
@@ -131,6 +139,36 @@ class S3Requests:
 
         await self._error_wrapper(attempt, retries=fs.retries)
         fs.invalidate_cache(path)
+
+
+def _check_range(response: dict[str, Any], offset: int, size: int, shown: str) -> None:
+    """Refuse a response that is not the range asked for: too long, or (past the
+    object's start, where only the range's own bytes are right) not a partial one."""
+    length = response.get("ContentLength")
+    if isinstance(length, int) and length > size:
+        raise OSError(
+            f"{shown}: asked for {size} bytes from offset {offset}, the store sent {length}."
+        )
+    content_range = response.get("ContentRange")
+    if offset and not (
+        isinstance(content_range, str) and content_range.startswith(f"bytes {offset}-")
+    ):
+        raise OSError(
+            f"{shown}: asked for {size} bytes from offset {offset}, the store sent "
+            f"{'the range ' + content_range if content_range else 'no range'}."
+        )
+
+
+async def _read_some(body: Any, view: memoryview) -> int:
+    """Read what the response body has next into ``view``; 0 at its end. aiobotocore's
+    ``readinto`` (2.23 and later) writes the received chunk into ``view``; before it,
+    ``read`` returns the chunk, copied in here (a chunk, never the whole range)."""
+    readinto = getattr(body, "readinto", None)
+    if readinto is not None:
+        return int(await readinto(view))
+    chunk = await body.read(min(len(view), _CHUNK_BYTES))
+    view[: len(chunk)] = chunk
+    return len(chunk)
 
 
 class ViewBody(io.RawIOBase):
