@@ -802,8 +802,9 @@ def test_four_big_files_of_a_save_upload_at_once_under_the_default_bound(
 
 
 def test_a_held_file_reaches_a_storage_that_takes_bytes_as_bytes(tmp_path: Path) -> None:
-    """s3fs (through botocore) copies a ``bytearray`` body more than once: an fsspec
-    storage is handed ``bytes``; another storage gets the held ``bytearray`` itself."""
+    """botocore copies a ``bytearray`` body more than once, so fsspec filesystems get
+    ``bytes`` (s3fs itself is sent the held memory through ckptable's own request, see
+    ``test_storage_s3fs.py``); another storage gets the held ``bytearray`` itself."""
     import fsspec
 
     from ckptable._storage_remote import FsspecStorage
