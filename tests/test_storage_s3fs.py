@@ -15,6 +15,7 @@ import gc
 import io
 import tracemalloc
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,32 @@ def _peak(run: Any) -> int:
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def _intercept_gets(
+    monkeypatch: pytest.MonkeyPatch,
+    fs: Any,
+    *,
+    request: Callable[[dict[str, Any]], None] | None = None,
+    response: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """Fault injection: ``request`` changes the arguments of each ``get_object`` call
+    s3fs makes, ``response`` its response (both in place)."""
+    real = fs._call_s3
+
+    async def call(method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "get_object" and request is not None:
+            request(kwargs)
+        result = await real(method, *args, **kwargs)
+        if method == "get_object" and response is not None:
+            response(result)
+        return result
+
+    monkeypatch.setattr(fs, "_call_s3", call)
+
+
+def _without_range(arguments: dict[str, Any]) -> None:
+    arguments.pop("Range", None)  # as a store that answers a ranged GET with the object
 
 
 # --------------------------------------------------------------------------- who gets it
@@ -117,26 +144,24 @@ def test_a_read_that_fails_part_way_is_retried_from_the_ranges_start(
 
     data = _data(4 << 20, seed=2)
     s3fs_s3.pipe_file(key, data)
-    real = s3fs_s3._call_s3
     broken: list[int] = []
 
-    async def flaky(method: str, *args: Any, **kwargs: Any) -> Any:
-        response = await real(method, *args, **kwargs)
-        if method == "get_object" and not broken:
-            body = response["Body"]
-            readinto = body.readinto
+    def break_the_first(response: dict[str, Any]) -> None:
+        if broken:
+            return
+        body = response["Body"]
+        readinto = body.readinto
 
-            async def fail_after_a_chunk(buffer: Any) -> int:
-                if broken:
-                    raise ClientPayloadError("injected: the connection dropped")
-                broken.append(1)
-                n: int = await readinto(memoryview(buffer)[:65536])
-                return n
+        async def fail_after_a_chunk(buffer: Any) -> int:
+            if broken:
+                raise ClientPayloadError("injected: the connection dropped")
+            broken.append(1)
+            n: int = await readinto(memoryview(buffer)[:65536])
+            return n
 
-            body.readinto = fail_after_a_chunk
-        return response
+        body.readinto = fail_after_a_chunk
 
-    monkeypatch.setattr(s3fs_s3, "_call_s3", flaky)
+    _intercept_gets(monkeypatch, s3fs_s3, response=break_the_first)
     view = memoryview(bytearray(len(data)))
     view[:] = b"\xaa" * len(data)
     assert direct.read_into(key, 0, view) == len(data)
@@ -149,13 +174,7 @@ def test_a_store_that_ignores_the_range_is_an_error(
 ) -> None:
     data = _data(1 << 20, seed=3)
     s3fs_s3.pipe_file(key, data)
-    real = s3fs_s3._call_s3
-
-    async def whole(method: str, *args: Any, **kwargs: Any) -> Any:
-        kwargs.pop("Range", None)  # as a store that answers a ranged GET with the object
-        return await real(method, *args, **kwargs)
-
-    monkeypatch.setattr(s3fs_s3, "_call_s3", whole)
+    _intercept_gets(monkeypatch, s3fs_s3, request=_without_range)
     with pytest.raises(OSError, match="asked for 1000 bytes from offset 10, the store sent"):
         direct.read_into(key, 10, memoryview(bytearray(1000)))
 
@@ -166,13 +185,7 @@ def test_a_store_that_ignores_the_range_past_the_start_is_an_error(
     """Past the object's start only a partial response holds the range's bytes, even
     where the whole object fits the view."""
     s3fs_s3.pipe_file(key, _data(1000, seed=10))
-    real = s3fs_s3._call_s3
-
-    async def whole(method: str, *args: Any, **kwargs: Any) -> Any:
-        kwargs.pop("Range", None)
-        return await real(method, *args, **kwargs)
-
-    monkeypatch.setattr(s3fs_s3, "_call_s3", whole)
+    _intercept_gets(monkeypatch, s3fs_s3, request=_without_range)
     view = memoryview(bytearray(4000))
     with pytest.raises(OSError, match="from offset 10, the store sent no range"):
         direct.read_into(key, 10, view)
@@ -183,15 +196,13 @@ def test_a_body_longer_than_the_range_is_an_error_without_a_length_header(
 ) -> None:
     data = _data(1 << 20, seed=11)
     s3fs_s3.pipe_file(key, data)
-    real = s3fs_s3._call_s3
-
-    async def whole_unsized(method: str, *args: Any, **kwargs: Any) -> Any:
-        kwargs.pop("Range", None)  # the whole object, and no length to tell
-        response = await real(method, *args, **kwargs)
-        response.pop("ContentLength", None)
-        return response
-
-    monkeypatch.setattr(s3fs_s3, "_call_s3", whole_unsized)
+    # The whole object, and no length to tell.
+    _intercept_gets(
+        monkeypatch,
+        s3fs_s3,
+        request=_without_range,
+        response=lambda response: response.pop("ContentLength", None),
+    )
     with pytest.raises(OSError, match="from offset 0, the store sent more"):
         direct.read_into(key, 0, memoryview(bytearray(1000)))
 
@@ -203,11 +214,9 @@ def test_a_read_that_fills_its_view_still_reads_to_the_bodys_end(
     finds its end: the last read of a range returns nothing."""
     data = _data(2 << 20, seed=12)
     s3fs_s3.pipe_file(key, data)
-    real = s3fs_s3._call_s3
     reads: list[int] = []
 
-    async def watched(method: str, *args: Any, **kwargs: Any) -> Any:
-        response = await real(method, *args, **kwargs)
+    def watch(response: dict[str, Any]) -> None:
         body = response["Body"]
         readinto = body.readinto
 
@@ -217,9 +226,8 @@ def test_a_read_that_fills_its_view_still_reads_to_the_bodys_end(
             return n
 
         body.readinto = counted
-        return response
 
-    monkeypatch.setattr(s3fs_s3, "_call_s3", watched)
+    _intercept_gets(monkeypatch, s3fs_s3, response=watch)
     view = memoryview(bytearray(len(data)))
     assert direct.read_into(key, 0, view) == len(data) and bytes(view) == data
     assert reads[-1] == 0 and sum(reads) == len(data)
@@ -232,7 +240,6 @@ def test_a_body_without_readinto_is_read_in_chunks(
     with the same result."""
     data = _data((3 << 20) + 5, seed=13)
     s3fs_s3.pipe_file(key, data)
-    real = s3fs_s3._call_s3
     asked: list[int] = []
 
     class OldBody:
@@ -247,12 +254,10 @@ def test_a_body_without_readinto_is_read_in_chunks(
         def close(self) -> None:
             self._body.close()
 
-    async def old(method: str, *args: Any, **kwargs: Any) -> Any:
-        response = await real(method, *args, **kwargs)
+    def make_old(response: dict[str, Any]) -> None:
         response["Body"] = OldBody(response["Body"])
-        return response
 
-    monkeypatch.setattr(s3fs_s3, "_call_s3", old)
+    _intercept_gets(monkeypatch, s3fs_s3, response=make_old)
     view = memoryview(bytearray(len(data)))
     assert direct.read_into(key, 0, view) == len(data) and bytes(view) == data
     assert asked and max(asked) <= 1 << 20  # chunks, never the whole range at once
@@ -373,7 +378,7 @@ def test_the_view_body_reads_seeks_and_rewinds_like_a_file() -> None:
     assert body.seek(0) == 0 and body.read() == data
     assert body.seek(7) == 7 and body.seek(3, io.SEEK_CUR) == 10 and body.read(2) == data[10:12]
     assert body.seek(len(data) + 10) == len(data) + 10 and body.read() == b""
-    with pytest.raises(ValueError, match="negative position"):
+    with pytest.raises(ValueError, match="negative seek position"):
         body.seek(-1)
     with pytest.raises(ValueError, match="invalid whence"):
         body.seek(0, 7)

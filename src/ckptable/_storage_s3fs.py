@@ -32,8 +32,9 @@ are s3fs's own (its translation to ``FileNotFoundError``, ``PermissionError``, .
 
 from __future__ import annotations
 
-import io
 from typing import Any
+
+from ckptable._positioned import PositionedReader
 
 __all__ = ["DIRECT_PUT_BYTES", "MAX_PUT_BYTES", "S3Requests", "ViewBody", "s3_requests"]
 
@@ -171,54 +172,32 @@ async def _read_some(body: Any, view: memoryview) -> int:
     return len(chunk)
 
 
-class ViewBody(io.RawIOBase):
+class ViewBody(PositionedReader):
     """A seekable reader over a buffer, with a length: a request body that botocore
     streams (and rewinds for its own retries) without copying the buffer whole."""
 
     def __init__(self, view: memoryview) -> None:
         super().__init__()
         self._view = view
-        self._position = 0
+        self._pos = 0
 
     def __len__(self) -> int:
         return len(self._view)
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            position = offset
-        elif whence == io.SEEK_CUR:
-            position = self._position + offset
-        elif whence == io.SEEK_END:
-            position = len(self._view) + offset
-        else:
-            raise ValueError(f"invalid whence {whence}")
-        if position < 0:
-            raise ValueError(f"negative position {position}")
-        self._position = position
-        return position
+    def _length(self) -> int:
+        return len(self._view)
 
     def read(self, size: int | None = -1) -> bytes:
-        start = min(self._position, len(self._view))
+        # One copy per chunk (the base class's would read into a bytearray first).
+        start = min(self._pos, len(self._view))
         end = len(self._view) if size is None or size < 0 else min(start + size, len(self._view))
-        self._position = end
+        self._pos = max(self._pos, end)
         return bytes(self._view[start:end])
-
-    def readall(self) -> bytes:
-        return self.read(-1)
 
     def readinto(self, buffer: Any) -> int:
         target = memoryview(buffer).cast("B")
-        start = min(self._position, len(self._view))
+        start = min(self._pos, len(self._view))
         n = min(len(target), len(self._view) - start)
         target[:n] = self._view[start : start + n]
-        self._position = start + n
+        self._pos += n
         return n
