@@ -268,11 +268,12 @@ class FsspecStorage(_RemoteStorage):
     @property
     def takes_bytes(self) -> bool:
         """Whether ``write_bytes`` wants ``bytes``, not the ``bytearray`` the concurrent
-        writes hold a file in: true for fsspec filesystems other than s3fs. s3fs copies
-        a ``bytearray`` body more than once on its way out (measured with
-        ``tracemalloc``, one 64 MiB ``pipe_file`` on the S3 test server: 187 MiB of new
-        memory for a ``bytearray``, 64-76 MiB for ``bytes``), which the direct upload
-        (:meth:`~ckptable._storage_s3fs.S3Requests.put`) avoids."""
+        writes hold a file in: true for fsspec filesystems other than s3fs, whose
+        clients may copy any other buffer again (botocore, under s3fs's ``pipe_file``,
+        copied a ``bytearray`` body more than once: with ``tracemalloc``, one 64 MiB
+        ``pipe_file`` on the S3 test server took 187 MiB of new memory for a
+        ``bytearray``, 64-76 MiB for ``bytes``). s3fs is sent the held memory itself
+        (:meth:`~ckptable._storage_s3fs.S3Requests.put`)."""
         return self._s3 is None
 
     @property
