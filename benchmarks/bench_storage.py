@@ -6,7 +6,9 @@ arrays in 4 leaves; ``--big-mib``, ``--big-leaves``) or a *wide* one (1,000 leav
 restored in both state formats (cloudpickle, and msgpack via ``use_msgpack=True``) on two
 storages: the local disk (``--dir``) and an S3-compatible server (moto's, on the
 loopback, in a child process; ``tests/s3_server.py``). On S3 it runs once per client
-library (``--s3-clients``: pyarrow's ``S3FileSystem``, s3fs) and per added round-trip
+library (``--s3-clients``: pyarrow's ``S3FileSystem``, s3fs; also obstore, on request:
+ckptable gets its fsspec adapter, the plain baselines its own ``put``/``get``) and per
+added round-trip
 time (``--s3-rtts``, default 20 ms: a latency proxy in front of the server,
 ``tests/latency_proxy.py``); ckptable gets the client's filesystem as ``filesystem=``,
 and so does RLlib's ``Checkpointable`` (s3fs wrapped in
@@ -51,7 +53,8 @@ Run from the repository root::
         --s3-big-mib 256 --s3-leaves 100 --out docs/benchmarks.md \\
         --section "Storage and formats" --plot docs/img/storage_formats.png
 
-S3 flags: ``--s3-clients pyarrow,s3fs`` (default both), ``--s3-rtts 0,20`` (round-trip
+S3 flags: ``--s3-clients pyarrow,s3fs`` (default both; ``obstore`` too, if installed),
+``--s3-rtts 0,20`` (round-trip
 times in ms added by the proxy, one run each; default 20; ``--s3-rtt-ms N`` is
 ``--s3-rtts N``; 0 connects to the server directly), ``--s3-threads 32`` (requests in
 flight of the plain concurrent baseline; s3fs gets as many pooled connections),
@@ -125,6 +128,9 @@ DEFAULT_S3_REPEATS = 3
 #: Wide on S3: 100 leaves (each costs requests, and moto milliseconds per request).
 DEFAULT_S3_LEAVES = 100
 S3_CLIENTS = ("pyarrow", "s3fs")
+#: ``--s3-clients`` may also name obstore (``pip install obstore``): ckptable reaches it
+#: through obstore's fsspec adapter, the plain baselines through its own calls.
+S3_CLIENT_CHOICES = (*S3_CLIENTS, "obstore")
 #: The round-trip times (ms) the latency proxy adds by default: a region close by.
 DEFAULT_S3_RTTS = (20.0,)
 #: Requests in flight of the plain concurrent baseline (and s3fs's connection pool).
@@ -388,6 +394,14 @@ class S3Place:
                 pyarrow.fs.FSSpecHandler(self.filesystem)
             )
             self.plain_filesystem = self.filesystem
+        elif client == "obstore":
+            self.filesystem = server.obstore_filesystem()
+            # RLlib writes through pyarrow's file API, whose buffers obstore's fsspec
+            # writer refuses ("not compatible with u8"): RLlib gets pyarrow's own S3.
+            self.rllib_filesystem = server.pyarrow_filesystem()
+            self.plain_filesystem = self.filesystem
+            #: obstore's own stores (one per bucket) for the plain baselines.
+            self.stores: dict[str, Any] = {}
         else:
             raise ValueError(client)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="plain-s3")
@@ -409,12 +423,24 @@ class S3Place:
 
     # ------------------------------------------------------------------ one object
 
+    def _store(self, key: str) -> tuple[Any, str]:
+        """obstore: the store of ``key``'s bucket, and the key within it."""
+        bucket, _, name = key.partition("/")
+        if bucket not in self.stores:
+            self.stores[bucket] = self.server.obstore_store(bucket)
+        return self.stores[bucket], name
+
     def put(self, key: str, payload: Payload) -> None:
         """One object holding ``payload``'s bytes: one PUT (multipart above the
         client's part size)."""
         if self.client == "pyarrow":
             with self.plain_filesystem.open_output_stream(key) as f:
                 f.write(payload)
+        elif self.client == "obstore":  # the array's memory itself
+            import obstore
+
+            store, name = self._store(key)
+            obstore.put(store, name, memoryview(payload).cast("B"))
         else:  # botocore takes bytes, not buffers: arrays are copied once
             data = payload.tobytes() if isinstance(payload, np.ndarray) else payload
             self.plain_filesystem.pipe_file(key, data)
@@ -430,6 +456,13 @@ class S3Place:
             with self.plain_filesystem.open_input_stream(key) as f:
                 data: bytes = f.read(nbytes)
             return data
+        if self.client == "obstore":  # its ``Bytes``: the downloaded memory, no copy
+            import obstore
+
+            store, name = self._store(key)
+            if not nbytes:
+                return obstore.get(store, name).bytes()  # type: ignore[no-any-return]
+            return obstore.get_range(store, name, start=0, end=nbytes)  # type: ignore[no-any-return]
         if not nbytes:  # (a range of 0 bytes is no range)
             return bytes(self.plain_filesystem.cat_file(key))
         return bytes(self.plain_filesystem.cat_file(key, start=0, end=nbytes))
@@ -1237,11 +1270,18 @@ CLIENT_TEXT = {
     "pyarrow": '`pyarrow.fs.S3FileSystem(endpoint_override=..., scheme="http")`',
     "s3fs": '`s3fs.S3FileSystem(client_kwargs={{"endpoint_url": ...}}, config_kwargs='
     '{{"max_pool_connections": {pool}}})`',
+    "obstore": '`obstore.fsspec.FsspecStore("s3", endpoint=..., client_options='
+    '{{"allow_http": True}})` for ckptable and RLlib, `obstore.store.S3Store` per bucket '
+    "for the plain baselines",
 }
 FILESYSTEMS_TEXT = {
     "pyarrow": "ckptable and RLlib get the same filesystem as `filesystem=`.",
     "s3fs": "ckptable gets it as `filesystem=`; RLlib, which takes pyarrow filesystems only, "
     "gets it wrapped in `pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(...))`.",
+    "obstore": "ckptable gets obstore's fsspec adapter as `filesystem=` (its generic fsspec "
+    "path: `pipe_file` and `cat_file`). RLlib gets pyarrow's `S3FileSystem`: it writes "
+    "through pyarrow's file API, whose buffers obstore's fsspec writer refuses "
+    "(`BufferError: buffer contents are not compatible with u8`).",
 }
 PLAIN_CALLS = {
     "pyarrow": (
@@ -1251,6 +1291,10 @@ PLAIN_CALLS = {
         "`open_input_stream(...).read(size)`",
     ),
     "s3fs": ("`pipe_file` (arrays copied to bytes, which botocore needs)", "`cat_file(end=size)`"),
+    "obstore": (
+        "`obstore.put` of the array's memory",
+        "`obstore.get_range(end=size)` (obstore's `Bytes`, not copied)",
+    ),
 }
 
 
@@ -1416,11 +1460,16 @@ def run_facts(bench_dir: str, place: Place, gauge: tuple[float, float]) -> list[
     versions = ["msgpack", "msgpack-numpy", "xxhash"]
     if isinstance(place, S3Place):
         versions += ["moto", *(["s3fs", "aiobotocore"] if place.client == "s3fs" else [])]
+        versions += ["obstore"] if place.client == "obstore" else []
     for package in versions:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             facts.append((package, importlib.metadata.version(package)))
     if isinstance(place, S3Place):
-        client = {"pyarrow": "pyarrow S3FileSystem", "s3fs": "s3fs S3FileSystem"}[place.client]
+        client = {
+            "pyarrow": "pyarrow S3FileSystem",
+            "s3fs": "s3fs S3FileSystem",
+            "obstore": "obstore (fsspec adapter for ckptable and RLlib, S3Store for plain I/O)",
+        }[place.client]
         latency = (
             f"through a latency proxy adding {place.rtt_ms:g} ms per round trip"
             if place.rtt_ms
@@ -1533,7 +1582,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--s3-clients",
         default=",".join(S3_CLIENTS),
-        help="S3 client libraries, one run each: pyarrow,s3fs (default: both)",
+        help="S3 client libraries, one run each: pyarrow,s3fs,obstore (default: pyarrow,s3fs)",
     )
     parser.add_argument(
         "--s3-rtts",
@@ -1584,7 +1633,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ("workloads", WORKLOADS),
         ("formats", FORMATS),
         ("storages", STORAGES),
-        ("s3_clients", S3_CLIENTS),
+        ("s3_clients", S3_CLIENT_CHOICES),
     ):
         chosen = [item.strip() for item in getattr(args, flag).split(",") if item.strip()]
         unknown = sorted(set(chosen) - set(choices))

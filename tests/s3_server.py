@@ -158,6 +158,29 @@ class S3Server:
             **options,
         )
 
+    def obstore_store(self, bucket: str) -> Any:
+        """``obstore.store.S3Store`` of ``bucket`` on this endpoint (the benchmark's plain
+        obstore baselines; ``pip install obstore``)."""
+        from obstore.store import S3Store
+
+        return S3Store(bucket, **self._obstore_options())
+
+    def obstore_filesystem(self) -> Any:
+        """obstore's fsspec adapter (``obstore.fsspec.FsspecStore``) on this endpoint:
+        ``bucket/key`` paths, as s3fs's."""
+        from obstore.fsspec import FsspecStore
+
+        return FsspecStore("s3", **self._obstore_options())
+
+    def _obstore_options(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint_url,
+            "access_key_id": ACCESS_KEY,
+            "secret_access_key": SECRET_KEY,
+            "region": REGION,
+            "client_options": {"allow_http": True},
+        }
+
     # ------------------------------------------------------------------ request counts
 
     def counts(self, detail: bool = False) -> dict[str, int]:
