@@ -1,6 +1,7 @@
 """A read-only binary stream with a position of its own over a known length: what the
 readers of a file in memory or in ranges share (``_storage_filebuffer``,
-``_storage_ranged``, and the verified bytes ``_restore_decode`` holds)."""
+``_storage_ranged``); and :class:`MemoryReader`, one over bytes in memory (the verified
+bytes ``_restore_decode`` holds, an upload's body in ``_storage_s3fs``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PositionedReader", "read_fully"]
+__all__ = ["MemoryReader", "PositionedReader", "read_fully"]
 
 
 def read_fully(readinto: Callable[[Any], int | None], view: memoryview) -> int:
@@ -61,3 +62,30 @@ class PositionedReader(io.RawIOBase):
         buffer = bytearray(max(0, self._length() - self._pos))
         n = read_fully(self.readinto, memoryview(buffer))
         return bytes(buffer) if n == len(buffer) else bytes(buffer[:n])
+
+
+class MemoryReader(PositionedReader):
+    """A :class:`PositionedReader` over bytes held in memory (a ``memoryview``); ``read``
+    copies each piece once."""
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__()
+        self._data = data
+        self._pos = 0
+
+    def _length(self) -> int:
+        return len(self._data)
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = min(self._pos, len(self._data))
+        end = len(self._data) if size is None or size < 0 else min(start + size, len(self._data))
+        self._pos = max(self._pos, end)
+        return bytes(self._data[start:end])
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        start = min(self._pos, len(self._data))
+        n = min(len(target), len(self._data) - start)
+        target[:n] = self._data[start : start + n]
+        self._pos += n
+        return n

@@ -26,7 +26,7 @@ from ckptable._manifest import (
     require_manifest_unless_foreign,
 )
 from ckptable._pickle_scan import ScannedPickle, map_pickle, read_pickle_unverified
-from ckptable._positioned import PositionedReader
+from ckptable._positioned import MemoryReader
 from ckptable._progress import counted_open
 from ckptable._restore_session import KEEP_TOTAL_BYTES, Level, RestoreOptions, RestoreSession
 from ckptable._storage import LocalStorage, Storage
@@ -263,26 +263,11 @@ def _open_source(
     return storage.open_read(path)
 
 
-class _HeldBytes(PositionedReader):
+class _HeldBytes(MemoryReader):
     """A read-only stream over a file's verified bytes held as a ``memoryview`` (of the
     memory an object store's file was fetched into): ``rest_view()``, as a file fetched
     whole has it, gives a decoder that takes a buffer those bytes without a copy (the
     msgpack codec); ``read`` copies, as any stream's."""
-
-    def __init__(self, data: memoryview) -> None:
-        super().__init__()
-        self._data = data
-        self._pos = 0
-
-    def _length(self) -> int:
-        return len(self._data)
-
-    def readinto(self, buffer: Any) -> int:
-        target = memoryview(buffer).cast("B")
-        n = max(0, min(len(target), len(self._data) - self._pos))
-        target[:n] = self._data[self._pos : self._pos + n]
-        self._pos += n
-        return n
 
     def rest_view(self, take: bool) -> memoryview:
         """The bytes from the position to the end (the position moves there)."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckptable._positioned import PositionedReader
+from ckptable._positioned import MemoryReader
 
 __all__ = ["DIRECT_PUT_BYTES", "MAX_PUT_BYTES", "S3Requests", "ViewBody", "s3_requests"]
 
@@ -172,32 +172,9 @@ async def _read_some(body: Any, view: memoryview) -> int:
     return len(chunk)
 
 
-class ViewBody(PositionedReader):
+class ViewBody(MemoryReader):
     """A seekable reader over a buffer, with a length: a request body that botocore
     streams (and rewinds for its own retries) without copying the buffer whole."""
 
-    def __init__(self, view: memoryview) -> None:
-        super().__init__()
-        self._view = view
-        self._pos = 0
-
     def __len__(self) -> int:
-        return len(self._view)
-
-    def _length(self) -> int:
-        return len(self._view)
-
-    def read(self, size: int | None = -1) -> bytes:
-        # One copy per chunk (the base class's would read into a bytearray first).
-        start = min(self._pos, len(self._view))
-        end = len(self._view) if size is None or size < 0 else min(start + size, len(self._view))
-        self._pos = max(self._pos, end)
-        return bytes(self._view[start:end])
-
-    def readinto(self, buffer: Any) -> int:
-        target = memoryview(buffer).cast("B")
-        start = min(self._pos, len(self._view))
-        n = min(len(target), len(self._view) - start)
-        target[:n] = self._view[start : start + n]
-        self._pos += n
-        return n
+        return len(self._data)
