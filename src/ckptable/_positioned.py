@@ -82,6 +82,9 @@ class MemoryReader(PositionedReader):
         self._pos = max(self._pos, end)
         return bytes(self._data[start:end])
 
+    def readall(self) -> bytes:
+        return self.read(-1)  # one copy (the base class's reads into a bytearray first)
+
     def readinto(self, buffer: Any) -> int:
         target = memoryview(buffer).cast("B")
         start = min(self._pos, len(self._data))
