@@ -52,6 +52,7 @@ from ckptable.ray._transfer import (
     set_default_transfer,
 )
 from ckptable.ray._transfer_direct import direct_allowed
+from ckptable.ray._transfer_fetch import END_GRACE_S
 from ray_actors import Algo, foreach
 from ray_cluster import ObjectStoreSampler
 
@@ -178,6 +179,9 @@ class Probe:
             self.report["shmem_peak_kib"] = max(self.shmem_peak_kib, status_kib("RssShmem"))
             self.report["maxrss_after_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         self.report["failed"] = exc_info[0] is not None
+        # KeyboardInterrupt: the task was cancelled (``ray.cancel``); GeneratorExit: its
+        # stream was closed from outside (a direct connection that went away).
+        self.report["error"] = None if exc_info[0] is None else exc_info[0].__name__
         self._write(".json", self.report)
 
     def _write(self, suffix: str, data: dict[str, Any]) -> None:
@@ -196,7 +200,8 @@ class ProbedTransfer(RayObjectStoreTransfer):
     ``wrap_connection(connection, probe_dir)``: what the reader sends the contents
     through instead of its direct connection. ``refuse_connection``: the reader cannot
     connect (as behind a firewall). Every connection the reader tries is recorded in
-    ``connections.json``.
+    ``connections.json``. ``writer_fails_at``: the writer's disk fails (ENOSPC) as it
+    takes that item of the stream.
     """
 
     def __init__(
@@ -208,9 +213,11 @@ class ProbedTransfer(RayObjectStoreTransfer):
         measure: bool = False,
         wrap_connection: Callable[[Any, str], Any] | None = None,
         refuse_connection: bool = False,
+        writer_fails_at: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.writer_fails_at = writer_fails_at
         self.probe_dir = str(probe_dir)
         self.delay_s = delay_s
         self.fault = fault
@@ -235,7 +242,8 @@ class ProbedTransfer(RayObjectStoreTransfer):
             return [json.loads(line)["connected"] for line in file]
 
     def _read_source(self, src_path: str, algorithm: str) -> Iterator[Any]:
-        with Probe(self.probe_dir, "reader", self.measure):
+        with Probe(self.probe_dir, "reader", self.measure) as probe:
+            probe.report["items"] = 0  # how many of the source's items it yielded
             for index, item in enumerate(super()._read_source(src_path, algorithm)):
                 if self.fault is None:
                     yield item
@@ -244,11 +252,14 @@ class ProbedTransfer(RayObjectStoreTransfer):
                     # list iterator does not have.
                     for out in self.fault(index, item, src_path):  # noqa: UP028
                         yield out
+                probe.report["items"] = index + 1
                 if self.delay_s:
                     time.sleep(self.delay_s)
 
     def _write_destination(self, items: Iterator[Any], tmp_path: str, algorithm: str) -> Any:
         with Probe(self.probe_dir, "writer", self.measure):
+            if self.writer_fails_at is not None:
+                items = failing_at(items, self.writer_fails_at)
             return super()._write_destination(items, tmp_path, algorithm)
 
     def report(self, role: str) -> dict[str, Any]:
@@ -263,6 +274,13 @@ class ProbedTransfer(RayObjectStoreTransfer):
             time.sleep(0.02)
         with open(path) as file:
             return int(json.load(file)["pid"])
+
+
+def failing_at(items: Iterator[Any], index: int) -> Iterator[Any]:
+    for position, item in enumerate(items):
+        if position == index:
+            raise OSError(errno.ENOSPC, "injected write error")
+        yield item
 
 
 @pytest.fixture
@@ -571,6 +589,70 @@ def test_broken_stream_is_a_transfer_error_and_leaves_nothing(
         hook.transfer(src_node, str(source), dst_node, str(dst))
 
     assert_nothing_at(dst)
+
+
+def linger_at_the_end(index: int, item: Any, src_path: str) -> Any:
+    """The reader lingers a little after its end record: ending by itself well within
+    ``END_GRACE_S``, but not before a writer that failed mid-stream closes."""
+    yield item
+    if isinstance(item, tuple) and item[0] == "end":
+        time.sleep(END_GRACE_S / 4)
+
+
+def test_a_reader_ending_by_itself_is_not_cancelled_when_the_writer_fails(
+    ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path, direct: bool
+) -> None:
+    """Cancelling a task just as it completes crashes the worker that owns it (Ray
+    2.60's task manager, seen in CI: the writer's worker died and the transfer's error
+    named a WorkerCrashedError instead of what went wrong). So a writer that fails lets
+    a reader that is ending end by itself, and cancels only one that goes on. (The
+    reader's report is written before its task completes; the writer waits for that.)"""
+    dst = tmp_path / "dst"
+    hook = ProbedTransfer(
+        probe_dir,
+        fault=linger_at_the_end,
+        writer_fails_at=1,
+        chunk_bytes=SMALL_CHUNK,
+        direct=direct,
+    )
+    src_node, dst_node = nodes(ray_cluster, "worker-to-worker")
+
+    with pytest.raises(TransferError, match="injected write error"):
+        hook.transfer(src_node, str(source), dst_node, str(dst))
+
+    assert_nothing_at(dst)
+    reader = hook.report("reader")
+    assert reader["error"] != "KeyboardInterrupt", reader  # not cancelled
+    if not direct:  # nothing stopped it: it sent all its items and ended
+        assert reader["error"] is None and reader["items"] == 16, reader
+
+
+def test_a_reader_going_on_is_cancelled_when_the_writer_fails(
+    ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path, direct: bool
+) -> None:
+    """Reading the whole source would take 32 s; the reader is stopped soon after the
+    writer fails: cancelled after ``END_GRACE_S`` (which takes effect where it next
+    yields to Ray), or, over a direct connection (where it yields nothing until its
+    end), by the writer closing the connection."""
+    dst = tmp_path / "dst"
+    hook = ProbedTransfer(
+        probe_dir, writer_fails_at=1, delay_s=2.0, chunk_bytes=SMALL_CHUNK, direct=direct
+    )
+    src_node, dst_node = nodes(ray_cluster, "worker-to-worker")
+
+    with pytest.raises(TransferError, match="injected write error"):
+        hook.transfer(src_node, str(source), dst_node, str(dst))
+
+    assert_nothing_at(dst)
+    deadline = time.monotonic() + 30
+    while not (probe_dir / "reader.json").exists():
+        assert time.monotonic() < deadline, "the reader did not end"
+        time.sleep(0.05)
+    reader = hook.report("reader")
+    assert reader["failed"] and reader["items"] < 8, reader
+    # Over a direct connection: cancelled, or its send failed first (GeneratorExit).
+    stopped = {"KeyboardInterrupt", "GeneratorExit"} if direct else {"KeyboardInterrupt"}
+    assert reader["error"] in stopped, reader
 
 
 def run_in_thread(call: Callable[[], None]) -> concurrent.futures.Future[None]:

@@ -44,7 +44,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import ray
@@ -210,7 +210,7 @@ def receive_over(
     items: Iterator[Any],
     listener: Listener | None,
     reader_failure: Callable[[float], TransferError | None],
-) -> Iterator[Any]:
+) -> Generator[Any, None, None]:
     """The reader's stream as the writer takes it: at the record ``("direct", total)``,
     the connection's bytes, as chunks of one reused buffer (each is written before the
     next is received), then the rest of ``items``.

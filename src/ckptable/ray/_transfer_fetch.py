@@ -16,7 +16,7 @@ import ray
 from ckptable.errors import TransferError
 from ckptable.ray._transfer_job import _reason
 
-__all__ = ["Deadline", "Fetcher"]
+__all__ = ["END_GRACE_S", "Deadline", "Fetcher"]
 
 
 class Fetcher:
@@ -32,9 +32,15 @@ class Fetcher:
     meanwhile (``_transfer_direct``), and to ask :meth:`reader_failure` whether the
     reader failed.
 
-    :meth:`close` ends it; if the writer stops early, the reader is cancelled (a
-    KeyboardInterrupt in its task, which ends it at once also while backpressure holds
-    it; its worker process lives on) rather than left paused. With a ``deadline``
+    :meth:`close` ends it. If the writer stops early, the reader is not left paused:
+    its remaining refs are taken and dropped, unfetched, so that a reader which failed
+    or is about to end ends by itself; one still running after ``END_GRACE_S`` is
+    cancelled (a KeyboardInterrupt in its task, which ends it also while backpressure
+    holds it; its worker process lives on). Not cancelled at once: Ray 2.60 crashes the
+    worker that owns a task when the task's cancellation crosses its completion
+    (``task_manager.cc``: "Tried to complete task that was not pending"), and that
+    worker is the writer's. :meth:`close` returns once the helper thread has ended, so
+    nothing of the Fetcher outlives the writer's task. With a ``deadline``
     (``time.monotonic()``), waiting past it raises TransferError; :meth:`reader_failure`
     returns that error then.
     """
@@ -64,17 +70,14 @@ class Fetcher:
                 with self._changed:
                     while len(self._window) >= self._depth and not self._closed:
                         self._changed.wait()
-                    if self._closed:
-                        return
                 try:
                     ref = next(refs)
                 except StopIteration:
                     return
                 with self._changed:
-                    if self._closed:
-                        return
-                    self._window.append(self._pool.submit(ray.get, ref))
-                    self._changed.notify_all()
+                    if not self._closed:  # once closed, the refs are dropped unfetched
+                        self._window.append(self._pool.submit(ray.get, ref))
+                        self._changed.notify_all()
                 del ref
         except BaseException as exc:  # the generator broke: the reader failed
             with self._changed:
@@ -147,14 +150,25 @@ class Fetcher:
                 future.cancel()
             self._window.clear()
             self._changed.notify_all()
-        self._pool.shutdown(wait=False)
-        if not self._finished:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._finished:
+            return
+        self._thread.join(END_GRACE_S)  # a reader that failed, or is ending, ends
+        if self._thread.is_alive():
             with contextlib.suppress(Exception):
                 ray.cancel(self._reader, force=False)
+            self._thread.join(_CANCELLED_WAIT_S)
 
 
 #: How often waits with a deadline look at the clock.
 _WAIT_STEP_S = 0.2
+
+#: How long :meth:`Fetcher.close` lets a reader that is not needed any more end by
+#: itself before it is cancelled.
+END_GRACE_S = 1.0
+
+#: How long :meth:`Fetcher.close` then waits for the cancelled reader's stream to end.
+_CANCELLED_WAIT_S = 5.0
 
 
 class Deadline:

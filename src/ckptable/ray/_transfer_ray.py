@@ -296,10 +296,11 @@ class RayObjectStoreTransfer:
                     _generator_backpressure_num_objects=backpressure,
                 ).remote(self, job.src_path, algorithm, None if listener is None else listener.peer)
                 fetcher = Fetcher(reader, prefetch, deadline)
+                items = receive_over(iter(fetcher), listener, fetcher.reader_failure)
                 try:
-                    items = receive_over(iter(fetcher), listener, fetcher.reader_failure)
                     return self._write_destination(counted(items), tmp_path, algorithm)
                 finally:
+                    items.close()  # closes the direct connection: the reader's sends fail
                     fetcher.close()
             finally:
                 if listener is not None:
