@@ -214,10 +214,13 @@ class ProbedTransfer(RayObjectStoreTransfer):
         wrap_connection: Callable[[Any, str], Any] | None = None,
         refuse_connection: bool = False,
         writer_fails_at: int | None = None,
+        reader_end_grace_s: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.writer_fails_at = writer_fails_at
+        if reader_end_grace_s is not None:
+            self.reader_end_grace_s = reader_end_grace_s
         self.probe_dir = str(probe_dir)
         self.delay_s = delay_s
         self.fault = fault
@@ -591,9 +594,14 @@ def test_broken_stream_is_a_transfer_error_and_leaves_nothing(
     assert_nothing_at(dst)
 
 
+#: The grace the first test gives its reader: long, so that a busy machine does not
+#: run it out while the reader sends its last items through Ray and lingers.
+LONG_GRACE_S = 10.0
+
+
 def linger_at_the_end(index: int, item: Any, src_path: str) -> Any:
     """The reader lingers a little after its end record: ending by itself well within
-    ``END_GRACE_S``, but not before a writer that failed mid-stream closes."""
+    ``LONG_GRACE_S``, but not before a writer that failed mid-stream closes."""
     yield item
     if isinstance(item, tuple) and item[0] == "end":
         time.sleep(END_GRACE_S / 4)
@@ -612,6 +620,7 @@ def test_a_reader_ending_by_itself_is_not_cancelled_when_the_writer_fails(
         probe_dir,
         fault=linger_at_the_end,
         writer_fails_at=1,
+        reader_end_grace_s=LONG_GRACE_S,
         chunk_bytes=SMALL_CHUNK,
         direct=direct,
     )
@@ -631,9 +640,9 @@ def test_a_reader_going_on_is_cancelled_when_the_writer_fails(
     ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path, direct: bool
 ) -> None:
     """Reading the whole source would take 32 s; the reader is stopped soon after the
-    writer fails: cancelled after ``END_GRACE_S`` (which takes effect where it next
-    yields to Ray), or, over a direct connection (where it yields nothing until its
-    end), by the writer closing the connection."""
+    writer fails: cancelled after ``END_GRACE_S`` (a KeyboardInterrupt, raised when its
+    2 s sleep returns), or, over a direct connection, possibly first by the writer
+    closing the connection (its next send fails)."""
     dst = tmp_path / "dst"
     hook = ProbedTransfer(
         probe_dir, writer_fails_at=1, delay_s=2.0, chunk_bytes=SMALL_CHUNK, direct=direct

@@ -19,6 +19,18 @@ from ckptable.ray._transfer_job import _reason
 __all__ = ["END_GRACE_S", "Deadline", "Fetcher"]
 
 
+#: How often waits with a deadline look at the clock.
+_WAIT_STEP_S = 0.2
+
+#: How long :meth:`Fetcher.close` lets a reader that is not needed any more end by
+#: itself before it is cancelled (by default; ``RayObjectStoreTransfer`` passes its
+#: ``reader_end_grace_s``).
+END_GRACE_S = 1.0
+
+#: How long :meth:`Fetcher.close` then waits for the cancelled reader's stream to end.
+_CANCELLED_WAIT_S = 5.0
+
+
 class Fetcher:
     """The reader's items, in order, each fetched to this node (``ray.get``).
 
@@ -34,19 +46,30 @@ class Fetcher:
 
     :meth:`close` ends it. If the writer stops early, the reader is not left paused:
     its remaining refs are taken and dropped, unfetched, so that a reader which failed
-    or is about to end ends by itself; one still running after ``END_GRACE_S`` is
-    cancelled (a KeyboardInterrupt in its task, which ends it also while backpressure
-    holds it; its worker process lives on). Not cancelled at once: Ray 2.60 crashes the
-    worker that owns a task when the task's cancellation crosses its completion
-    (``task_manager.cc``: "Tried to complete task that was not pending"), and that
-    worker is the writer's. :meth:`close` returns once the helper thread has ended, so
-    nothing of the Fetcher outlives the writer's task. With a ``deadline``
+    or is about to end ends by itself; one still running after ``end_grace_s`` is
+    cancelled (a KeyboardInterrupt in its task's main thread, raised when the call it
+    is in returns, which ends it also while backpressure holds it; its worker process
+    lives on). Not cancelled at once: Ray 2.60 crashes the worker that owns a task when
+    the task's cancellation crosses its completion (``task_manager.cc``: "Tried to
+    complete task that was not pending"), and that worker is the writer's. The grace
+    makes that unlikely, not impossible: a reader that ends just as it runs out is
+    still cancelled. :meth:`close` returns when the helper thread has ended, or at the
+    latest ``_CANCELLED_WAIT_S`` after the cancel (at once past the ``deadline``); the
+    thread, a daemon, keeps dropping refs until the reader's stream ends. With a
+    ``deadline``
     (``time.monotonic()``), waiting past it raises TransferError; :meth:`reader_failure`
     returns that error then.
     """
 
-    def __init__(self, reader: Any, depth: int, deadline: Deadline | None = None) -> None:
+    def __init__(
+        self,
+        reader: Any,
+        depth: int,
+        deadline: Deadline | None = None,
+        end_grace_s: float = END_GRACE_S,
+    ) -> None:
         self._reader = reader
+        self._end_grace_s = end_grace_s
         self._depth = depth
         self._deadline = deadline
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -153,22 +176,12 @@ class Fetcher:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._finished:
             return
-        self._thread.join(END_GRACE_S)  # a reader that failed, or is ending, ends
+        self._thread.join(self._end_grace_s)  # a reader that failed, or is ending, ends
         if self._thread.is_alive():
             with contextlib.suppress(Exception):
                 ray.cancel(self._reader, force=False)
-            self._thread.join(_CANCELLED_WAIT_S)
-
-
-#: How often waits with a deadline look at the clock.
-_WAIT_STEP_S = 0.2
-
-#: How long :meth:`Fetcher.close` lets a reader that is not needed any more end by
-#: itself before it is cancelled.
-END_GRACE_S = 1.0
-
-#: How long :meth:`Fetcher.close` then waits for the cancelled reader's stream to end.
-_CANCELLED_WAIT_S = 5.0
+            if self._deadline is None or not self._deadline.passed():
+                self._thread.join(_CANCELLED_WAIT_S)
 
 
 class Deadline:

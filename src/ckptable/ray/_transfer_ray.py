@@ -27,7 +27,7 @@ from ckptable.ray._transfer_direct import (
     send_over,
 )
 from ckptable.ray._transfer_direct import connect as connect_to_writer
-from ckptable.ray._transfer_fetch import Deadline, Fetcher
+from ckptable.ray._transfer_fetch import END_GRACE_S, Deadline, Fetcher
 from ckptable.ray._transfer_hook import TransferReceipt
 from ckptable.ray._transfer_job import _Job, _reason, _receive_tree, _remove_tree_quietly
 from ckptable.ray._transfer_progress import (
@@ -110,6 +110,10 @@ class RayObjectStoreTransfer:
         direct: Send the file contents over a direct connection between the two tasks
             when one can be made (False: always through the object store).
     """
+
+    #: When the writer stops early, how long a reader that failed or is ending may take
+    #: to end by itself before it is cancelled (``_transfer_fetch.Fetcher``).
+    reader_end_grace_s: float = END_GRACE_S
 
     def __init__(
         self,
@@ -295,12 +299,17 @@ class RayObjectStoreTransfer:
                     scheduling_strategy=pinned_to(job.src_node_id),
                     _generator_backpressure_num_objects=backpressure,
                 ).remote(self, job.src_path, algorithm, None if listener is None else listener.peer)
-                fetcher = Fetcher(reader, prefetch, deadline)
+                fetcher = Fetcher(reader, prefetch, deadline, self.reader_end_grace_s)
                 items = receive_over(iter(fetcher), listener, fetcher.reader_failure)
                 try:
                     return self._write_destination(counted(items), tmp_path, algorithm)
                 finally:
-                    items.close()  # closes the direct connection: the reader's sends fail
+                    # Close the direct connection (or the listener, where the reader's
+                    # connection waits unaccepted): a reader still sending fails at its
+                    # next send, and ends by itself within the Fetcher's grace.
+                    items.close()
+                    if listener is not None:
+                        listener.close()
                     fetcher.close()
             finally:
                 if listener is not None:
