@@ -734,6 +734,34 @@ def test_timeout_is_a_transfer_error_and_leaves_nothing(
     assert_nothing_at(dst)
 
 
+def test_a_writer_finishing_as_the_time_runs_out_is_reported_not_cancelled(
+    ray_cluster: Any, source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The time runs out just as the writer finishes (injected: a timed ``ray.get``
+    waits for the result, then says it timed out). The transfer reports what happened,
+    the tree moved, and does not cancel the writer: a cancel that crosses a task's
+    completion crashes the worker that owns it, here this process's."""
+    dst = tmp_path / "dst"
+    src_node, dst_node = nodes(ray_cluster, "head-to-worker")
+    real_get, cancelled = ray.get, []
+
+    def get_timing_out(refs: Any, *, timeout: float | None = None) -> Any:
+        if timeout is None:
+            return real_get(refs)
+        real_get(refs)
+        raise ray.exceptions.GetTimeoutError("injected: the time ran out")
+
+    monkeypatch.setattr(ray, "get", get_timing_out)
+    monkeypatch.setattr(ray, "cancel", lambda *args, **kwargs: cancelled.append(args))
+    hook = RayObjectStoreTransfer(chunk_bytes=SMALL_CHUNK, timeout_s=60, progress=False)
+
+    receipt = hook.transfer(src_node, str(source), dst_node, str(dst))
+
+    assert snapshot(dst) == snapshot(source)
+    assert receipt == expected_receipt(dst)
+    assert not cancelled
+
+
 def test_into_the_caller_s_node_the_caller_is_the_writer(
     ray_cluster: Any, source: Path, tmp_path: Path, probe_dir: Path, direct: bool
 ) -> None:

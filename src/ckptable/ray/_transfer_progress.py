@@ -130,9 +130,18 @@ class _ProgressWatch:
 
 def _await_writer(writer: Any, timeout_s: float | None, watch: _ProgressWatch | None) -> Any:
     """The writer's result (``ray.get``); with a ``watch``, waited for in short steps
-    that show its progress. Raises ``GetTimeoutError`` after ``timeout_s``."""
+    that show its progress. Raises ``GetTimeoutError`` after ``timeout_s``, unless the
+    writer finished as the time ran out: then it is not cancelled (in Ray 2.60 a cancel
+    that crosses a task's completion crashes the worker that owns it, here the
+    caller's), and what it did is reported, not a timeout that did not happen."""
     if watch is None:
-        return ray.get(writer, timeout=timeout_s)
+        try:
+            return ray.get(writer, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ready, _ = ray.wait([writer], timeout=0)
+            if not ready:
+                raise
+            return ray.get(writer)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         step = _PROGRESS_INTERVAL_S
