@@ -513,6 +513,36 @@ def test_payloads_read_in_parallel_round_trip(
     assert any(t.name.startswith("ckptable-read") for t in threading.enumerate())
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_payloads_are_read_in_pieces_a_checksum_can_follow(
+    parallel: tuple[Path, dict[str, Any]], verify: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verified, a payload is read in chunks the checksum takes one by one while the next
+    is read; unverified, nothing takes them in order, so each reading thread gets one
+    piece (fewer hand-overs between threads)."""
+    from ckptable._parallel_read import PARALLEL_READ_CHUNK, READ_THREADS
+
+    path, state = parallel
+    reads: list[int] = []
+    real_preadv = os.preadv
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        reads.append(len(buffers[0]))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    restored = Arrays()
+    restored.restore_from_path(path, verify=verify)
+    assert_states_equal(restored.state, state)
+    sizes = [state["big"].nbytes, state["also_big"].nbytes]
+    if verify:
+        expected = sum(-(-size // PARALLEL_READ_CHUNK) for size in sizes)
+        assert len(reads) == expected and max(reads) == PARALLEL_READ_CHUNK
+    else:
+        assert len(reads) == READ_THREADS * len(sizes)
+        assert max(reads) > PARALLEL_READ_CHUNK
+
+
 @pytest.mark.parametrize("where", [0.1, 0.5, 0.99])
 def test_damage_inside_a_payload_read_in_parallel_is_found(
     parallel: tuple[Path, dict[str, Any]], tmp_path: Path, where: float

@@ -24,6 +24,7 @@ from ckptable._parallel_read import (
     PARALLEL_READ_CHUNK,
     PARALLEL_READ_MIN_BYTES,
     PAYLOAD_ALIGNMENT,
+    READ_THREADS,
     new_payload_buffer,
     readinto_parallel,
 )
@@ -181,12 +182,43 @@ def test_readinto_parallel_returns_what_was_there_when_the_file_shrinks(
     with open(file, "rb", buffering=0) as stream:
         monkeypatch.setattr(os, "fstat", lambda fd: Bigger(real_fstat(fd)))
         view = memoryview(bytearray(len(data) + 2 * PARALLEL_READ_CHUNK))
-        got = readinto_parallel(stream, view)
+        # (Read in PARALLEL_READ_CHUNK pieces, as for a checksum: some of them whole.)
+        got = readinto_parallel(stream, view, lambda at, chunk: None)
         monkeypatch.undo()
         whole = len(data) // PARALLEL_READ_CHUNK * PARALLEL_READ_CHUNK
         assert got == whole
         assert bytes(view[:got]) == data[:got]
         assert stream.tell() == got
+
+
+def test_a_read_nothing_consumes_in_order_is_one_piece_per_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a consumer of the chunks in order, each reading thread gets one piece (each
+    piece is a hand-over: 4 MiB ones made reads into reused memory 10-20% slower); with
+    one, the pieces are small enough to hash one while the next is read."""
+    data = os.urandom(4 * PARALLEL_READ_CHUNK + 4096 * 3 + 5)
+    file = tmp_path / "data"
+    file.write_bytes(data)
+    reads: list[int] = []
+    real_preadv = os.preadv
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        reads.append(len(buffers[0]))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    with open(file, "rb", buffering=0) as stream:
+        view = memoryview(bytearray(len(data)))
+        assert readinto_parallel(stream, view) == len(data)
+        assert bytes(view) == data
+        assert len(reads) == READ_THREADS
+        assert reads[0] % 4096 == 0
+        reads.clear()
+        stream.seek(0)
+        assert readinto_parallel(stream, view, lambda at, chunk: None) == len(data)
+        assert bytes(view) == data
+        assert len(reads) == 5 and max(reads) == PARALLEL_READ_CHUNK
 
 
 def test_sizes_beyond_what_c_can_hold_are_refused_not_wrapped() -> None:

@@ -32,6 +32,7 @@ from ckptable._parallel_read import (
     PARALLEL_READ_MIN_BYTES,
     pread_chunks,
     regular_fileno,
+    unordered_chunk,
 )
 from ckptable._progress import advance
 
@@ -272,8 +273,11 @@ class Walk:
         parallel reads (see ``_parallel_read``), each chunk checksummed in order as it
         arrives and counted in the progress bar; then move the stream past it."""
         offset = self.stream.tell()
+        # Chunks small enough to hash each while the next is read; without a checksum,
+        # one per reading thread.
+        size = unordered_chunk(len(view)) if self.checksum.inactive else PARALLEL_READ_CHUNK
         try:
-            for chunk in pread_chunks(fd, view, offset, PARALLEL_READ_CHUNK):
+            for chunk in pread_chunks(fd, view, offset, size):
                 # Here, not behind: this thread only waits for the reading threads, and
                 # the chunk is still in the cache (measured 1.12x faster for 1 GiB than
                 # handing it to the checksum's helper thread on a 2-core VM).
