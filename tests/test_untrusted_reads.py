@@ -546,3 +546,55 @@ def test_an_unverified_restore_allocates_no_more_than_the_file(tmp_path: Path) -
 
     assert box.state == {"untouched": True}
     assert peak < 4 * size, f"{peak} bytes allocated for a file of {size}"
+
+
+#: Bytes of an array pickle writes outside its frames (over 64 KiB) in a file read
+#: whole before its walk (under ``SMALL_FILE_BYTES``).
+SMALL_OUT_OF_FRAME = 200_000
+
+
+@pytest.mark.parametrize("rllib", [False, True])
+@pytest.mark.parametrize("factor", [16, 2**40])
+def test_a_small_unverified_file_is_walked_before_it_is_decoded(
+    tmp_path: Path, rllib: bool, factor: int
+) -> None:
+    """A file under ``SMALL_FILE_BYTES`` is read whole, in memory: a damaged length in it
+    is still caught by the walk before pickle allocates what it says."""
+    import tracemalloc
+
+    from ckptable._pickle_scan import SMALL_FILE_BYTES
+
+    state = big_state(nbytes=SMALL_OUT_OF_FRAME)
+    if rllib:
+        path = tmp_path / "rllib"
+        write_rllib_level(path, state)
+    else:
+        path = Path(Box(state).save_to_path(tmp_path / "ckpt"))
+    state_file = path / "state.pkl"
+    size = state_file.stat().st_size
+    assert size < SMALL_FILE_BYTES
+    intact = Box()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnverifiedCheckpointWarning)
+        intact.restore_from_path(path, verify=False)
+    assert_states_equal(intact.state, state)
+
+    offset = length_offset(state_file, SMALL_OUT_OF_FRAME)
+    with open(state_file, "r+b") as stream:
+        stream.seek(offset)
+        stream.write((factor * size).to_bytes(8, "little"))
+    box = Box({"untouched": True})
+    tracemalloc.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnverifiedCheckpointWarning)
+            with pytest.raises(CorruptCheckpointError) as caught:
+                box.restore_from_path(path, verify=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert_names(caught.value, "state.pkl")
+    assert "past the end" in str(caught.value)
+    assert box.state == {"untouched": True}
+    # (Under a mebibyte of the restore's own, whatever the damaged length claims.)
+    assert peak < 8 * size, f"{peak} bytes allocated for a file of {size}"

@@ -19,7 +19,14 @@ import contextvars
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["FROMBUFFER", "decode_with_views", "is_view", "note_array_buffer", "watched"]
+__all__ = [
+    "FROMBUFFER",
+    "decode_with_views",
+    "is_view",
+    "note_array_buffer",
+    "watched",
+    "watching",
+]
 
 _T = TypeVar("_T")
 
@@ -44,6 +51,12 @@ def note_array_buffer(buffer: Any) -> None:
     taken = _taken.get()
     if taken is not None:
         taken.add(id(buffer))
+
+
+def watching() -> bool:
+    """Whether a decode is being watched here (:func:`decode_with_views` with views):
+    only then need numpy's ``_frombuffer`` be :func:`watched` (a call per array)."""
+    return _taken.get() is not None
 
 
 def watched(frombuffer: Callable[..., Any]) -> Callable[..., Any]:

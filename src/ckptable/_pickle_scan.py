@@ -334,11 +334,21 @@ def _read_scanned_verified(
     return scanned
 
 
+#: Unverified pickle files smaller than this are read whole first, in one read, and
+#: walked in memory: no payload of theirs gets a buffer of its own (``PAYLOAD_MIN_BYTES``),
+#: and the walk's many small reads of the file cost more than the file (a 0.2 MiB PPO
+#: checkpoint's eight state files: 0.19 ms read whole and decoded from memory against
+#: 0.31 ms walked on the file and decoded from its skeleton's pieces).
+SMALL_FILE_BYTES = PAYLOAD_MIN_BYTES
+
+
 def read_pickle_unverified(
     storage: Storage, path: str, *, skeleton_limit: int | None
-) -> ScannedPickle | None:
+) -> ScannedPickle | bytes | None:
     """Scan a pickle file no manifest verifies (``verify=False``, a level RLlib wrote),
-    its big payloads read into their own buffers, for decoding with them.
+    its big payloads read into their own buffers, for decoding with them; a file under
+    ``SMALL_FILE_BYTES`` is read whole and walked in memory, and its bytes are returned
+    (to decode from memory) once its lengths were checked.
 
     Every length field outside the frames is checked against the file's own size before
     anything is allocated for it (``pickle.load`` allocates what a length says, then
@@ -356,6 +366,9 @@ def read_pickle_unverified(
     start = mark()
     try:
         with open_regular(storage, path) as stream:
+            size = _stream_size(stream)
+            if size is not None and size < SMALL_FILE_BYTES:
+                return _read_small_unverified(stream, size, skeleton_limit)
             scanned = scan_pickle(counted(stream), "read", skeleton_limit=skeleton_limit)
     except CheckpointError:
         raise
@@ -366,6 +379,29 @@ def read_pickle_unverified(
     if scanned is None:
         rewind(start)  # read again by the decoder, which counts it then
     return scanned
+
+
+def _read_small_unverified(stream: IO[bytes], size: int, skeleton_limit: int | None) -> bytes:
+    """:func:`read_pickle_unverified` for a small file: its bytes (at most ``size``: what
+    ``fstat`` said, read before anything else is), every length outside its frames
+    checked by the walk over them in memory.
+
+    Raises:
+        ScanError: a length runs past the end of what was read, or the pickle is
+            truncated or malformed.
+    """
+    pieces = []
+    left = size
+    while left:
+        piece = stream.read(left)
+        if not piece:
+            break  # shorter than fstat said (cut meanwhile): the walk judges what is here
+        pieces.append(piece)
+        left -= len(piece)
+    data = b"".join(pieces) if len(pieces) != 1 else pieces[0]
+    advance(len(data))
+    scan_pickle(io.BytesIO(data), "read", skeleton_limit=skeleton_limit, size=len(data))
+    return data
 
 
 def map_pickle(storage: Storage, path: str) -> ScannedPickle | None:

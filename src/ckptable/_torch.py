@@ -61,7 +61,7 @@ import types
 from collections.abc import Iterable
 from typing import IO, TYPE_CHECKING, Any
 
-from ckptable._buffer_views import FROMBUFFER, watched
+from ckptable._buffer_views import FROMBUFFER, watched, watching
 
 if TYPE_CHECKING:
     from ckptable._torch_placement import TensorPlacement
@@ -245,7 +245,9 @@ class TensorUnpickler(pickle.Unpickler):
         if not module.startswith("torch"):
             found = super().find_class(module, name)
             # (Payloads may be views of downloaded memory: see _buffer_views.)
-            return watched(found) if (module, name) in FROMBUFFER else found
+            if (module, name) in FROMBUFFER and watching():
+                return watched(found)
+            return found
         replaced = self._placement.replacement(module, name)
         if replaced is not None:
             return replaced
