@@ -12,6 +12,13 @@ them is two attribute swaps per class), each into a fresh directory, after
 ``gc.collect()``; medians over repeats, and the median of the per-repeat (paired) ratios
 ckptable / RLlib.
 
+``algo.restore_from_path`` is the base's restore followed by RLlib's own weight sync
+(``EnvRunnerGroup.sync_weights``, the same code whichever base restored): each restore
+row is followed by one without the time spent in that sync, which is the base's own
+part. The sync is measured because it is slower right after ckptable's restore on a
+machine with few cores: the restore applies every state in one pass, so the sync starts
+while the OpenMP worker of torch's last copy still spins (``docs/rllib.md``).
+
 The last column is the memory each operation took fresh from the kernel (minor page
 faults x 4 KiB): a restore reads ~96 MiB into new buffers, and whether glibc hands out
 memory already mapped or new pages (each zeroed and faulted in: ~0.5 ms per MiB on a
@@ -89,19 +96,42 @@ def switch(on: bool) -> None:
 RELEASE_POOL = False
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, int]:
-    """Seconds ``fn`` took, and the minor page faults this process took meanwhile (each
-    a 4 KiB page of memory touched for the first time: fresh memory from the kernel)."""
+#: Seconds spent in RLlib's ``EnvRunnerGroup.sync_weights`` since the last ``timed``.
+_sync_seconds = [0.0]
+
+
+def watch_sync_weights() -> None:
+    """Time every ``EnvRunnerGroup.sync_weights`` call (into ``_sync_seconds``)."""
+    from ray.rllib.env.env_runner_group import EnvRunnerGroup
+
+    sync = EnvRunnerGroup.sync_weights
+
+    def timed_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return sync(self, *args, **kwargs)
+        finally:
+            _sync_seconds[0] += time.perf_counter() - start
+
+    EnvRunnerGroup.sync_weights = timed_sync  # type: ignore[method-assign]
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, int, float]:
+    """Seconds ``fn`` took, the minor page faults this process took meanwhile (each a
+    4 KiB page of memory touched for the first time: fresh memory from the kernel), and
+    the seconds of it spent in RLlib's weight sync."""
     gc.collect()
     if RELEASE_POOL:
         from ckptable._payload_pool import release_idle
 
         release_idle()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    _sync_seconds[0] = 0.0
     start = time.perf_counter()
     fn()
     seconds = time.perf_counter() - start
-    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return seconds, faults, _sync_seconds[0]
 
 
 def tree_bytes(path: str) -> int:
@@ -122,7 +152,7 @@ def run(repeats: int, directory: str) -> list[str]:
         switch(False)
         algo = build(hidden)
         algo.train()
-        times: dict[tuple[str, str], list[tuple[float, int]]] = {}
+        times: dict[tuple[str, str], list[tuple[float, int, float]]] = {}
         paths = {}
         for name, variant in SAVES.items():  # warm-up, and the checkpoints to restore
             switch(variant["on"])
@@ -153,15 +183,20 @@ def run(repeats: int, directory: str) -> list[str]:
         switch(False)
         mib = tree_bytes(paths["rllib"]) / 2**20
         algo.stop()
-        for operation, variants in (("save", SAVES), ("restore", RESTORES)):
-            base = times[(operation, "rllib")]
+        for operation, variants, own in (
+            ("save", SAVES, False),
+            ("restore", RESTORES, False),
+            ("restore without RLlib's sync_weights", RESTORES, True),
+        ):
+            base = times[(operation.split()[0], "rllib")]
             for name in variants:
-                samples = times[(operation, name)]
-                ratio = statistics.median(
-                    s / b for (s, _), (b, _) in zip(samples, base, strict=True)
-                )
-                seconds = statistics.median(s for s, _ in samples)
-                fresh = statistics.median(f for _, f in samples) * PAGE / 2**20
+                samples = times[(operation.split()[0], name)]
+                # The base's own part: the whole less RLlib's weight sync.
+                spent = [s - (sync if own else 0.0) for s, _, sync in samples]
+                paired = [b - (sync if own else 0.0) for b, _, sync in base]
+                ratio = statistics.median(s / b for s, b in zip(spent, paired, strict=True))
+                seconds = statistics.median(spent)
+                fresh = statistics.median(f for _, f, _ in samples) * PAGE / 2**20
                 lines.append(
                     f"| {size}, {mib:.1f} MiB | {operation} | {name} | "
                     f"{seconds:.4f} | {ratio:.2f}x | {fresh:.0f} |"
@@ -207,6 +242,7 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    watch_sync_weights()
     directory = tempfile.mkdtemp(prefix="bench-rllib-", dir=args.dir)
     try:
         print("\n".join(run(args.repeats, directory)))
