@@ -4,7 +4,8 @@ What: a real PPO algorithm (torch CPU, CartPole), small (64x64 MLP) and big (2x2
 ~96 MiB of weights and Adam moments), saved with ``algo.save_to_path`` and restored with
 ``algo.restore_from_path`` by RLlib's own ``Checkpointable`` (``ckptable.rllib``
 switched off) and by ckptable's (switched on): durable and not (``durable=False``),
-restores verified and not (``verify=False``).
+restores verified and not (``verify=False``), and with the arrays mapped from the files
+(``mmap=True``: copy-on-write, the pickles' skeletons verified).
 
 Method: one long-lived process per run; each algorithm is built once; every repeat runs
 every variant back to back in a rotating order (switching ckptable on and off between
@@ -66,6 +67,8 @@ RESTORES = {
     "rllib": dict(on=False, kwargs={}),
     "ckptable verify": dict(on=True, kwargs={}),
     "ckptable verify=False": dict(on=True, kwargs={"verify": False}),
+    # The arrays mapped from the files (copy-on-write), their skeletons verified.
+    "ckptable mmap=True": dict(on=True, kwargs={"mmap": True}),
 }
 
 
@@ -159,6 +162,7 @@ def run(repeats: int, directory: str) -> list[str]:
             paths[name] = algo.save_to_path(os.path.join(directory, f"warm-{len(paths)}"))
         ckpt_of = {"rllib": paths["rllib"], "ckptable verify": paths["ckptable durable"]}
         ckpt_of["ckptable verify=False"] = paths["ckptable durable"]
+        ckpt_of["ckptable mmap=True"] = paths["ckptable durable"]
         for repeat in range(repeats):
             order = list(SAVES)
             order = order[repeat % len(order) :] + order[: repeat % len(order)]
