@@ -12,6 +12,7 @@ byte anywhere in them, or a file cut short.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ckptable import CorruptCheckpointError
+from ckptable import CorruptCheckpointError, _parallel_read
 from ckptable._parallel_read import (
     PARALLEL_READ_CHUNK,
     PARALLEL_READ_MIN_BYTES,
@@ -200,11 +201,11 @@ def test_a_read_nothing_consumes_in_order_is_one_piece_per_thread(
     data = os.urandom(4 * PARALLEL_READ_CHUNK + 4096 * 3 + 5)
     file = tmp_path / "data"
     file.write_bytes(data)
-    reads: list[int] = []
+    reads: list[tuple[int, int]] = []
     real_preadv = os.preadv
 
     def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
-        reads.append(len(buffers[0]))
+        reads.append((offset, len(buffers[0])))  # (the threads' order, not the file's)
         return real_preadv(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", preadv)
@@ -213,12 +214,51 @@ def test_a_read_nothing_consumes_in_order_is_one_piece_per_thread(
         assert readinto_parallel(stream, view) == len(data)
         assert bytes(view) == data
         assert len(reads) == READ_THREADS
-        assert reads[0] % 4096 == 0
+        first = min(reads)
+        assert first[0] == 0 and first[1] % mmap.PAGESIZE == 0
         reads.clear()
         stream.seek(0)
         assert readinto_parallel(stream, view, lambda at, chunk: None) == len(data)
         assert bytes(view) == data
-        assert len(reads) == 5 and max(reads) == PARALLEL_READ_CHUNK
+        assert len(reads) == 5 and max(n for _, n in reads) == PARALLEL_READ_CHUNK
+        # A big read: pieces of at most UNORDERED_CHUNK_MAX (the bar moves, a stopped
+        # read ends), here made small.
+        monkeypatch.setattr(_parallel_read, "UNORDERED_CHUNK_MAX", PARALLEL_READ_CHUNK)
+        reads.clear()
+        stream.seek(0)
+        assert readinto_parallel(stream, view) == len(data)
+        assert bytes(view) == data
+        assert len(reads) == 5 and max(n for _, n in reads) == PARALLEL_READ_CHUNK
+
+
+def test_an_unordered_read_returns_the_whole_pieces_when_the_file_shrinks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As with chunks in order: a file cut short after ``fstat`` gives the pieces read
+    whole (here the first of two), never EOFError, and the stream where they end."""
+    data = os.urandom(PARALLEL_READ_MIN_BYTES + PARALLEL_READ_CHUNK)
+    file = tmp_path / "data"
+    file.write_bytes(data)
+    real_fstat = os.fstat
+    claimed = len(data) + 2 * PARALLEL_READ_CHUNK
+
+    class Bigger:
+        def __init__(self, result: os.stat_result) -> None:
+            self._result = result
+            self.st_size = claimed
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._result, name)
+
+    with open(file, "rb", buffering=0) as stream:
+        monkeypatch.setattr(os, "fstat", lambda fd: Bigger(real_fstat(fd)))
+        view = memoryview(bytearray(claimed))
+        got = readinto_parallel(stream, view)
+        monkeypatch.undo()
+    piece = _parallel_read.unordered_chunk(claimed)
+    assert piece < len(data) < 2 * piece
+    assert got == piece
+    assert bytes(view[:got]) == data[:got]
 
 
 def test_sizes_beyond_what_c_can_hold_are_refused_not_wrapped() -> None:

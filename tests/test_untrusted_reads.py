@@ -573,6 +573,9 @@ def test_a_small_unverified_file_is_walked_before_it_is_decoded(
     state_file = path / "state.pkl"
     size = state_file.stat().st_size
     assert size < SMALL_FILE_BYTES
+    # Read whole and handed to the decoder as bytes (not walked on the file).
+    read = _pickle_scan.read_pickle_unverified(LocalStorage(), str(state_file), skeleton_limit=None)
+    assert read == state_file.read_bytes()
     intact = Box()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnverifiedCheckpointWarning)

@@ -2,11 +2,13 @@
 
 On the page cache a single ``read(2)`` stream is bound by one core: the kernel copies
 each page into the new buffer and takes the buffer's page faults on the way. Two threads
-reading alternate 4 MiB chunks of the same payload use both cores for that (``pread`` releases
+reading alternate chunks of the same payload use both cores for that (``pread`` releases
 the GIL): measured 1.9x faster than one stream for 1 GiB on a 2-core VM, which is what
 brings a verified restore level with ``safetensors.load_file`` followed by a copy (which
 copies with torch's threads). The checksum still sees the chunks in file order: the
-caller hashes each one as :func:`pread_chunks` yields it.
+caller hashes each one as :func:`pread_chunks` yields it, so they are 4 MiB
+(``PARALLEL_READ_CHUNK``); a read nothing consumes in order takes bigger ones
+(:func:`unordered_chunk`).
 
 Only for regular local files (what has a ``fileno`` that ``fstat`` calls regular);
 object stores and other streams are read as before.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import mmap
 import os
 import stat
 import sys
@@ -46,7 +49,10 @@ PARALLEL_READ_MIN_BYTES = 8 << 20
 PARALLEL_READ_CHUNK = 4 << 20
 #: Reads in flight (the threads of the pool).
 READ_THREADS = 2
-_PAGE = 4096
+#: The most one piece of a read nothing consumes in order takes: the progress bar moves
+#: and a stopped read ends at least this often (64 MiB: a few milliseconds of copying).
+UNORDERED_CHUNK_MAX = 64 << 20
+_PAGE = mmap.PAGESIZE
 
 #: Where a payload buffer starts: a multiple of this (a cache line, as torch's allocator).
 PAYLOAD_ALIGNMENT = 64
@@ -122,7 +128,8 @@ def _read_executor() -> concurrent.futures.ThreadPoolExecutor:
 
 def unordered_chunk(n: int) -> int:
     """The chunk size for a read of ``n`` bytes that nothing consumes chunk by chunk (no
-    checksum to keep in order): one piece per reading thread, page-aligned.
+    checksum to keep in order): one piece per reading thread, page-aligned, between
+    ``PARALLEL_READ_CHUNK`` and ``UNORDERED_CHUNK_MAX``.
 
     Each chunk is a hand-over between threads; without a consumer to keep busy, small
     chunks only add hand-overs. Reading four 16 MiB payloads into memory read into before
@@ -131,7 +138,7 @@ def unordered_chunk(n: int) -> int:
     VM): the two threads still share the copying, with fewer hand-overs.
     """
     per_thread = -(-n // READ_THREADS)
-    return max(PARALLEL_READ_CHUNK, -(-per_thread // _PAGE) * _PAGE)
+    return min(UNORDERED_CHUNK_MAX, max(PARALLEL_READ_CHUNK, -(-per_thread // _PAGE) * _PAGE))
 
 
 def regular_fileno(stream: IO[bytes] | Any) -> int | None:
