@@ -187,14 +187,14 @@ def run(repeats: int, directory: str) -> list[str]:
         switch(False)
         mib = tree_bytes(paths["rllib"]) / 2**20
         algo.stop()
-        for operation, variants, own in (
-            ("save", SAVES, False),
-            ("restore", RESTORES, False),
-            ("restore without RLlib's sync_weights", RESTORES, True),
+        for label, operation, variants, own in (
+            ("save", "save", SAVES, False),
+            ("restore", "restore", RESTORES, False),
+            ("restore without RLlib's sync_weights", "restore", RESTORES, True),
         ):
-            base = times[(operation.split()[0], "rllib")]
+            base = times[(operation, "rllib")]
             for name in variants:
-                samples = times[(operation.split()[0], name)]
+                samples = times[(operation, name)]
                 # The base's own part: the whole less RLlib's weight sync.
                 spent = [s - (sync if own else 0.0) for s, _, sync in samples]
                 paired = [b - (sync if own else 0.0) for b, _, sync in base]
@@ -202,7 +202,7 @@ def run(repeats: int, directory: str) -> list[str]:
                 seconds = statistics.median(spent)
                 fresh = statistics.median(f for _, f, _ in samples) * PAGE / 2**20
                 lines.append(
-                    f"| {size}, {mib:.1f} MiB | {operation} | {name} | "
+                    f"| {size}, {mib:.1f} MiB | {label} | {name} | "
                     f"{seconds:.4f} | {ratio:.2f}x | {fresh:.0f} |"
                 )
     return lines

@@ -1,8 +1,11 @@
-"""Assertions and a plain state holder shared by the test modules."""
+"""Assertions, a plain state holder and I/O spies shared by the test modules."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+import pytest
 
 from ckptable import Checkpointable
 from ckptable.testing import assert_states_equal as _assert_states_equal
@@ -58,3 +61,33 @@ class StateHolder(Checkpointable):
 
     def get_ctor_args_and_kwargs(self) -> tuple[tuple, dict]:
         return (), {}
+
+
+def record_preads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """``(offset, bytes asked)`` of every ``os.preadv`` from now on (its first buffer), in
+    the order the reading threads made them, not the file's."""
+    reads: list[tuple[int, int]] = []
+    real_preadv = os.preadv
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        reads.append((offset, len(buffers[0])))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    return reads
+
+
+def fstat_reporting(monkeypatch: pytest.MonkeyPatch, size: Any) -> None:
+    """Make ``os.fstat`` report ``size(real_size)`` bytes for every file (the rest of the
+    result is the real one): a file cut short after its size was read."""
+    real_fstat = os.fstat
+
+    class Sized:
+        def __init__(self, result: os.stat_result) -> None:
+            self._result = result
+            self.st_size = size(result.st_size)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._result, name)
+
+    monkeypatch.setattr(os, "fstat", lambda fd: Sized(real_fstat(fd)))

@@ -25,7 +25,7 @@ import ckptable
 from ckptable import Checkpointable, CorruptCheckpointError, verify_checkpoint
 from ckptable._manifest import MANIFEST_FILE
 from ckptable._pickle_scan import PAYLOAD_MIN_BYTES, ScanError, scan_pickle
-from helpers import StateHolder, assert_states_equal
+from helpers import StateHolder, assert_states_equal, record_preads
 
 MiB = 1 << 20
 
@@ -523,17 +523,11 @@ def test_payloads_are_read_in_pieces_a_checksum_can_follow(
     from ckptable._parallel_read import PARALLEL_READ_CHUNK, READ_THREADS
 
     path, state = parallel
-    reads: list[int] = []
-    real_preadv = os.preadv
-
-    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
-        reads.append(len(buffers[0]))
-        return real_preadv(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "preadv", preadv)
+    preads = record_preads(monkeypatch)
     restored = Arrays()
     restored.restore_from_path(path, verify=verify)
     assert_states_equal(restored.state, state)
+    reads = [n for _, n in preads]
     sizes = [state["big"].nbytes, state["also_big"].nbytes]
     if verify:
         expected = sum(-(-size // PARALLEL_READ_CHUNK) for size in sizes)

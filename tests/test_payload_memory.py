@@ -29,7 +29,7 @@ from ckptable._parallel_read import (
     new_payload_buffer,
     readinto_parallel,
 )
-from helpers import StateHolder
+from helpers import StateHolder, fstat_reporting, record_preads
 
 MiB = 1 << 20
 
@@ -170,18 +170,8 @@ def test_readinto_parallel_returns_what_was_there_when_the_file_shrinks(
     data = os.urandom(PARALLEL_READ_MIN_BYTES + PARALLEL_READ_CHUNK // 2)
     file = tmp_path / "data"
     file.write_bytes(data)
-    real_fstat = os.fstat
-
-    class Bigger:
-        def __init__(self, result: os.stat_result) -> None:
-            self._result = result
-            self.st_size = result.st_size + 3 * PARALLEL_READ_CHUNK
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._result, name)
-
     with open(file, "rb", buffering=0) as stream:
-        monkeypatch.setattr(os, "fstat", lambda fd: Bigger(real_fstat(fd)))
+        fstat_reporting(monkeypatch, lambda real: real + 3 * PARALLEL_READ_CHUNK)
         view = memoryview(bytearray(len(data) + 2 * PARALLEL_READ_CHUNK))
         # (Read in PARALLEL_READ_CHUNK pieces, as for a checksum: some of them whole.)
         got = readinto_parallel(stream, view, lambda at, chunk: None)
@@ -201,14 +191,7 @@ def test_a_read_nothing_consumes_in_order_is_one_piece_per_thread(
     data = os.urandom(4 * PARALLEL_READ_CHUNK + 4096 * 3 + 5)
     file = tmp_path / "data"
     file.write_bytes(data)
-    reads: list[tuple[int, int]] = []
-    real_preadv = os.preadv
-
-    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
-        reads.append((offset, len(buffers[0])))  # (the threads' order, not the file's)
-        return real_preadv(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "preadv", preadv)
+    reads = record_preads(monkeypatch)
     with open(file, "rb", buffering=0) as stream:
         view = memoryview(bytearray(len(data)))
         assert readinto_parallel(stream, view) == len(data)
@@ -239,19 +222,9 @@ def test_an_unordered_read_returns_the_whole_pieces_when_the_file_shrinks(
     data = os.urandom(PARALLEL_READ_MIN_BYTES + PARALLEL_READ_CHUNK)
     file = tmp_path / "data"
     file.write_bytes(data)
-    real_fstat = os.fstat
     claimed = len(data) + 2 * PARALLEL_READ_CHUNK
-
-    class Bigger:
-        def __init__(self, result: os.stat_result) -> None:
-            self._result = result
-            self.st_size = claimed
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._result, name)
-
     with open(file, "rb", buffering=0) as stream:
-        monkeypatch.setattr(os, "fstat", lambda fd: Bigger(real_fstat(fd)))
+        fstat_reporting(monkeypatch, lambda real: claimed)
         view = memoryview(bytearray(claimed))
         got = readinto_parallel(stream, view)
         monkeypatch.undo()
